@@ -1,0 +1,16 @@
+"""peftmerge: compose parameter-efficient adapters (merge, train, route, evaluate, share)."""
+
+__version__ = "0.1.0"
+
+from .errors import PeftmergeError  # noqa: E402
+
+__all__ = ["PeftmergeError", "__version__", "combine", "methods"]
+
+
+def __getattr__(name):
+    # Lazy: `import peftmerge` stays cheap; torch is imported when a function is used.
+    if name in ("combine", "methods"):
+        from .merge import combine as _combine_mod, registry
+
+        return {"combine": _combine_mod.combine, "methods": registry.methods}[name]
+    raise AttributeError(f"module 'peftmerge' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Command line: thin click layers over the library functions of the same name."""

@@ -1,0 +1,1 @@
+"""Streaming readers and writers: safetensors files, PEFT adapters, atomic output folders."""
