@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .combine import combine_command
 from .common import Group, debug_option
+from .methods import methods_command
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,6 +18,8 @@ def main() -> None:
 
 
 # Commands (one line each; keep sorted).
+main.add_command(combine_command)
+main.add_command(methods_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

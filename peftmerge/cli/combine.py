@@ -1,0 +1,44 @@
+"""``peftmerge combine``: merge LoRA adapters (a thin layer over :func:`peftmerge.merge.combine.combine`)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import debug_option, parse_floats
+
+
+@click.command("combine")
+@click.argument("inputs", nargs=-1, metavar="INPUT...")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (a PEFT adapter).")
+@click.option("--method", default=None, help="Merge method (default: ties); see `peftmerge methods`.")
+@click.option("--weights", default=None, help="Per-input weights, comma-separated (default: 1 each).")
+@click.option("--lambda", "lam", type=float, default=None, help="Scale of the merged task vector.")
+@click.option("--density", type=float, default=None, help="Fraction of entries KEPT (DARE drops 1 - density).")
+@click.option("--gamma", type=float, default=None, help="Breadcrumbs: fraction of outliers dropped per row.")
+@click.option("--sign", type=click.Choice(["total", "frequency"]), default=None, help="TIES sign election.")
+@click.option("--granularity", type=click.Choice(["tensor", "global"]), default=None,
+              help="Magnitude trim per tensor or over the whole adapter.")
+@click.option("--rank", type=int, default=None, help="Output rank (default: sum of the input ranks).")
+@click.option("--seed", type=int, default=None, help="Seed of DARE's random masks.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Output dtype (computation is float32).")
+@click.option("--alpha", type=float, default=None, help="lora_alpha of inputs that have no adapter_config.json.")
+@click.option("--config", type=click.Path(), default=None, help="A mergekit-style YAML recipe.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Merge adapters of different base models / with no module in common.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
+@debug_option
+def combine_command(inputs, out, method, weights, lam, density, gamma, sign, granularity, rank, seed, dtype,
+                    alpha, config, overwrite, force, quiet):
+    """Merge LoRA adapters INPUT... (folders or .safetensors files) into one adapter in OUT."""
+    from ..merge.combine import combine
+
+    report = combine(list(inputs), out, method, weights=parse_floats(weights, "--weights"), lam=lam,
+                     density=density, gamma=gamma, sign=sign, granularity=granularity, seed=seed, rank=rank,
+                     dtype=dtype, alpha=alpha, config=config, overwrite=overwrite, force=force, progress=not quiet)
+    if not quiet:
+        click.echo(f"{report['method']}: merged {len(report['inputs'])} adapters over {report['modules']} modules "
+                   f"into {out} (relative error mean {report['relative_error_mean']:.2e}, "
+                   f"max {report['relative_error_max']:.2e}; params {json.dumps(report['params'])})")

@@ -1,0 +1,219 @@
+"""Read LoRA adapters lazily, module by module.
+
+An input is a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) or the
+``.safetensors`` file itself (its sibling ``adapter_config.json`` is read when present). Each LoRA
+module carries its own rank and scaling ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA, with
+``rank_pattern`` / ``alpha_pattern`` applied), so that its task vector is exactly
+
+    dW = s * B @ A                      # (d_out, d_in); for embeddings (embedding_dim, num_embeddings)
+
+Tensors are read only when asked for (``safe_open``), so peak memory stays at a few modules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import PeftmergeError
+from .safetensors_file import TensorFile
+
+PREFIX = "base_model.model."
+_FACTORS = {"lora_A": ("linear", "A"), "lora_B": ("linear", "B"),
+            "lora_embedding_A": ("embedding", "A"), "lora_embedding_B": ("embedding", "B")}
+SUPPORTED_TYPES = ("LORA",)
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: where its factors are and how to scale them."""
+
+    name: str  # module path inside the base model, e.g. "model.layers.0.self_attn.q_proj"
+    kind: str  # "linear" or "embedding"
+    a_key: str
+    b_key: str
+    rank: int
+    d_out: int
+    d_in: int
+    scaling: float = 1.0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.d_out, self.d_in)
+
+
+@dataclass
+class LoraAdapter:
+    """A LoRA adapter on disk, read lazily."""
+
+    path: Path  # the folder or file the user gave
+    file: TensorFile
+    config: dict
+    modules: dict[str, LoraModule]
+    task: str
+    head_keys: list[str] = field(default_factory=list)  # modules_to_save tensors (classification heads)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path") or None
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of module ``name`` in float32, unscaled."""
+        m = self.modules[name]
+        return self.file.get(m.a_key), self.file.get(m.b_key)
+
+    def scaled_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, s * B)``: their product is the task vector."""
+        a, b = self.factors(name)
+        return a, b * self.modules[name].scaling
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The task vector ``dW = s * B @ A`` of module ``name`` (float32)."""
+        a, b = self.scaled_factors(name)
+        return b @ a
+
+    def heads(self) -> dict[str, torch.Tensor]:
+        """The ``modules_to_save`` tensors (task heads), under their saved key names."""
+        return {k: self.file.get(k, dtype=None) for k in self.head_keys}
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's ``get_pattern_key``: a pattern key matches a module path as a dotted suffix regex."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _parse_key(key: str):
+    """``base_model.model.<module>.lora_A[.<adapter>].weight`` -> (module, factor name, adapter name)."""
+    parts = key.removeprefix(PREFIX).split(".")
+    for i, p in enumerate(parts):
+        if p in _FACTORS:
+            rest = parts[i + 1:]
+            if rest and rest[-1] == "bias":
+                return ".".join(parts[:i]), p + ".bias", None
+            if rest and rest[-1] == "weight":
+                rest = rest[:-1]
+            return ".".join(parts[:i]), p, (rest[0] if rest else None)
+    return None
+
+
+def _locate(path: Path, alpha: float | None) -> tuple[Path, dict | None]:
+    """The tensor file and the config (None when absent) of an input path."""
+    if not path.exists():
+        raise PeftmergeError(f"{path}: no such file or directory; check the path")
+    if path.is_dir():
+        file = path / "adapter_model.safetensors"
+        if not file.exists():
+            if (path / "adapter_model.bin").exists():
+                raise PeftmergeError(f"{path}: only adapter_model.bin (pickle) found; re-save it with safetensors "
+                                     "(PeftModel.save_pretrained(..., safe_serialization=True))")
+            raise PeftmergeError(f"{path}: no adapter_model.safetensors in this folder; pass a PEFT adapter folder "
+                                 "or a .safetensors file")
+        cfg_path = path / "adapter_config.json"
+    else:
+        file = path
+        cfg_path = path.parent / "adapter_config.json"
+    config = None
+    if cfg_path.exists():
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise PeftmergeError(f"{cfg_path}: not valid JSON; fix or re-save the adapter config") from None
+        if not isinstance(config, dict):
+            raise PeftmergeError(f"{cfg_path}: not a PEFT adapter config (expected a JSON object)")
+    return file, config
+
+
+def _task_name(path: Path) -> str:
+    folder = path if path.is_dir() else path.parent
+    meta = folder / "peftmerge.json"
+    if meta.exists():
+        try:
+            task = json.loads(meta.read_text()).get("task")
+            if task:
+                return str(task)
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    if path.is_file() and path.stem not in ("adapter_model", "model"):
+        return path.stem
+    return folder.resolve().name
+
+
+def load_adapter(path: str | Path, alpha: float | None = None) -> LoraAdapter:
+    """Open a LoRA adapter (folder or ``.safetensors``). ``alpha`` is required when no config is found."""
+    path = Path(path)
+    file_path, config = _locate(path, alpha)
+    tensors = TensorFile(file_path)
+    if config is None:
+        if alpha is None:
+            raise PeftmergeError(
+                f"{file_path}: no adapter_config.json beside it, so its LoRA scaling (alpha/r) cannot be known; "
+                "pass --alpha A (the lora_alpha it was trained with)"
+            )
+        config = {"peft_type": "LORA", "lora_alpha": alpha}
+    elif alpha is not None:
+        config = {**config, "lora_alpha": alpha, "alpha_pattern": {}}
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type not in SUPPORTED_TYPES:
+        raise PeftmergeError(
+            f"{path}: a {peft_type} adapter; only LoRA adapters (peft_type LORA, incl. QLoRA and rsLoRA) "
+            "can be merged as task vectors"
+        )
+    if config.get("use_dora"):
+        raise PeftmergeError(f"{path}: a DoRA adapter (use_dora=true); its update is not s*B@A, so it cannot be "
+                             "merged as a task vector; merge plain LoRA adapters")
+
+    found: dict[str, dict[str, str]] = {}
+    kinds: dict[str, str] = {}
+    names: set[str] = set()
+    heads: list[str] = []
+    for key in tensors.keys():
+        parsed = _parse_key(key)
+        if parsed is None:
+            if ".base_layer." not in key and "lora_magnitude_vector" not in key:
+                heads.append(key)
+            elif "lora_magnitude_vector" in key:
+                raise PeftmergeError(f"{path}: has DoRA magnitude vectors ({key}); DoRA updates cannot be merged "
+                                     "as task vectors; merge plain LoRA adapters")
+            continue
+        module, factor, adapter_name = parsed
+        if factor.endswith(".bias"):
+            raise PeftmergeError(f"{path}: has LoRA biases ({key}, lora_bias=true); they are not supported, "
+                                 "retrain with lora_bias=false")
+        if adapter_name:
+            names.add(adapter_name)
+        kind, side = _FACTORS[factor]
+        found.setdefault(module, {})[side] = key
+        kinds[module] = kind
+    if len(names) > 1:
+        raise PeftmergeError(f"{path}: holds several adapters ({', '.join(sorted(names))}); save each one on its own")
+
+    rslora = bool(config.get("use_rslora"))
+    lora_alpha = config.get("lora_alpha")
+    modules: dict[str, LoraModule] = {}
+    for module, sides in found.items():
+        if set(sides) != {"A", "B"}:
+            missing = "B" if "A" in sides else "A"
+            raise PeftmergeError(f"{path}: module {module} has no lora_{missing} tensor; the file is incomplete")
+        a_shape, b_shape = tensors.shape(sides["A"]), tensors.shape(sides["B"])
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise PeftmergeError(f"{path}: module {module} has factors of shapes {list(b_shape)} @ {list(a_shape)} "
+                                 "that do not multiply; only Linear and Embedding LoRA layers are supported")
+        rank = a_shape[0]
+        a = _pattern_value(config.get("alpha_pattern"), module, lora_alpha)
+        if a is None:
+            a = rank  # no alpha anywhere and --alpha not given is caught above; configs always carry it
+        scaling = a / math.sqrt(rank) if rslora else a / rank
+        modules[module] = LoraModule(module, kinds[module], sides["A"], sides["B"], rank, b_shape[0], a_shape[1],
+                                     float(scaling))
+    if not modules:
+        raise PeftmergeError(f"{path}: no LoRA tensors (lora_A/lora_B) found; is this a LoRA adapter?")
+    return LoraAdapter(path=path, file=tensors, config=config, modules=modules, task=_task_name(path),
+                       head_keys=heads)

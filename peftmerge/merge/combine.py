@@ -1,0 +1,185 @@
+"""``combine``: merge LoRA adapters into one LoRA adapter, streaming module by module.
+
+For each module the inputs' task vectors dW_i = s_i B_i A_i are merged with the chosen method:
+
+- linear methods (task_arithmetic, cat) stay in factor space: B = [c_1 s_1 B_1, ...], A = [A_1; ...]
+  is exact; a smaller ``rank`` truncates it optimally through QR + SVD of the small core;
+- the others form the dense dW_i of this module only, merge, and refactorize to ``rank`` (default: the
+  sum of the input ranks) with a seeded randomized SVD; the report gives each module's relative error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import PeftmergeError
+from ..io import atomic
+from ..io.adapter import LoraAdapter
+from ..io.adapter_writer import write_adapter
+from . import lowrank, ops, registry
+from .plan import ModulePlan, open_inputs, plan_modules
+from .recipe import Recipe, load_recipe
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(name: str | None) -> torch.dtype:
+    if name is None:
+        return torch.float32
+    if name not in DTYPES:
+        raise PeftmergeError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _module_generator(seed: int, module: str) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(module.encode()))
+
+
+def stacked_deltas(adapters: list[LoraAdapter], plan: ModulePlan) -> torch.Tensor:
+    """(n, d_out, d_in): each input's dW of this module, zeros where an input does not adapt it."""
+    out = torch.zeros(len(adapters), *plan.shape)
+    for i in plan.present:
+        out[i] = adapters[i].delta(plan.name)
+    return out
+
+
+def merge_linear(adapters, plan, coeffs: torch.Tensor, rank: int | None):
+    """Exact factor-space merge of sum_i c_i dW_i; returns (A, B, relative error of the truncation)."""
+    bs, as_ = [], []
+    for i in plan.present:
+        if float(coeffs[i]) == 0.0:
+            continue
+        a, b = adapters[i].scaled_factors(plan.name)
+        bs.append(b * coeffs[i])
+        as_.append(a)
+    if not bs:
+        return torch.zeros(1, plan.shape[1]), torch.zeros(plan.shape[0], 1), 0.0
+    b, a = torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+    total = b.shape[1]
+    target = min(rank or total, *plan.shape)
+    if target >= total:
+        return a, b, 0.0
+    a_k, b_k, s = lowrank.truncate_factors(b, a, target)
+    err = (s[target:].square().sum() / s.square().sum().clamp(min=1e-30)).sqrt()
+    return a_k, b_k, float(err)
+
+
+def merge_dense(merged: torch.Tensor, rank: int, generator: torch.Generator):
+    """Refactorize a merged dense dW to ``rank``; returns (A, B, relative Frobenius error)."""
+    norm = merged.norm()
+    if float(norm) == 0.0:
+        return torch.zeros(1, merged.shape[1]), torch.zeros(merged.shape[0], 1), 0.0
+    a, b = lowrank.randomized_svd(merged, rank, generator=generator)
+    err = float((merged - b @ a).norm() / norm)
+    return a, b, err
+
+
+def _resolve_recipe(inputs, method, weights, params, rank, dtype, config) -> Recipe:
+    recipe = load_recipe(config) if config else Recipe(inputs=[])
+    if config and inputs:
+        raise PeftmergeError(f"inputs are given both on the command line and in {config}; give them in one place")
+    if not config:
+        recipe.inputs = [str(p) for p in inputs]
+    recipe.method = method or recipe.method
+    recipe.weights = list(weights) if weights is not None else recipe.weights
+    recipe.params.update({k: v for k, v in params.items() if v is not None})
+    recipe.rank = rank if rank is not None else recipe.rank
+    recipe.dtype = dtype or recipe.dtype
+    return recipe
+
+
+def combine(
+    inputs: Sequence[str | Path] = (),
+    out: str | Path = "merged",
+    method: str | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    lam: float | None = None,
+    density: float | Sequence[float] | None = None,
+    gamma: float | None = None,
+    sign: str | None = None,
+    granularity: str | None = None,
+    seed: int | None = None,
+    rank: int | None = None,
+    dtype: str | None = None,
+    alpha: float | None = None,
+    config: str | Path | None = None,
+    overwrite: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Merge LoRA adapters into one LoRA adapter folder ``out``; returns the merge report.
+
+    ``method`` defaults to ``ties``; every hyperparameter left ``None`` takes the method's (paper's)
+    default, shown by ``peftmerge methods``. ``config`` reads a mergekit-style YAML recipe.
+    """
+    given = {"lambda": lam, "density": density, "gamma": gamma, "sign": sign, "granularity": granularity,
+             "seed": seed}
+    recipe = _resolve_recipe(inputs, method, weights, given, rank, dtype, config)
+    m = registry.get(recipe.method)
+    n = len(recipe.inputs)
+    if n == 0:
+        raise PeftmergeError("no inputs; give one or more LoRA adapters (folders or .safetensors files)")
+    w = recipe.weights if recipe.weights is not None else [1.0] * n
+    if len(w) != n:
+        raise PeftmergeError(f"{len(w)} weights for {n} inputs; give one weight per input (e.g. --weights "
+                             f"{','.join(['1'] * n)})")
+    params = m.resolve(recipe.params, n)
+    if recipe.rank is not None and (not isinstance(recipe.rank, int) or recipe.rank < 1):
+        raise PeftmergeError(f"rank {recipe.rank} must be a positive integer")
+    out_dtype = _dtype(recipe.dtype)
+    out = atomic.check_output(out, [Path(p) for p in recipe.inputs], overwrite)
+
+    adapters = open_inputs(recipe.inputs, alpha=alpha, force=force)
+    plans = plan_modules(adapters, force=force)
+    if m.exact_concat and recipe.rank is not None:
+        raise PeftmergeError(f"{m.name} is exact concatenation and takes no --rank; "
+                             "use --method task_arithmetic --rank R to truncate")
+    weights_t = torch.tensor(w, dtype=torch.float32)
+    thresholds = None
+    if params.get("granularity") == "global":
+        thresholds = ops.global_thresholds(lambda: (stacked_deltas(adapters, p) for p in plans), n,
+                                           params["density"])
+
+    start = time.perf_counter()
+    tensors, rows = {}, []
+    for plan in tqdm(plans, desc=f"merge ({m.name})", unit="module", disable=not progress):
+        if m.linear:
+            a, b, err = merge_linear(adapters, plan, m.coefficients(weights_t, params), recipe.rank)
+        else:
+            gen = _module_generator(params.get("seed", 0), plan.name)
+            ctx = registry.Context(plan.name, gen, thresholds)
+            merged = m.merge(stacked_deltas(adapters, plan), weights_t, params, ctx)
+            target = min(recipe.rank or sum(plan.ranks(adapters)), *plan.shape)
+            a, b, err = merge_dense(merged, target, gen)
+        tensors[plan.name] = (plan.kind, a.to(out_dtype).contiguous(), b.to(out_dtype).contiguous())
+        rows.append({"module": plan.name, "inputs": [adapters[i].task for i in plan.present],
+                     "rank_in": plan.ranks(adapters), "rank_out": a.shape[0], "relative_error": err,
+                     "norm": lowrank.factor_norm(b.float(), a.float())})
+    errors = [r["relative_error"] for r in rows]
+    report = {
+        "method": m.name, "params": params, "weights": w, "rank": recipe.rank, "dtype": str(out_dtype)[6:],
+        "inputs": [{"path": str(a.path), "task": a.task, "sha256": _sha256(a.file.path),
+                    "base_model": a.base_model} for a in adapters],
+        "modules": len(rows), "relative_error_mean": sum(errors) / len(errors),
+        "relative_error_max": max(errors), "seconds": round(time.perf_counter() - start, 3),
+        "per_module": rows,
+    }
+    with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
+        write_adapter(tmp, tensors, adapters, report)
+    return report

@@ -1,0 +1,168 @@
+"""The building blocks of every merge method, as pure functions over stacked task vectors.
+
+``deltas`` is always a tensor of shape (n, *shape): the task vectors dW_i of one module for the
+n inputs. Sparsifiers return boolean keep-masks of the same shape; consensus steps reduce over dim 0.
+Each step has exactly one implementation here; the method files compose them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _per_input(value: float | Sequence[float], n: int) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * n
+
+
+def _kth_largest(x: Tensor, k: int) -> Tensor:
+    """The k-th largest value of a flat tensor (k >= 1), by selection rather than a full sort."""
+    return torch.kthvalue(x, x.numel() - k + 1).values
+
+
+def magnitude_mask(deltas: Tensor, density: float | Sequence[float], thresholds: Tensor | None = None) -> Tensor:
+    """Keep the top ``density`` fraction of each task vector by magnitude (TIES' "trim").
+
+    Per tensor, ``k = int(density * numel)`` entries are kept (PEFT's ``magnitude_based_pruning``).
+    With ``thresholds`` (one per input, from :func:`global_thresholds`) keep ``|x| >= t_i`` instead.
+    """
+    n = deltas.shape[0]
+    mags = deltas.abs().reshape(n, -1)
+    mask = torch.zeros_like(mags, dtype=torch.bool)
+    for i, d in enumerate(_per_input(density, n)):
+        if thresholds is not None:
+            mask[i] = mags[i] >= thresholds[i]
+            continue
+        k = int(d * mags.shape[1])
+        if k >= mags.shape[1]:
+            mask[i] = True
+        elif k > 0:
+            mask[i] = mags[i] >= _kth_largest(mags[i], k)
+    return mask.reshape(deltas.shape)
+
+
+def bernoulli_mask(deltas: Tensor, density: float | Sequence[float], generator: torch.Generator | None) -> Tensor:
+    """DARE's random drop: keep each entry independently with probability ``density`` (= 1 - p)."""
+    n = deltas.shape[0]
+    return torch.stack([torch.bernoulli(torch.full_like(deltas[i], d), generator=generator).bool()
+                        for i, d in enumerate(_per_input(density, n))])
+
+
+def breadcrumbs_mask(deltas: Tensor, density: float | Sequence[float], gamma: float) -> Tensor:
+    """Model Breadcrumbs: per row, drop the top ``gamma`` fraction (outliers), keep the next ``density``.
+
+    Rows are the last dimension, as in the official code (rezazzr/breadcrumbs, ``TaskVectorMiddleKeep``):
+    ``int(d * gamma)`` largest entries go, then the ``int(d * density)`` largest of the rest stay. A row
+    too short for ``gamma`` (``d * gamma < 1``) loses no outlier; it is never zeroed whole for that.
+    """
+    n, d = deltas.shape[0], deltas.shape[-1]
+    mask = torch.zeros_like(deltas, dtype=torch.bool)
+    n_top = int(d * gamma)
+    for i, dens in enumerate(_per_input(density, n)):
+        n_keep = min(max(int(d * dens), 1), d - n_top)
+        idx = torch.topk(deltas[i].abs(), n_top + n_keep, dim=-1, sorted=True).indices[..., n_top:]
+        mask[i].scatter_(-1, idx, True)
+    return mask
+
+
+def elect_sign(deltas: Tensor, method: str = "total") -> Tensor:
+    """TIES' sign election: the mask of entries whose sign agrees with the elected one.
+
+    ``total``: the sign of sum_i dW_i; ``frequency``: the sign held by most inputs. Ties go to +
+    (PEFT's ``calculate_majority_sign_mask``). Zero entries (trimmed) never agree.
+    """
+    signs = deltas.sign()
+    votes = deltas.sum(dim=0) if method == "total" else signs.sum(dim=0)
+    majority = torch.where(votes >= 0, 1.0, -1.0).to(deltas.dtype)
+    return signs == majority
+
+
+def disjoint_mean(deltas: Tensor, mask: Tensor) -> Tensor:
+    """TIES' disjoint merge: mean over the inputs whose entry is kept, 0 where none is."""
+    kept = (deltas * mask).sum(dim=0)
+    return kept / mask.sum(dim=0).clamp(min=1).to(deltas.dtype)
+
+
+def weighted(deltas: Tensor, weights: Tensor) -> Tensor:
+    """w_i * dW_i, broadcast over the module's shape."""
+    return deltas * weights.to(deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
+
+
+def consensus(sparse: Tensor, weights: Tensor, how: str, sign: str = "total") -> Tensor:
+    """Reduce sparsified task vectors: ``sum`` (sum_i w_i dW_i) or ``ties`` (elect sign, disjoint mean)."""
+    if how == "sum":
+        return weighted(sparse, weights).sum(dim=0)
+    agree = elect_sign(sparse, sign)  # elected on the unweighted vectors, as PEFT and the paper do
+    return disjoint_mean(weighted(sparse, weights), agree)
+
+
+def global_thresholds(magnitudes_per_module, n: int, density: float | Sequence[float]) -> Tensor:
+    """Per-input magnitude thresholds over ALL modules (TIES' official ``topk_values_mask`` on the flat model).
+
+    ``magnitudes_per_module`` is a callable returning a fresh iterator of (n, *shape) task vectors, read
+    twice: pass 1 histograms the top 16 bits of each |x| (monotone for non-negative float32) to find the
+    bucket holding the k-th largest value; pass 2 selects it exactly inside that bucket. Memory: one module.
+    """
+    dens = _per_input(density, n)
+    hist = torch.zeros(n, 1 << 16, dtype=torch.int64)
+    total = 0
+    for deltas in magnitudes_per_module():
+        bits = deltas.abs().float().reshape(n, -1).view(torch.int32) >> 15
+        for i in range(n):
+            hist[i] += torch.bincount(bits[i], minlength=1 << 16)
+        total += bits.shape[1]
+    ks = [max(1, min(total, int(d * total))) for d in dens]
+    buckets, above = [], []
+    for i, k in enumerate(ks):
+        from_top = hist[i].flip(0).cumsum(0)  # entries in buckets >= b, b counted from the top
+        j = int(torch.searchsorted(from_top, torch.tensor(k)))
+        bucket = (1 << 16) - 1 - j
+        buckets.append(bucket)
+        above.append(int(from_top[j - 1]) if j > 0 else 0)
+    inside: list[list[Tensor]] = [[] for _ in range(n)]
+    for deltas in magnitudes_per_module():
+        mags = deltas.abs().float().reshape(n, -1)
+        bits = mags.view(torch.int32) >> 15
+        for i in range(n):
+            inside[i].append(mags[i][bits[i] == buckets[i]])
+    out = torch.empty(n)
+    for i in range(n):
+        vals = torch.cat(inside[i])
+        out[i] = _kth_largest(vals, ks[i] - above[i])
+    return out
+
+
+# --- PCB (Du et al., 2024), transcribed from duguodong7/pcb-merging ---------------------------------
+
+def _minmax(x: Tensor, dim: int) -> Tensor:
+    lo = x.min(dim=dim, keepdim=True).values
+    hi = x.max(dim=dim, keepdim=True).values
+    return (x - lo) / (hi - lo).clamp(min=torch.finfo(x.dtype).tiny)  # a constant row gives 0, not NaN
+
+
+def _clamp_quantiles(x: Tensor, low: float, high: float) -> Tensor:
+    """Clamp each row of (n, d) ``x`` to [its ``low`` quantile, its ``1 - high`` quantile] (by rank, as the official
+    ``clamp``: sorted[int(d*low)] and sorted[int(d*(1-high)) - 1]), with selection instead of a sort."""
+    d = x.shape[1]
+    lo = torch.kthvalue(x, int(d * low) + 1, dim=1, keepdim=True).values
+    hi = torch.kthvalue(x, int(d * (1 - high) - 1) + 1, dim=1, keepdim=True).values
+    return torch.maximum(torch.minimum(x, hi), lo)
+
+
+def pcb_scores(deltas: Tensor, ratio: float, clamp_ratio: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """PCB's balancing: returns (clamped task vectors, scores), both (n, d) over the flattened module.
+
+    intra = exp(n * minmax(|dW_i|)^2); inter = tanh(dW_i * sum_j dW_j); score = intra * inter,
+    clamped below at its (1 - ratio) quantile (so all but the top ``ratio`` fraction become 0) and min-max
+    normalised per input. |dW| is first clamped to its [1e-4, 1 - 1e-4] quantiles (outliers).
+    """
+    n = deltas.shape[0]
+    flat = deltas.reshape(n, -1)
+    mags = _clamp_quantiles(flat.abs(), clamp_ratio, clamp_ratio)
+    clamped = flat.sign() * mags
+    intra = torch.exp(n * _minmax(mags, 1) ** 2)
+    inter = torch.tanh(flat * flat.sum(dim=0))
+    scores = _minmax(_clamp_quantiles(intra * inter, 1 - ratio, 0.0), 1)
+    return clamped, scores

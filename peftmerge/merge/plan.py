@@ -1,0 +1,75 @@
+"""Open and check the inputs of a merge, and list the modules to merge.
+
+Everything that can be wrong with the inputs is found here, before any output is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import PeftmergeError
+from ..io.adapter import LoraAdapter, load_adapter
+
+
+@dataclass
+class ModulePlan:
+    """One module of the output: its shape and which inputs adapt it."""
+
+    name: str
+    kind: str  # linear | embedding
+    shape: tuple[int, int]
+    present: list[int]  # indices of the inputs that adapt this module
+
+    def ranks(self, adapters: list[LoraAdapter]) -> list[int]:
+        return [adapters[i].modules[self.name].rank for i in self.present]
+
+
+def open_inputs(paths: list[str | Path], alpha: float | None = None, force: bool = False) -> list[LoraAdapter]:
+    """Load every input and check they were trained on the same base model."""
+    if not paths:
+        raise PeftmergeError("no inputs; give one or more LoRA adapters (folders or .safetensors files)")
+    adapters = [load_adapter(p, alpha=alpha) for p in paths]
+    bases = {a.base_model for a in adapters if a.base_model}
+    if len(bases) > 1 and not force:
+        listing = "; ".join(f"{a.path}: {a.base_model}" for a in adapters if a.base_model)
+        raise PeftmergeError(f"adapters of different base models ({listing}); "
+                             "merge adapters of one base model, or pass --force if they really share one")
+    _dedupe_tasks(adapters)
+    return adapters
+
+
+def _dedupe_tasks(adapters: list[LoraAdapter]) -> None:
+    seen: dict[str, int] = {}
+    for a in adapters:
+        if a.task in seen:
+            seen[a.task] += 1
+            a.task = f"{a.task}-{seen[a.task]}"
+        else:
+            seen[a.task] = 1
+
+
+def plan_modules(adapters: list[LoraAdapter], force: bool = False) -> list[ModulePlan]:
+    """The union of the adapted modules (a module an input lacks has a zero task vector there)."""
+    order: dict[str, ModulePlan] = {}
+    for i, a in enumerate(adapters):
+        for name, m in a.modules.items():
+            p = order.get(name)
+            if p is None:
+                order[name] = ModulePlan(name, m.kind, m.shape, [i])
+                continue
+            if m.shape != p.shape or m.kind != p.kind:
+                first = adapters[p.present[0]]
+                raise PeftmergeError(
+                    f"module {name}: {first.path} has a {p.kind} update of shape {list(p.shape)} but {a.path} has "
+                    f"a {m.kind} one of shape {list(m.shape)}; these adapters were trained on different base models"
+                )
+            p.present.append(i)
+    if len(adapters) > 1 and not force:
+        common = set.intersection(*(set(a.modules) for a in adapters))
+        if not common:
+            raise PeftmergeError(
+                f"{adapters[0].path} and the other inputs adapt no module in common; they are probably for different "
+                "base models (pass --force to merge them anyway)"
+            )
+    return list(order.values())

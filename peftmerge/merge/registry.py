@@ -1,0 +1,162 @@
+"""The one registry of merge methods.
+
+A method is a pure function over one module's stacked task vectors::
+
+    fn(deltas: Tensor (n, *shape), weights: Tensor (n,), params: dict, ctx: Context) -> Tensor (*shape)
+
+registered by name with its parameters (defaults = the paper's) and the paper it implements.
+A *linear* method instead gives per-input coefficients ``c_i`` (merged = sum_i c_i dW_i); those merge
+exactly in factor space, without ever forming a dense ``dW``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..errors import PeftmergeError
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method hyperparameter: its default and its valid range."""
+
+    name: str
+    default: Any
+    help: str
+    choices: tuple | None = None
+    low: float | None = None  # exclusive lower bound where ``low_open``
+    high: float | None = None
+    low_open: bool = False
+    per_model: bool = False  # may be given per input (a list) in the Python API / recipe
+
+    def check(self, value: Any, n: int) -> Any:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if isinstance(value, (list, tuple)):
+            if not self.per_model:
+                raise PeftmergeError(f"{self.name} takes one value, got a list {list(value)}")
+            if len(value) != n:
+                raise PeftmergeError(f"{self.name} has {len(value)} values for {n} inputs; give one per input")
+        for v in values:
+            if self.choices is not None:
+                if v not in self.choices:
+                    raise PeftmergeError(f"{self.name} {v!r} is not one of {', '.join(map(str, self.choices))}")
+                continue
+            try:
+                fv = float(v)
+            except (TypeError, ValueError):
+                raise PeftmergeError(f"{self.name} {v!r} is not a number") from None
+            if self.low is not None and (fv <= self.low if self.low_open else fv < self.low):
+                raise PeftmergeError(f"{self.name} {v} is out of range: {self._range()}")
+            if self.high is not None and fv > self.high:
+                raise PeftmergeError(f"{self.name} {v} is out of range: {self._range()}")
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    def _range(self) -> str:
+        lo = "(" if self.low_open else "["
+        return f"must be in {lo}{self.low}, {self.high}]" if self.high is not None else f"must be >= {self.low}"
+
+
+# Shared parameter definitions (one place for each meaning).
+LAMBDA = Param("lambda", 1.0, "scale of the merged task vector", low=None)
+DENSITY = lambda default: Param("density", default, "fraction of entries KEPT", low=0.0, high=1.0,  # noqa: E731
+                                low_open=True, per_model=True)
+GAMMA = Param("gamma", 0.01, "fraction of largest-magnitude entries dropped per row (outliers)", low=0.0, high=1.0)
+SIGN = Param("sign", "total", "sign election: 'total' (sign of the sum) or 'frequency' (majority of signs)",
+             choices=("total", "frequency"))
+GRANULARITY = Param("granularity", "tensor", "magnitude trim per tensor, or over the whole adapter ('global')",
+                    choices=("tensor", "global"))
+SEED = Param("seed", 0, "random seed of the drop masks", low=0)
+
+
+@dataclass
+class Context:
+    """What a method may need beyond the tensors."""
+
+    module: str = ""
+    generator: torch.Generator | None = None
+    thresholds: torch.Tensor | None = None  # (n,) per-input magnitude thresholds for granularity=global
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    paper: str
+    doc: str
+    params: tuple[Param, ...]
+    fn: Callable | None = None
+    coefficients: Callable | None = None  # linear methods: (weights, params) -> (n,)
+    aliases: tuple[str, ...] = ()
+    exact_concat: bool = False  # `cat`: never truncated
+
+    @property
+    def linear(self) -> bool:
+        return self.coefficients is not None
+
+    def merge(self, deltas: torch.Tensor, weights: torch.Tensor, params: dict, ctx: Context | None = None):
+        """Merge one module's stacked task vectors ``deltas`` (n, *shape)."""
+        if self.linear:
+            c = self.coefficients(weights, params).to(deltas.dtype)
+            return torch.tensordot(c, deltas, dims=1)
+        return self.fn(deltas, weights, params, ctx or Context())
+
+    def resolve(self, given: dict, n: int) -> dict:
+        """Defaults filled in, values checked; an unknown parameter is an error naming the valid ones."""
+        known = {p.name: p for p in self.params}
+        for key, value in given.items():
+            if value is None:
+                continue
+            if key not in known:
+                valid = ", ".join(known) or "none"
+                raise PeftmergeError(f"method {self.name} takes no parameter {key!r} (its parameters: {valid})")
+        return {p.name: p.check(given[p.name], n) if given.get(p.name) is not None else p.default
+                for p in self.params}
+
+
+_REGISTRY: dict[str, Method] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register(name: str, *, paper: str, params: tuple[Param, ...] = (), linear: bool = False,
+             aliases: tuple[str, ...] = (), exact_concat: bool = False):
+    """Decorator: register ``fn`` (or, with ``linear=True``, a coefficient function) under ``name``."""
+
+    def wrap(fn: Callable) -> Callable:
+        import sys
+
+        doc = (sys.modules[fn.__module__].__doc__ or fn.__doc__ or "").strip()
+        method = Method(name=name, paper=paper, doc=doc, params=tuple(params),
+                        fn=None if linear else fn, coefficients=fn if linear else None,
+                        aliases=tuple(aliases), exact_concat=exact_concat)
+        _REGISTRY[name] = method
+        for a in aliases:
+            _ALIASES[a] = name
+        return fn
+
+    return wrap
+
+
+def _load_all() -> None:
+    from . import methods  # noqa: F401  (importing registers every method)
+
+
+def names() -> list[str]:
+    """Every registered method name."""
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Method:
+    """The method called ``name`` (or an alias); an unknown name lists the valid ones."""
+    _load_all()
+    key = _ALIASES.get(name, name)
+    if key not in _REGISTRY:
+        raise PeftmergeError(f"unknown merge method {name!r}; choose one of: {', '.join(names())}")
+    return _REGISTRY[key]
+
+
+def methods() -> list[Method]:
+    """Every registered method, with its parameters and defaults (what ``peftmerge methods`` prints)."""
+    return [get(n) for n in names()]

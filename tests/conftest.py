@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random models and LoRA adapters built offline from configs."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", message=".*kernels.*")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, pad_token_id=0)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def tiny_llama(seed: int = 0, cls=None, **kw):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = (cls or LlamaForCausalLM)(tiny_llama_config(**kw))
+    return model.eval()
+
+
+def make_adapter(folder, *, seed=1, r=4, alpha=8, targets=("q_proj", "v_proj"), model_seed=0, cls=None,
+                 task_type=None, base_name="tiny-llama", **lora_kw):
+    """Save a LoRA adapter with random (non-zero) A and B on the tiny Llama; returns its folder."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(model_seed, cls=cls, **({"num_labels": 3} if task_type == "SEQ_CLS" else {}))
+    model.name_or_path = base_name
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
+                     task_type=task_type, **lora_kw)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n or "score" in n:
+                p.copy_(torch.randn_like(p) * 0.2)
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    """Three adapters of different ranks/alphas on the same tiny Llama."""
+    return [
+        make_adapter(tmp_path / "a", seed=1, r=4, alpha=8),
+        make_adapter(tmp_path / "b", seed=2, r=2, alpha=4, targets=("q_proj", "v_proj", "o_proj")),
+        make_adapter(tmp_path / "c", seed=3, r=6, alpha=3, use_rslora=True),
+    ]
