@@ -30,11 +30,11 @@ def tiny_llama(seed: int = 0, cls=None, **kw):
 
 
 def make_adapter(folder, *, seed=1, r=4, alpha=8, targets=("q_proj", "v_proj"), model_seed=0, cls=None,
-                 task_type=None, base_name="tiny-llama", **lora_kw):
+                 task_type=None, base_name="tiny-llama", model_kw=None, **lora_kw):
     """Save a LoRA adapter with random (non-zero) A and B on the tiny Llama; returns its folder."""
     from peft import LoraConfig, get_peft_model
 
-    model = tiny_llama(model_seed, cls=cls, **({"num_labels": 3} if task_type == "SEQ_CLS" else {}))
+    model = tiny_llama(model_seed, cls=cls, **({"num_labels": 3} if task_type == "SEQ_CLS" else {}), **(model_kw or {}))
     model.name_or_path = base_name
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False,
                      task_type=task_type, **lora_kw)

@@ -3,7 +3,9 @@
 The config is written for the output (never copied from an input): its own ``r`` and ``lora_alpha``
 (scaling folded into the factors, so alpha = r per module), ``rank_pattern`` / ``alpha_pattern`` for
 modules of another rank, and ``target_modules`` = the union of the inputs' modules as full paths.
-Each input's task head (``modules_to_save``) is kept under its task name in ``heads/<task>.safetensors``.
+Each input's task head (``modules_to_save``) is kept under its task name in ``heads/<task>.safetensors``;
+the first input's head also sits in ``adapter_model.safetensors`` (PEFT loads no adapter without its
+``modules_to_save`` tensors), and :func:`peftmerge.io.heads.load_head` switches to another task's head.
 """
 
 from __future__ import annotations
@@ -61,17 +63,22 @@ def write_adapter(folder: Path, tensors: dict[str, tuple[str, torch.Tensor, torc
     for name, (kind, a, b) in tensors.items():
         ka, kb = lora_keys(name, kind)
         state[ka], state[kb] = a, b
-    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    ranks = {name: a.shape[0] for name, (_, a, _) in tensors.items()}
-    (folder / "adapter_config.json").write_text(json.dumps(adapter_config(ranks, adapters), indent=2))
-    heads = {}
+    heads, default_head = {}, None
     for a in adapters:
         if a.head_keys:
             (folder / HEADS_DIR).mkdir(exist_ok=True)
             heads[a.task] = f"{HEADS_DIR}/{a.task}.safetensors"
-            save_file({k: v.contiguous() for k, v in a.heads().items()}, str(folder / heads[a.task]))
+            head = {k: v.contiguous() for k, v in a.heads().items()}
+            save_file(head, str(folder / heads[a.task]))
+            if default_head is None:  # PEFT needs one head in the adapter file to load it at all
+                default_head = a.task
+                state.update(head)
+    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    ranks = {name: a.shape[0] for name, (_, a, _) in tensors.items()}
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config(ranks, adapters), indent=2))
     meta = {"kind": "merged-adapter", "task": "+".join(a.task for a in adapters),
-            "tasks": [a.task for a in adapters], "heads": heads, "base_model": _common([a.base_model for a in adapters])}
+            "tasks": [a.task for a in adapters], "heads": heads, "default_head": default_head,
+            "base_model": _common([a.base_model for a in adapters])}
     (folder / "peftmerge.json").write_text(json.dumps(meta, indent=2))
     (folder / "merge_report.json").write_text(json.dumps(report, indent=2))
     recipe = {k: report[k] for k in ("method", "params", "weights", "rank", "dtype")}

@@ -3,8 +3,8 @@
 A merge of classification adapters merges the LoRA task vectors and keeps every input's head, so each
 task is evaluated with its own head (the protocol of the TIES and PCB papers)::
 
-    model = PeftModel.from_pretrained(base, "merged/")
-    load_head(model, "merged/", "sst2")      # now the sst2 classifier sits on the merged encoder
+    model = PeftModel.from_pretrained(base, "merged/")   # carries the first input's head by default
+    load_head(model, "merged/", "agnews")    # now the agnews classifier sits on the merged encoder
 """
 
 from __future__ import annotations
