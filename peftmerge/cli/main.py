@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from .. import __version__
@@ -15,6 +17,8 @@ from .methods import methods_command
 @debug_option
 def main() -> None:
     """Compose parameter-efficient adapters: merge, train, route, evaluate and share LoRA adapters."""
+    # bitsandbytes warns on import that it cannot fetch an optional CPU kernel from the Hub; not our user's concern.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 # Commands (one line each; keep sorted).
