@@ -153,6 +153,21 @@ def make_card(
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
+def with_results(card: ModelCard, results: dict) -> ModelCard:
+    """``card`` with its ``## Results`` section replaced (or appended) by a table of ``results``.
+
+    For an output whose card was written before the eval ran (``results.json`` came later)."""
+    results = normalize_results(results)
+    text = card.content.rstrip("\n")
+    head, sep, tail = text.partition("\n## Results\n")
+    rest = ""
+    if sep:
+        nxt = tail.find("\n## ")
+        rest = tail[nxt:] if nxt >= 0 else ""
+    new = head.rstrip("\n") + ("\n\n## Results\n\n" + _results_table(results) if results else "") + rest
+    return ModelCard(new + "\n")
+
+
 def write_card(out_dir: str | Path, **kwargs) -> Path:
     """Write ``README.md`` into ``out_dir``; see :func:`make_card` for the arguments.
 

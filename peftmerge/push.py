@@ -14,8 +14,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from huggingface_hub import ModelCard
+
 from . import __version__
-from .card import KINDS, RESULTS_FILE, load_results, make_card
+from .card import KINDS, RESULTS_FILE, load_results, make_card, with_results
 from .errors import PeftmergeError
 from .io.hub import is_offline, looks_like_repo_id
 
@@ -90,10 +92,30 @@ def card_from_folder(folder: str | Path, kind: str | None = None, repo_id: str |
     )
 
 
+def _card_to_upload(folder: Path, kind: str, repo_id: str) -> str | None:
+    """The card text to upload instead of the folder's own ``README.md``, or ``None`` to upload it as is.
+
+    No README.md: one generated from the folder. A peftmerge card without the results of a later eval
+    (``results.json``): the same card with its results table brought up to date.
+    """
+    path = folder / CARD
+    if not path.is_file():
+        logger.info("no %s in %s: uploading a generated model card", CARD, folder)
+        return str(card_from_folder(folder, kind, repo_id=repo_id))
+    results = load_results(folder / RESULTS_FILE)
+    if not results:
+        return None
+    card = ModelCard.load(path)
+    if "peftmerge" not in (card.data.tags or []):
+        return None  # someone else's card: leave it alone
+    updated = with_results(card, results)
+    return str(updated) if updated.content != card.content else None
+
+
 def _stage(folder: Path, stage: Path, card_text: str) -> None:
     """Mirror ``folder`` into ``stage`` with symlinks (no copy of the weights) and add the card."""
     for src in folder.rglob("*"):
-        if not src.is_file():
+        if not src.is_file() or src == folder / CARD:  # never write the card through a link to the original
             continue
         dst = stage / src.relative_to(folder)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -190,10 +212,10 @@ def push(
 
     with tempfile.TemporaryDirectory(prefix="peftmerge-push-") as tmp:
         upload_dir = folder
-        if not (folder / CARD).is_file():
+        card = _card_to_upload(folder, kind, repo_id)
+        if card is not None:
             upload_dir = Path(tmp)
-            _stage(folder, upload_dir, str(card_from_folder(folder, kind, repo_id=repo_id)))
-            logger.info("no %s in %s: uploading a generated model card", CARD, folder)
+            _stage(folder, upload_dir, card)
         try:
             url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
             if revision and revision != "main":

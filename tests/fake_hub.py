@@ -58,9 +58,9 @@ class Repo:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, **extra):
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.extra = status, message, code, extra
 
 
 class FakeHub:
@@ -197,7 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {"X-Error-Message": e.message}
             if e.code:
                 headers["X-Error-Code"] = e.code
-            self._send(e.status, {"error": e.message}, headers, head=method == "HEAD")
+            self._send(e.status, {"error": e.message, **e.extra}, headers, head=method == "HEAD")
 
     def do_GET(self):
         self._dispatch("GET")
@@ -221,7 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
         if namespace != user:
             raise HubError(403, f'You don\'t have the rights to create a model under the namespace "{namespace}"')
         if repo_id in hub.repos:
-            raise HubError(409, "You already created this model repo")
+            raise HubError(409, "You already created this model repo", url=f"{hub.url}/{repo_id}")
         hub.add_repo(repo_id, owner=user, private=req.get("visibility") == "private")
         self._send(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
 
@@ -347,3 +347,23 @@ _ROUTES = [
     ("GET", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", _Handler.resolve_file),
     ("HEAD", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", _Handler.resolve_head),
 ]
+
+
+def point_client_at(hub: FakeHub | str, monkeypatch, tmp_path) -> None:
+    """Point huggingface_hub at ``hub`` (a FakeHub or a bare URL) for one test: endpoint, no Xet (the fake
+    speaks the LFS protocol), online towards 127.0.0.1 only, a fresh cache, and no saved token."""
+    from huggingface_hub import constants
+
+    url = hub if isinstance(hub, str) else hub.url
+    # huggingface_hub reads these at import time, so the env alone is not enough.
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
