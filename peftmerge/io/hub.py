@@ -84,9 +84,13 @@ def resolve(ref: str | os.PathLike, *, allow_patterns: list[str] | str | None = 
     except LocalEntryNotFoundError:
         if offline:
             raise PeftmergeError(
-                f"{ref}: not in the Hugging Face cache and HF_HUB_OFFLINE=1; download it once online or unset HF_HUB_OFFLINE"
+                f"{ref}: no such local path, and not in the Hugging Face cache with HF_HUB_OFFLINE=1; "
+                "check the path, or unset HF_HUB_OFFLINE to download it"
             ) from None
-        raise PeftmergeError(f"{ref}: the Hub cannot be reached and it is not cached; check your network or HF_ENDPOINT") from None
+        raise PeftmergeError(
+            f"{ref}: no such local path, and the Hub cannot be reached to download it (not cached); "
+            "check the path or your network"
+        ) from None
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
         raise PeftmergeError(f"{ref}: the Hub answered HTTP {status} while downloading; try again later") from None
