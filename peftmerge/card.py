@@ -18,6 +18,7 @@ from .errors import PeftmergeError
 
 KINDS = ("adapter", "merged-adapter", "merged-model", "router")
 RESULTS_FILE = "results.json"
+REPO_PLACEHOLDER = "REPO_ID"  # in the usage snippet until the card is pushed (push fills in the repo id)
 
 _USAGE = {
     "adapter": (
@@ -143,7 +144,7 @@ def make_card(
         lines.append("Base model: " + ", ".join(f"`{b}`" for b in bases) + ".")
     base0 = base_model if isinstance(base_model, str) else (base_model[0] if base_model else "BASE_MODEL")
     lines += ["", "## Usage", "", "```python" if kind != "router" else "```bash",
-              _USAGE[kind].format(base=base0, repo=repo_id or "REPO_ID"), "```"]
+              _USAGE[kind].format(base=base0, repo=repo_id or REPO_PLACEHOLDER), "```"]
     inputs = recipe.get("inputs")
     if isinstance(inputs, list) and (table := _inputs_table(inputs)):
         lines += ["", "## Inputs", "", table]

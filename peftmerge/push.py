@@ -17,7 +17,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 
 from . import __version__
-from .card import KINDS, RESULTS_FILE, load_results, make_card, with_results
+from .card import KINDS, REPO_PLACEHOLDER, RESULTS_FILE, load_results, make_card, with_results
 from .errors import PeftmergeError
 from .io.hub import is_offline, looks_like_repo_id
 
@@ -95,20 +95,22 @@ def card_from_folder(folder: str | Path, kind: str | None = None, repo_id: str |
 def _card_to_upload(folder: Path, kind: str, repo_id: str) -> str | None:
     """The card text to upload instead of the folder's own ``README.md``, or ``None`` to upload it as is.
 
-    No README.md: one generated from the folder. A peftmerge card without the results of a later eval
-    (``results.json``): the same card with its results table brought up to date.
+    No README.md: one generated from the folder. A peftmerge card: the same card with the repo id in its
+    usage snippet and the results of a later eval (``results.json``) in its results table.
     """
     path = folder / CARD
     if not path.is_file():
         logger.info("no %s in %s: uploading a generated model card", CARD, folder)
         return str(card_from_folder(folder, kind, repo_id=repo_id))
-    results = load_results(folder / RESULTS_FILE)
-    if not results:
+    try:
+        card = ModelCard.load(path)
+    except Exception:  # not a card huggingface_hub can parse: upload it as is, the Hub will say what is wrong
         return None
-    card = ModelCard.load(path)
     if "peftmerge" not in (card.data.tags or []):
         return None  # someone else's card: leave it alone
-    updated = with_results(card, results)
+    results = load_results(folder / RESULTS_FILE)
+    updated = with_results(card, results) if results else card
+    updated = ModelCard(updated.content.replace(REPO_PLACEHOLDER, repo_id))
     return str(updated) if updated.content != card.content else None
 
 
@@ -162,6 +164,11 @@ def _explain(e: BaseException, repo_id: str, folder: Path) -> PeftmergeError | N
             status = e.response.status_code if e.response is not None else None
             server = (e.server_message or "").strip().splitlines()
             why = f": {server[0]}" if server else ""
+            if status == 400:
+                return PeftmergeError(
+                    f"the Hub rejected the upload to {repo_id} (HTTP 400{why}); fix the file it names, "
+                    f"e.g. README.md's metadata ({kept})"
+                )
             if status == 401 and not isinstance(e, RepositoryNotFoundError):
                 return PeftmergeError(f"the Hub refused the token (HTTP 401{why}); check HF_TOKEN or run `hf auth login` ({kept})")
             if status in (401, 403, 404, 409):

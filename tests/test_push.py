@@ -13,6 +13,7 @@ from conftest import make_adapter, tiny_llama
 from fake_hub import FakeHub, point_client_at
 from huggingface_hub import ModelCard
 
+from peftmerge.card import with_results
 from peftmerge.cli.main import main
 from peftmerge.errors import PeftmergeError
 from peftmerge.push import detect_kind, push
@@ -106,7 +107,10 @@ def test_push_merged_adapter_from_cli(hub, merged_adapter, monkeypatch):
     assert [len(i["sha256"]) for i in recipe["inputs"]] == [64, 64]
     assert "| sst2 | 0.7500 |" in card.text
     local = ModelCard.load(merged_adapter / "README.md")
-    assert "## Results" not in local.text and local.text in card.text  # same card, plus the results
+    assert "## Results" not in local.text and 'from_pretrained(base, "REPO_ID")' in local.text
+    # the same card, with the repo id in the usage snippet and the results added
+    assert card.text == with_results(ModelCard(local.content.replace("REPO_ID", "bob/merged")), {
+        "sst2": {"accuracy": 0.75}}).text
 
 
 def test_push_generates_card_without_touching_folder(hub, merged_model):
@@ -191,6 +195,17 @@ def test_repo_owned_by_someone_else(hub, merged_adapter, monkeypatch):
     assert f"the local output {merged_adapter} is kept" in r.output and len(r.output.strip().splitlines()) == 1
     assert hub.repos["alice/taken"].branches["main"]["README.md"] == b"alice's"
     assert snapshot(merged_adapter) == before
+
+
+def test_invalid_card_metadata_rejected(hub, merged_adapter, tmp_path):
+    folder = tmp_path / "bad-card"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).write_bytes((merged_adapter / name).read_bytes())
+    (folder / "README.md").write_text("---\nbase_model: org/x\nbase_model_relation: cousin\n---\n# hand-written\n")
+    with pytest.raises(PeftmergeError, match=r"the Hub rejected the upload to bob/bad \(HTTP 400.*README.md"):
+        push(folder, "bob/bad", token="hf_bob")
+    assert not [p for _, p in hub.requests if "/commit/" in p]  # refused before anything was committed
 
 
 def test_private_repo_of_someone_else(hub, merged_adapter):
