@@ -1,7 +1,9 @@
 """Model cards (README.md with YAML metadata) for everything peftmerge writes.
 
 Built with huggingface_hub's ``ModelCard`` / ``ModelCardData`` so the Hub reads the metadata
-(``base_model``, ``base_model_relation``, ``library_name``, tags) and the recipe that made the output.
+(``base_model``, ``base_model_relation``, ``library_name``, tags, datasets) and the body carries the
+recipe that made the output (method, parameters, inputs with their revision or sha256, peftmerge
+version) and, when an eval was run, a results table.
 """
 
 from __future__ import annotations
@@ -12,61 +14,169 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
+from .errors import PeftmergeError
 
 KINDS = ("adapter", "merged-adapter", "merged-model", "router")
+RESULTS_FILE = "results.json"
+REPO_PLACEHOLDER = "REPO_ID"  # in the usage snippet until the card is pushed (push fills in the repo id)
+
+_USAGE = {
+    "adapter": (
+        "from transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n\n"
+        'base = AutoModelForCausalLM.from_pretrained("{base}")\nmodel = PeftModel.from_pretrained(base, "{repo}")'
+    ),
+    "merged-model": 'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("{repo}")',
+    "router": "peftmerge route --router {repo} ...",
+}
+_USAGE["merged-adapter"] = _USAGE["adapter"]
 
 
-def _results_table(results: dict) -> str:
-    """``{task: {metric: value}}`` -> a markdown table."""
+def normalize_results(results: dict | None, source: str = "results") -> dict[str, dict] | None:
+    """Accept ``{"tasks": {task: {metric: value}}}`` (the eval command's ``results.json``) or a plain
+    ``{task: {metric: value}}``; return the plain form, or raise one clear line naming ``source``."""
+    if results is None:
+        return None
+    if isinstance(results, dict) and isinstance(results.get("tasks"), dict):
+        results = results["tasks"]
+    if not isinstance(results, dict) or not all(isinstance(r, dict) for r in results.values()):
+        raise PeftmergeError(
+            f"{source}: results must be {{task: {{metric: value}}}} or {{\"tasks\": {{task: {{metric: value}}}}}}; "
+            "re-run the eval command or fix the file"
+        )
+    return {str(t): dict(r) for t, r in results.items()} or None
+
+
+def load_results(path: str | Path) -> dict[str, dict] | None:
+    """Read a ``results.json`` written by the eval command (``None`` if the file does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PeftmergeError(f"{path}: not valid JSON ({e.msg}); re-run the eval command or delete the file") from None
+    return normalize_results(data, source=str(path))
+
+
+def _cell(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v if v is not None else "")
+
+
+def _results_table(results: dict[str, dict]) -> str:
+    """``{task: {metric: value}}`` -> a markdown table, one row per task, one column per metric."""
     metrics = sorted({m for r in results.values() for m in r})
     rows = ["| task | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for task, r in results.items():
-        cells = [f"{r[m]:.4f}" if isinstance(r.get(m), float) else str(r.get(m, "")) for m in metrics]
-        rows.append(f"| {task} | " + " | ".join(cells) + " |")
+        rows.append(f"| {task} | " + " | ".join(_cell(r.get(m)) for m in metrics) + " |")
     return "\n".join(rows)
+
+
+def _inputs_table(inputs: list) -> str | None:
+    """Recipe inputs (dicts with ``source`` and ``revision`` or ``sha256``, or plain strings) -> a table."""
+    rows = []
+    for i in inputs:
+        if isinstance(i, dict):
+            pin = f"revision `{i['revision']}`" if i.get("revision") else (f"sha256 `{i['sha256']}`" if i.get("sha256") else "")
+            rows.append(f"| `{i.get('source', i.get('path', '?'))}` | {i.get('weight', '')} | {pin} |")
+        else:
+            rows.append(f"| `{i}` |  |  |")
+    if not rows:
+        return None
+    return "\n".join(["| input | weight | pinned by |", "|---|---|---|", *rows])
 
 
 def make_card(
     *,
     kind: str,
-    base_model: str | None,
+    base_model: str | list[str] | None,
     recipe: dict | None = None,
     results: dict | None = None,
     tags: list[str] | tuple[str, ...] = (),
     datasets: list[str] | tuple[str, ...] = (),
     title: str | None = None,
+    repo_id: str | None = None,
 ) -> ModelCard:
-    """A model card for an output of ``kind`` (one of :data:`KINDS`)."""
+    """A model card for an output of ``kind`` (one of :data:`KINDS`).
+
+    ``recipe`` is stored in full (JSON) with ``peftmerge_version`` added; its ``method`` becomes a tag
+    and its ``inputs`` a table. ``results`` is ``{task: {metric: value}}`` (or the eval command's
+    ``{"tasks": ...}``). ``repo_id`` only fills the usage snippet.
+    """
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise PeftmergeError(f"unknown output kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    results = normalize_results(results)
+    recipe = dict(recipe or {})
+    recipe.setdefault("peftmerge_version", __version__)
     is_adapter = kind in ("adapter", "merged-adapter")
-    method = (recipe or {}).get("method")
-    all_tags = ["peftmerge"] + (["lora"] if is_adapter or kind == "merged-model" else [])
+    method = recipe.get("method")
+
+    all_tags = ["peftmerge"]
     if kind.startswith("merged"):
         all_tags.append("merge")
+    all_tags.append("lora")
+    if kind == "router":
+        all_tags.append("router")
     if method:
         all_tags.append(str(method))
     all_tags += [t for t in tags if t not in all_tags]
+
+    relation = None
+    if base_model:
+        relation = "merge" if kind.startswith("merged") else "adapter"
     data = ModelCardData(
         base_model=base_model or None,
-        base_model_relation=("merge" if kind.startswith("merged") else "adapter") if base_model else None,
+        base_model_relation=relation,
         library_name="peft" if is_adapter else ("transformers" if kind == "merged-model" else None),
         tags=all_tags,
         datasets=list(datasets) or None,
     )
+
     lines = [f"# {title or kind.replace('-', ' ').capitalize()}", ""]
-    lines.append(f"Made with [peftmerge](https://github.com/peftmerge/peftmerge) {__version__}.")
+    what = {
+        "adapter": "A LoRA adapter",
+        "merged-adapter": f"A LoRA adapter merged from several adapters{f' with `{method}`' if method else ''}",
+        "merged-model": f"A full model: LoRA adapters merged into the base weights{f' with `{method}`' if method else ''}",
+        "router": "A router that sends each query to one of several LoRA adapters",
+    }[kind]
+    lines.append(f"{what}, made with [peftmerge](https://github.com/peftmerge/peftmerge) {__version__}.")
     if base_model:
-        lines.append(f"Base model: `{base_model}`.")
-    if recipe:
-        lines += ["", "## Recipe", "", "```json", json.dumps(recipe, indent=2, sort_keys=True, default=str), "```"]
+        bases = [base_model] if isinstance(base_model, str) else list(base_model)
+        lines.append("Base model: " + ", ".join(f"`{b}`" for b in bases) + ".")
+    base0 = base_model if isinstance(base_model, str) else (base_model[0] if base_model else "BASE_MODEL")
+    lines += ["", "## Usage", "", "```python" if kind != "router" else "```bash",
+              _USAGE[kind].format(base=base0, repo=repo_id or REPO_PLACEHOLDER), "```"]
+    inputs = recipe.get("inputs")
+    if isinstance(inputs, list) and (table := _inputs_table(inputs)):
+        lines += ["", "## Inputs", "", table]
+    lines += ["", "## Recipe", "", "```json", json.dumps(recipe, indent=2, sort_keys=True, default=str), "```"]
     if results:
         lines += ["", "## Results", "", _results_table(results)]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
+def with_results(card: ModelCard, results: dict) -> ModelCard:
+    """``card`` with its ``## Results`` section replaced (or appended) by a table of ``results``.
+
+    For an output whose card was written before the eval ran (``results.json`` came later)."""
+    results = normalize_results(results)
+    text = card.content.rstrip("\n")
+    head, sep, tail = text.partition("\n## Results\n")
+    rest = ""
+    if sep:
+        nxt = tail.find("\n## ")
+        rest = tail[nxt:] if nxt >= 0 else ""
+    new = head.rstrip("\n") + ("\n\n## Results\n\n" + _results_table(results) if results else "") + rest
+    return ModelCard(new + "\n")
+
+
 def write_card(out_dir: str | Path, **kwargs) -> Path:
-    """Write ``README.md`` into ``out_dir``; see :func:`make_card` for the arguments."""
-    path = Path(out_dir) / "README.md"
+    """Write ``README.md`` into ``out_dir``; see :func:`make_card` for the arguments.
+
+    Without ``results=``, a ``results.json`` already in ``out_dir`` (written by the eval command) is used.
+    """
+    out_dir = Path(out_dir)
+    if kwargs.get("results") is None:
+        kwargs["results"] = load_results(out_dir / RESULTS_FILE)
+    path = out_dir / "README.md"
     make_card(**kwargs).save(path)
     return path

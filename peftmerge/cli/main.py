@@ -10,6 +10,7 @@ from .. import __version__
 from .combine import combine_command
 from .common import Group, debug_option
 from .methods import methods_command
+from .push import push_command
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,6 +25,7 @@ def main() -> None:
 # Commands (one line each; keep sorted).
 main.add_command(combine_command)
 main.add_command(methods_command)
+main.add_command(push_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

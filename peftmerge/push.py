@@ -1,0 +1,242 @@
+"""Share an output folder on the Hugging Face Hub.
+
+:func:`push` detects what the folder holds (adapter, merged adapter, merged model, router), makes
+sure it carries a model card (generated from the folder's own metadata when missing, without
+touching the folder), creates the repo and uploads through huggingface_hub's ``upload_folder``
+(which streams large files through Xet/LFS and commits in batches). Nothing here writes HTTP by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import ModelCard
+
+from . import __version__
+from .card import KINDS, REPO_PLACEHOLDER, RESULTS_FILE, load_results, make_card, with_results
+from .errors import PeftmergeError
+from .io.hub import is_offline, looks_like_repo_id
+
+logger = logging.getLogger(__name__)
+
+CARD = "README.md"
+_RECIPE_KEYS = ("method", "params", "weights", "rank", "dtype", "inputs", "base_model")
+
+
+def detect_kind(folder: str | Path) -> str:
+    """What ``folder`` holds: the ``kind`` in its peftmerge.json, else ``router`` (router.json), ``merged-adapter`` (adapter_config.json and
+    merge_report.json), ``adapter`` (adapter_config.json) or ``merged-model`` (config.json + safetensors)."""
+    folder = Path(folder)
+    declared = _read_json(folder / "peftmerge.json").get("kind")
+    if declared in KINDS:
+        return declared
+    if (folder / "router.json").is_file():
+        return "router"
+    if (folder / "adapter_config.json").is_file():
+        return "merged-adapter" if (folder / "merge_report.json").is_file() else "adapter"
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return "merged-model"
+    raise PeftmergeError(
+        f"{folder}: not a peftmerge output (no adapter_config.json, router.json, or config.json with .safetensors); "
+        "pass the folder written by train, combine or route"
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PeftmergeError(f"{path}: not valid JSON ({e.msg}); fix or regenerate it before pushing") from None
+    return data if isinstance(data, dict) else {}
+
+
+def card_from_folder(folder: str | Path, kind: str | None = None, repo_id: str | None = None):
+    """A :class:`~huggingface_hub.ModelCard` built from what ``folder`` says about itself: the base model
+    (adapter_config.json, router.json, merge_report.json or config.json), the recipe (merge_report.json or
+    router.json) and eval results (results.json)."""
+    folder = Path(folder)
+    kind = kind or detect_kind(folder)
+    adapter_cfg = _read_json(folder / "adapter_config.json")
+    report = _read_json(folder / "merge_report.json")
+    router = _read_json(folder / "router.json") if kind == "router" else {}
+    if "recipe" in report:
+        recipe = report["recipe"]
+    elif report:  # the merge report: keep what decided the merge, not the per-module diagnostics
+        recipe = {k: report[k] for k in _RECIPE_KEYS if k in report}
+    else:
+        recipe = {"router": router} if router else {}
+    base = (
+        adapter_cfg.get("base_model_name_or_path")
+        or report.get("base_model")
+        or (report.get("recipe") or {}).get("base_model")
+        or router.get("base_model")
+    )
+    if not base and kind == "merged-model":
+        base = _read_json(folder / "config.json").get("_name_or_path")
+    if base and (os.path.isabs(str(base)) or not looks_like_repo_id(str(base))):
+        base = None  # a local path means nothing on the Hub; the recipe still records it
+    return make_card(
+        kind=kind,
+        base_model=base,
+        recipe=recipe or None,
+        results=load_results(folder / RESULTS_FILE),
+        tags=tuple(report.get("tags", ())),
+        datasets=tuple(report.get("datasets", ())),
+        repo_id=repo_id,
+    )
+
+
+def _card_to_upload(folder: Path, kind: str, repo_id: str) -> str | None:
+    """The card text to upload instead of the folder's own ``README.md``, or ``None`` to upload it as is.
+
+    No README.md: one generated from the folder. A peftmerge card: the same card with the repo id in its
+    usage snippet and the results of a later eval (``results.json``) in its results table.
+    """
+    path = folder / CARD
+    if not path.is_file():
+        logger.info("no %s in %s: uploading a generated model card", CARD, folder)
+        return str(card_from_folder(folder, kind, repo_id=repo_id))
+    try:
+        card = ModelCard.load(path)
+    except Exception:  # not a card huggingface_hub can parse: upload it as is, the Hub will say what is wrong
+        return None
+    if "peftmerge" not in (card.data.tags or []):
+        return None  # someone else's card: leave it alone
+    results = load_results(folder / RESULTS_FILE)
+    updated = with_results(card, results) if results else card
+    updated = ModelCard(updated.content.replace(REPO_PLACEHOLDER, repo_id))
+    return str(updated) if updated.content != card.content else None
+
+
+def _stage(folder: Path, stage: Path, card_text: str) -> None:
+    """Mirror ``folder`` into ``stage`` with symlinks (no copy of the weights) and add the card."""
+    for src in folder.rglob("*"):
+        if not src.is_file() or src == folder / CARD:  # never write the card through a link to the original
+            continue
+        dst = stage / src.relative_to(folder)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.symlink(src.resolve(), dst)
+        except OSError:  # no symlinks here (e.g. Windows without the privilege): hard link, then copy
+            try:
+                os.link(src, dst)
+            except OSError:
+                import shutil
+
+                shutil.copy2(src, dst)
+    (stage / CARD).write_text(card_text, encoding="utf-8")
+
+
+def _token(token: str | None) -> str:
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise PeftmergeError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (the local output is kept)")
+    return token
+
+
+def _network_error(e: BaseException) -> bool:
+    """Connection refused, DNS failure, timeout: whatever HTTP client huggingface_hub uses underneath."""
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"TransportError", "ConnectionError", "TimeoutError", "Timeout", "TimeoutException"})
+
+
+def _explain(e: BaseException, repo_id: str, folder: Path) -> PeftmergeError | None:
+    """One line for a failed push (the local output is always kept); ``None`` for an unexpected error (a bug).
+
+    Looks through the exception chain: huggingface_hub wraps LFS upload failures in a RuntimeError.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    kept = f"the local output {folder} is kept"
+    while e is not None:
+        if isinstance(e, OfflineModeIsEnabled):
+            return PeftmergeError(f"HF_HUB_OFFLINE=1 is set: unset it to push to {repo_id} ({kept})")
+        if isinstance(e, HfHubHTTPError):
+            status = e.response.status_code if e.response is not None else None
+            server = (e.server_message or "").strip().splitlines()
+            why = f": {server[0]}" if server else ""
+            if status == 400:
+                return PeftmergeError(
+                    f"the Hub rejected the upload to {repo_id} (HTTP 400{why}); fix the file it names, "
+                    f"e.g. README.md's metadata ({kept})"
+                )
+            if status == 401 and not isinstance(e, RepositoryNotFoundError):
+                return PeftmergeError(f"the Hub refused the token (HTTP 401{why}); check HF_TOKEN or run `hf auth login` ({kept})")
+            if status in (401, 403, 404, 409):
+                return PeftmergeError(
+                    f"cannot write to {repo_id} (HTTP {status}{why}): it belongs to someone else or your token lacks "
+                    f"write access; push to a repo in your own namespace ({kept})"
+                )
+            return PeftmergeError(f"the Hub answered HTTP {status}{why} while pushing to {repo_id}; try again later ({kept})")
+        if _network_error(e):
+            return PeftmergeError(
+                f"cannot reach the Hub at {constants.ENDPOINT} (network down?): {type(e).__name__} ({kept})"
+            )
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> str:
+    """Upload an output folder to the Hub repo ``repo_id`` (created if needed); return the repo's URL.
+
+    Args:
+        folder: an output of train, combine or route (see :func:`detect_kind`).
+        repo_id: ``user/name`` (or ``org/name``).
+        private: create the repo private (an existing repo keeps its visibility).
+        revision: branch to push to (created from ``main`` if missing); default ``main``.
+        commit_message: defaults to "Upload <kind> with peftmerge <version>".
+        token: defaults to ``HF_TOKEN`` or the token saved by ``hf auth login``.
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PeftmergeError(f"{folder}: no such directory; pass the output folder to push")
+    if not looks_like_repo_id(repo_id) or "@" in repo_id:
+        raise PeftmergeError(f"--repo-id {repo_id!r} is not a Hub repo id; use user/name (use --revision for a branch)")
+    kind = detect_kind(folder)
+    if is_offline():
+        raise PeftmergeError(f"HF_HUB_OFFLINE=1 is set: unset it to push to {repo_id} (the local output {folder} is kept)")
+    api = HfApi(token=_token(token), library_name="peftmerge", library_version=__version__)
+    message = commit_message or f"Upload {kind} with peftmerge {__version__}"
+
+    with tempfile.TemporaryDirectory(prefix="peftmerge-push-") as tmp:
+        upload_dir = folder
+        card = _card_to_upload(folder, kind, repo_id)
+        if card is not None:
+            upload_dir = Path(tmp)
+            _stage(folder, upload_dir, card)
+        try:
+            url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            commit = api.upload_folder(
+                folder_path=upload_dir, repo_id=repo_id, revision=revision, commit_message=message, repo_type="model"
+            )
+        except PeftmergeError:
+            raise
+        except Exception as e:
+            explained = _explain(e, repo_id, folder)
+            if explained is None:
+                raise
+            raise explained from e
+    logger.info("pushed %s to %s (%s)", folder, repo_id, getattr(commit, "commit_url", ""))
+    url = str(url).rstrip("/")
+    return f"{url}/tree/{revision}" if revision and revision != "main" else url

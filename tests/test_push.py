@@ -1,0 +1,268 @@
+"""``peftmerge push`` against a fake Hub on 127.0.0.1 (tests/fake_hub.py): what arrives, and the errors."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import socket
+
+import pytest
+from click.testing import CliRunner
+from conftest import make_adapter, tiny_llama
+from fake_hub import FakeHub, point_client_at
+from huggingface_hub import ModelCard
+
+from peftmerge.card import with_results
+from peftmerge.cli.main import main
+from peftmerge.errors import PeftmergeError
+from peftmerge.push import detect_kind, push
+
+TOKENS = {"hf_bob": "bob", "hf_alice": "alice"}
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    with FakeHub(TOKENS) as h:
+        point_client_at(h, monkeypatch, tmp_path)
+        yield h
+
+
+@contextlib.contextmanager
+def offline():
+    """Build test folders with the network shut (PEFT looks base models up on the Hub when online)."""
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("HF_HUB_OFFLINE", "1")
+        m.setattr(constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
+def snapshot(folder):
+    """{relative path: sha256} of every file: to check a folder is left exactly as it was."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def card_of(files) -> ModelCard:
+    return ModelCard(files["README.md"].decode())
+
+
+def recipe_of(card: ModelCard) -> dict:
+    return json.loads(card.text.split("## Recipe")[1].split("```json")[1].split("```")[0])
+
+
+@pytest.fixture
+def merged_adapter(tmp_path):
+    from peftmerge.merge.combine import combine
+
+    out = tmp_path / "merged"
+    with offline():
+        a = make_adapter(tmp_path / "a", seed=1, base_name="org/tiny-llama")
+        b = make_adapter(tmp_path / "b", seed=2, base_name="org/tiny-llama")
+        combine([str(a), str(b)], out, "ties", density=0.5, progress=False)
+    (out / "results.json").write_text(json.dumps({"tasks": {"sst2": {"accuracy": 0.75}}}))
+    return out
+
+
+@pytest.fixture
+def merged_model(tmp_path):
+    out = tmp_path / "full"
+    with offline():
+        tiny_llama(0).save_pretrained(out)
+    (out / "merge_report.json").write_text(json.dumps({
+        "method": "task_arithmetic", "params": {"lambda": 0.5}, "base_model": "org/tiny-llama",
+        "inputs": [{"path": "/data/a", "sha256": "ab" * 32}, {"source": "bob/b", "revision": "c" * 40}],
+        "per_module": [{"module": "x", "relative_error": 0.0}],
+    }))
+    (out / "results.json").write_text(json.dumps({"sst2": {"accuracy": 0.8125, "n": 16}}))
+    return out
+
+
+def test_push_merged_adapter_from_cli(hub, merged_adapter, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_bob")
+    before = snapshot(merged_adapter)
+    r = CliRunner().invoke(main, ["push", str(merged_adapter), "--repo-id", "bob/merged"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == f"{hub.url}/bob/merged"
+    assert snapshot(merged_adapter) == before  # the folder is untouched
+
+    repo = hub.repos["bob/merged"]
+    files = repo.branches["main"]
+    assert set(files) == set(before) | {".gitattributes"}
+    for path in set(before) - {"README.md"}:
+        assert hashlib.sha256(files[path]).hexdigest() == before[path], path
+    # the weights went through LFS, the JSON files as regular git blobs
+    assert "adapter_model.safetensors" in repo.lfs_paths and "adapter_config.json" not in repo.lfs_paths
+    assert hashlib.sha256(files["adapter_model.safetensors"]).hexdigest() in hub.lfs
+    assert repo.commits[-1]["message"] == "Upload merged-adapter with peftmerge 0.1.0"
+
+    card = card_of(files)  # the card combine wrote, with the results of the later eval added
+    assert card.data.base_model == "org/tiny-llama" and card.data.base_model_relation == "merge"
+    assert card.data.library_name == "peft"
+    assert {"peftmerge", "merge", "lora", "ties"} <= set(card.data.tags)
+    recipe = recipe_of(card)
+    assert recipe["method"] == "ties" and recipe["params"]["density"] == 0.5
+    assert [len(i["sha256"]) for i in recipe["inputs"]] == [64, 64]
+    assert "| sst2 | 0.7500 |" in card.text
+    local = ModelCard.load(merged_adapter / "README.md")
+    assert "## Results" not in local.text and 'from_pretrained(base, "REPO_ID")' in local.text
+    # the same card, with the repo id in the usage snippet and the results added
+    assert card.text == with_results(ModelCard(local.content.replace("REPO_ID", "bob/merged")), {
+        "sst2": {"accuracy": 0.75}}).text
+
+
+def test_push_generates_card_without_touching_folder(hub, merged_model):
+    before = snapshot(merged_model)
+    assert "README.md" not in before
+    url = push(merged_model, "bob/full", private=True, revision="dev", commit_message="first full model",
+               token="hf_bob")
+    assert url == f"{hub.url}/bob/full/tree/dev"
+    assert snapshot(merged_model) == before  # no README.md written locally
+
+    repo = hub.repos["bob/full"]
+    assert repo.private and repo.commits[-1] == {**repo.commits[-1], "branch": "dev", "message": "first full model"}
+    assert set(repo.branches["main"]) == {".gitattributes"}  # only the branch got the files
+    files = repo.branches["dev"]
+    assert set(files) == set(before) | {".gitattributes", "README.md"}
+    assert files["model.safetensors"] == (merged_model / "model.safetensors").read_bytes()
+
+    card = card_of(files)
+    assert card.data.base_model == "org/tiny-llama" and card.data.base_model_relation == "merge"
+    assert card.data.library_name == "transformers"
+    assert {"peftmerge", "merge", "task_arithmetic"} <= set(card.data.tags)
+    recipe = recipe_of(card)
+    assert recipe["params"] == {"lambda": 0.5} and recipe["peftmerge_version"] == "0.1.0"
+    assert "per_module" not in recipe  # diagnostics stay in merge_report.json
+    assert "| sst2 | 0.8125 | 16 |" in card.text
+    assert f"sha256 `{'ab' * 32}`" in card.text and f"revision `{'c' * 40}`" in card.text
+    assert 'from_pretrained("bob/full")' in card.text
+
+
+def test_push_router_with_nested_adapters(hub, tmp_path):
+    router = tmp_path / "router"
+    for task, seed in (("sst2", 1), ("agnews", 2)):
+        with offline():
+            make_adapter(router / "adapters" / task, seed=seed, base_name="org/tiny-llama")
+    (router / "router.json").write_text(json.dumps({"base_model": "org/tiny-llama", "method": "knn",
+                                                    "adapters": {"sst2": "adapters/sst2", "agnews": "adapters/agnews"}}))
+    assert detect_kind(router) == "router"
+    push(router, "bob/router", token="hf_bob")
+    files = hub.repos["bob/router"].branches["main"]
+    assert {"adapters/sst2/adapter_model.safetensors", "adapters/agnews/adapter_config.json", "router.json"} <= set(files)
+    assert files["adapters/sst2/adapter_model.safetensors"] == (
+        router / "adapters/sst2/adapter_model.safetensors").read_bytes()
+    card = card_of(files)
+    assert {"peftmerge", "lora", "router"} <= set(card.data.tags) and "merge" not in card.data.tags
+    assert card.data.base_model_relation == "adapter" and card.data.library_name is None
+    assert recipe_of(card)["router"]["method"] == "knn"
+
+
+def test_push_twice_same_repo_and_lfs_dedup(hub, tmp_path, monkeypatch):
+    with offline():
+        adapter = make_adapter(tmp_path / "a", seed=1, base_name="org/tiny-llama")
+    assert detect_kind(adapter) == "adapter"
+    monkeypatch.setenv("HF_TOKEN", "hf_bob")
+    push(adapter, "bob/a")
+    puts = [p for m, p in hub.requests if m == "PUT"]
+    push(adapter, "bob/a", commit_message="again")  # repo exists: fine; weights already stored: not re-sent
+    assert [p for m, p in hub.requests if m == "PUT"] == puts
+    assert [c["message"] for c in hub.repos["bob/a"].commits][-2:] == ["Upload adapter with peftmerge 0.1.0", "again"]
+
+
+def test_no_token(hub, merged_adapter):
+    before = snapshot(merged_adapter)
+    r = CliRunner().invoke(main, ["push", str(merged_adapter), "--repo-id", "bob/merged"])
+    assert r.exit_code == 2
+    assert "no Hugging Face token: set HF_TOKEN or run `hf auth login`" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert not [p for _, p in hub.requests if "repos/create" in p] and snapshot(merged_adapter) == before
+
+
+def test_bad_token(hub, merged_adapter):
+    with pytest.raises(PeftmergeError, match=r"refused the token \(HTTP 401"):
+        push(merged_adapter, "bob/merged", token="hf_wrong")
+
+
+def test_repo_owned_by_someone_else(hub, merged_adapter, monkeypatch):
+    hub.add_repo("alice/taken", owner="alice", files={"README.md": b"alice's"})
+    monkeypatch.setenv("HF_TOKEN", "hf_bob")
+    before = snapshot(merged_adapter)
+    r = CliRunner().invoke(main, ["push", str(merged_adapter), "--repo-id", "alice/taken"])
+    assert r.exit_code == 2
+    assert "cannot write to alice/taken (HTTP 403" in r.output and "push to a repo in your own namespace" in r.output
+    assert f"the local output {merged_adapter} is kept" in r.output and len(r.output.strip().splitlines()) == 1
+    assert hub.repos["alice/taken"].branches["main"]["README.md"] == b"alice's"
+    assert snapshot(merged_adapter) == before
+
+
+def test_invalid_card_metadata_rejected(hub, merged_adapter, tmp_path):
+    folder = tmp_path / "bad-card"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).write_bytes((merged_adapter / name).read_bytes())
+    (folder / "README.md").write_text("---\nbase_model: org/x\nbase_model_relation: cousin\n---\n# hand-written\n")
+    with pytest.raises(PeftmergeError, match=r"the Hub rejected the upload to bob/bad \(HTTP 400.*README.md"):
+        push(folder, "bob/bad", token="hf_bob")
+    assert not [p for _, p in hub.requests if "/commit/" in p]  # refused before anything was committed
+
+
+def test_private_repo_of_someone_else(hub, merged_adapter):
+    hub.add_repo("alice/secret", owner="alice", private=True)
+    with pytest.raises(PeftmergeError, match=r"cannot write to alice/secret \(HTTP 403"):
+        push(merged_adapter, "alice/secret", token="hf_bob")
+
+
+def test_server_down(monkeypatch, tmp_path, merged_adapter):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    point_client_at(f"http://127.0.0.1:{port}", monkeypatch, tmp_path)
+    before = snapshot(merged_adapter)
+    r = CliRunner().invoke(main, ["push", str(merged_adapter), "--repo-id", "bob/merged"], env={"HF_TOKEN": "hf_bob"})
+    assert r.exit_code == 2
+    assert f"cannot reach the Hub at http://127.0.0.1:{port} (network down?)" in r.output
+    assert snapshot(merged_adapter) == before
+
+
+def test_bad_inputs(hub, tmp_path, merged_adapter, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_bob")
+    runner = CliRunner()
+    r = runner.invoke(main, ["push", str(tmp_path / "missing"), "--repo-id", "bob/x"])
+    assert r.exit_code == 2 and "no such directory" in r.output
+    (tmp_path / "junk").mkdir()
+    r = runner.invoke(main, ["push", str(tmp_path / "junk"), "--repo-id", "bob/x"])
+    assert r.exit_code == 2 and "not a peftmerge output" in r.output
+    r = runner.invoke(main, ["push", str(merged_adapter), "--repo-id", "not a repo"])
+    assert r.exit_code == 2 and "is not a Hub repo id" in r.output
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = runner.invoke(main, ["push", str(merged_adapter), "--repo-id", "bob/x"])
+    assert r.exit_code == 2 and "HF_HUB_OFFLINE=1 is set" in r.output
+    assert not [p for _, p in hub.requests if "repos/create" in p]
+
+
+def test_push_to_hub_option_and_maybe_push(hub, merged_adapter, monkeypatch):
+    import click
+
+    from peftmerge.cli.common import Group
+    from peftmerge.cli.push import maybe_push, push_to_hub_option
+
+    @click.group(cls=Group)
+    def cli():
+        pass
+
+    @cli.command("demo")
+    @click.argument("folder")
+    @push_to_hub_option
+    def demo(folder, push_to_hub):
+        maybe_push(folder, push_to_hub)
+
+    monkeypatch.setenv("HF_TOKEN", "hf_bob")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["demo", str(merged_adapter)]).exit_code == 0 and "bob/demo" not in hub.repos
+    r = runner.invoke(cli, ["demo", str(merged_adapter), "--push-to-hub", "bob/demo"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"pushed {merged_adapter} to {hub.url}/bob/demo"
+    assert "adapter_model.safetensors" in hub.repos["bob/demo"].branches["main"]
+    r = runner.invoke(cli, ["demo", str(merged_adapter), "--push-to-hub", "bad id"])
+    assert r.exit_code == 2 and "is not a Hub repo id" in r.output
