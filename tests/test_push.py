@@ -266,3 +266,24 @@ def test_push_to_hub_option_and_maybe_push(hub, merged_adapter, monkeypatch):
     assert "adapter_model.safetensors" in hub.repos["bob/demo"].branches["main"]
     r = runner.invoke(cli, ["demo", str(merged_adapter), "--push-to-hub", "bad id"])
     assert r.exit_code == 2 and "is not a Hub repo id" in r.output
+
+
+def test_combine_reads_hub_ids_and_pushes(hub, tmp_path, monkeypatch):
+    """`peftmerge combine bob/a bob/b --push-to-hub bob/merged`: inputs come through the HF cache."""
+    monkeypatch.setenv("HF_TOKEN", "hf_bob")
+    with offline():
+        a = make_adapter(tmp_path / "a", seed=1, base_name="org/tiny-llama")
+        b = make_adapter(tmp_path / "b", seed=2, base_name="org/tiny-llama")
+    for name, folder in (("bob/a", a), ("bob/b", b)):
+        hub.add_repo(name, "bob", {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+    out = tmp_path / "merged"
+    r = CliRunner().invoke(main, ["combine", "bob/a", "bob/b", "-o", str(out), "--method", "task_arithmetic",
+                                  "--quiet", "--push-to-hub", "bob/merged"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "merge_report.json").read_text())
+    assert [i["path"] for i in report["inputs"]] == ["bob/a", "bob/b"]
+    assert all(len(i["revision"]) == 40 for i in report["inputs"])
+    pushed = hub.repos["bob/merged"].branches["main"]
+    assert pushed["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
+    recipe = recipe_of(card_of(pushed))
+    assert [i["path"] for i in recipe["inputs"]] == ["bob/a", "bob/b"]

@@ -7,6 +7,7 @@ import json
 import click
 
 from .common import debug_option, parse_floats
+from .push import maybe_push, push_to_hub_option
 
 
 @click.command("combine")
@@ -29,10 +30,11 @@ from .common import debug_option, parse_floats
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--force", is_flag=True, help="Merge adapters of different base models / with no module in common.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
+@push_to_hub_option
 @debug_option
 def combine_command(inputs, out, method, weights, lam, density, gamma, sign, granularity, rank, seed, dtype,
-                    alpha, config, overwrite, force, quiet):
-    """Merge LoRA adapters INPUT... (folders or .safetensors files) into one adapter in OUT."""
+                    alpha, config, overwrite, force, quiet, push_to_hub):
+    """Merge LoRA adapters INPUT... (folders, .safetensors files or Hub ids) into one adapter in OUT."""
     from ..merge.combine import combine
 
     report = combine(list(inputs), out, method, weights=parse_floats(weights, "--weights"), lam=lam,
@@ -42,3 +44,4 @@ def combine_command(inputs, out, method, weights, lam, density, gamma, sign, gra
         click.echo(f"{report['method']}: merged {len(report['inputs'])} adapters over {report['modules']} modules "
                    f"into {out} (relative error mean {report['relative_error_mean']:.2e}, "
                    f"max {report['relative_error_max']:.2e}; params {json.dumps(report['params'])})")
+    maybe_push(out, push_to_hub)

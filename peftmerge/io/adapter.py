@@ -57,6 +57,7 @@ class LoraAdapter:
     modules: dict[str, LoraModule]
     task: str
     head_keys: list[str] = field(default_factory=list)  # modules_to_save tensors (classification heads)
+    ref: str = ""  # what the user gave (a path or a Hub id), for the recipe
 
     @property
     def base_model(self) -> str | None:
@@ -216,4 +217,4 @@ def load_adapter(path: str | Path, alpha: float | None = None) -> LoraAdapter:
     if not modules:
         raise PeftmergeError(f"{path}: no LoRA tensors (lora_A/lora_B) found; is this a LoRA adapter?")
     return LoraAdapter(path=path, file=tensors, config=config, modules=modules, task=_task_name(path),
-                       head_keys=heads)
+                       head_keys=heads, ref=str(path))

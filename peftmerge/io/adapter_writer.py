@@ -82,6 +82,6 @@ def write_adapter(folder: Path, tensors: dict[str, tuple[str, torch.Tensor, torc
     (folder / "peftmerge.json").write_text(json.dumps(meta, indent=2))
     (folder / "merge_report.json").write_text(json.dumps(report, indent=2))
     recipe = {k: report[k] for k in ("method", "params", "weights", "rank", "dtype")}
-    recipe["inputs"] = [{"task": i["task"], "path": i["path"], "sha256": i["sha256"]} for i in report["inputs"]]
+    recipe["inputs"] = [{k: i[k] for k in ("task", "path", "sha256", "revision") if k in i} for i in report["inputs"]]
     write_card(folder, kind="merged-adapter", base_model=meta["base_model"], recipe=recipe,
                title=f"{report['method']} merge of {', '.join(meta['tasks'])}")

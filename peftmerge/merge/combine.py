@@ -23,6 +23,7 @@ from ..errors import PeftmergeError
 from ..io import atomic
 from ..io.adapter import LoraAdapter
 from ..io.adapter_writer import write_adapter
+from ..io.hub import describe_input
 from . import lowrank, ops, registry
 from .plan import ModulePlan, open_inputs, plan_modules
 from .recipe import Recipe, load_recipe
@@ -44,6 +45,15 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _describe(a: LoraAdapter) -> dict:
+    """How the recipe pins an input: its path or Hub id, task, sha256 (and Hub revision)."""
+    entry = {"path": a.ref, "task": a.task, "sha256": _sha256(a.file.path), "base_model": a.base_model}
+    pinned = describe_input(a.ref, a.path)
+    if "revision" in pinned:
+        entry["revision"] = pinned["revision"]
+    return entry
 
 
 def _module_generator(seed: int, module: str) -> torch.Generator:
@@ -174,8 +184,7 @@ def combine(
     errors = [r["relative_error"] for r in rows]
     report = {
         "method": m.name, "params": params, "weights": w, "rank": recipe.rank, "dtype": str(out_dtype)[6:],
-        "inputs": [{"path": str(a.path), "task": a.task, "sha256": _sha256(a.file.path),
-                    "base_model": a.base_model} for a in adapters],
+        "inputs": [_describe(a) for a in adapters],
         "modules": len(rows), "relative_error_mean": sum(errors) / len(errors),
         "relative_error_max": max(errors), "seconds": round(time.perf_counter() - start, 3),
         "per_module": rows,

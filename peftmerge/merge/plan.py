@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import PeftmergeError
 from ..io.adapter import LoraAdapter, load_adapter
+from ..io.hub import resolve
 
 
 @dataclass
@@ -26,10 +27,14 @@ class ModulePlan:
 
 
 def open_inputs(paths: list[str | Path], alpha: float | None = None, force: bool = False) -> list[LoraAdapter]:
-    """Load every input and check they were trained on the same base model."""
+    """Load every input (local path or Hub id) and check they were trained on the same base model."""
     if not paths:
         raise PeftmergeError("no inputs; give one or more LoRA adapters (folders or .safetensors files)")
-    adapters = [load_adapter(p, alpha=alpha) for p in paths]
+    adapters = []
+    for p in paths:
+        adapter = load_adapter(resolve(p, allow_patterns=["*.json", "*.safetensors", "heads/*"]), alpha=alpha)
+        adapter.ref = str(p)
+        adapters.append(adapter)
     bases = {a.base_model for a in adapters if a.base_model}
     if len(bases) > 1 and not force:
         listing = "; ".join(f"{a.path}: {a.base_model}" for a in adapters if a.base_model)
