@@ -227,3 +227,26 @@ def test_yaml_recipe(adapters, tmp_path):
     card = (tmp_path / "m" / "README.md").read_text()
     assert "base_model_relation: merge" in card or "merge" in card
     assert report["inputs"][0]["sha256"] in card
+
+
+def test_keys_with_an_adapter_name_read_the_same(tmp_path):
+    a = make_adapter(tmp_path / "a", seed=1)
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "adapter_config.json").write_text((a / "adapter_config.json").read_text())
+    state = load_file(str(a / "adapter_model.safetensors"))
+    save_file({k.replace(".weight", ".sst2.weight"): v for k, v in state.items()},
+              str(named / "adapter_model.safetensors"))
+    plain, with_name = load_adapter(a), load_adapter(named)
+    assert set(plain.modules) == set(with_name.modules)
+    for k in plain.modules:
+        torch.testing.assert_close(plain.delta(k), with_name.delta(k))
+
+
+def test_dora_is_refused(tmp_path):
+    from peftmerge.errors import PeftmergeError
+
+    d = make_adapter(tmp_path / "d", seed=1, use_dora=True)
+    with pytest.raises(PeftmergeError, match="DoRA"):
+        combine([d], tmp_path / "m", "ties", progress=False)
+    assert not (tmp_path / "m").exists()
