@@ -183,10 +183,21 @@ def test_bare_safetensors_needs_alpha(tmp_path):
 
 
 def test_global_granularity_trims_over_the_whole_adapter(adapters, tmp_path):
-    tensor = combine(adapters, tmp_path / "t", "ties", density=0.2, rank=32, progress=False)
-    glob = combine(adapters, tmp_path / "g", "ties", density=0.2, granularity="global", rank=32, progress=False)
-    assert glob["params"]["granularity"] == "global"
-    assert glob["per_module"] != tensor["per_module"]
+    """granularity=global equals TIES with the top-k taken over all modules at once (official TIES code)."""
+    combine(adapters, tmp_path / "g", "ties", density=0.2, granularity="global", rank=32, progress=False)
+    ins, out = [load_adapter(a) for a in adapters], load_adapter(tmp_path / "g")
+    names = sorted(out.modules)
+    stacks = [torch.stack([a.delta(k) if k in a.modules else torch.zeros(out.modules[k].shape) for a in ins])
+              for k in names]
+    flat = torch.cat([s.reshape(3, -1) for s in stacks], dim=1)
+    keep = merge_utils.magnitude_based_pruning  # per input over the flat adapter, PEFT's top-k
+    trimmed = torch.stack([keep(flat[i], 0.2) for i in range(3)])
+    merged = merge_utils.disjoint_merge(trimmed, merge_utils.calculate_majority_sign_mask(trimmed, "total"))
+    offset = 0
+    for k, s in zip(names, stacks):
+        expected = merged[offset: offset + s[0].numel()].reshape(s[0].shape)
+        offset += s[0].numel()
+        torch.testing.assert_close(out.delta(k), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_classification_heads_are_kept_per_task(tmp_path):
