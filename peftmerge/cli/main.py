@@ -8,6 +8,7 @@ from .. import __version__
 from .combine import combine_command
 from .common import Group, debug_option
 from .eval import eval_command
+from .inspect import inspect_command
 from .methods import methods_command
 
 
@@ -21,6 +22,7 @@ def main() -> None:
 # Commands (one line each; keep sorted).
 main.add_command(combine_command)
 main.add_command(eval_command)
+main.add_command(inspect_command)
 main.add_command(methods_command)
 
 if __name__ == "__main__":  # pragma: no cover
