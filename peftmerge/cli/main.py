@@ -10,6 +10,7 @@ from .common import Group, debug_option
 from .eval import eval_command
 from .inspect import inspect_command
 from .methods import methods_command
+from .search import search_command
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,6 +25,7 @@ main.add_command(combine_command)
 main.add_command(eval_command)
 main.add_command(inspect_command)
 main.add_command(methods_command)
+main.add_command(search_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
