@@ -91,6 +91,11 @@ def test_adapter_and_merged_heads_match_unbatched_reference(tmp_path):
         assert r["tasks"][task]["normalized"] == pytest.approx(want_mer / want_ind if want_ind else math.nan,
                                                                nan_ok=True)
     assert r["name"] == "task_arithmetic" and r["n_tasks"] == 2
+    # the individual row of an earlier run is reused as it is
+    (tmp_path / "r.json").write_text(json.dumps(r))
+    again = evaluate(str(base), {"sent": sent}, adapter=str(merged), reference_results=tmp_path / "r.json",
+                     settings=QUIET)
+    assert again["tasks"]["sent"] == r["tasks"]["sent"]
 
 
 def test_head_adapter_refuses_other_task(tmp_path):

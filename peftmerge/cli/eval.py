@@ -18,6 +18,8 @@ from .common import debug_option
 @click.option("--data", multiple=True, metavar="NAME=FILE", help="Task data (JSONL), repeatable.")
 @click.option("--reference", multiple=True, metavar="NAME=DIR",
               help="Each task's own adapter: adds the 'individual' row and normalized accuracy.")
+@click.option("--reference-results", type=click.Path(), default=None,
+              help="Reuse the 'individual' row of an earlier results.json instead of --reference.")
 @click.option("--train", multiple=True, metavar="NAME=FILE", help="Train split of a task, for --icl-shots.")
 @click.option("--icl-shots", type=int, default=0, help="Add a base-model row with K in-context examples.")
 @click.option("--zero-shot", is_flag=True, help="Add the base model zero-shot row.")
@@ -33,8 +35,8 @@ from .common import debug_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @debug_option
 @click.pass_context
-def eval_command(ctx, model, adapter, router, data, reference, train, icl_shots, zero_shot, name, limit, batch_size,
-                 max_length, max_new_tokens, seed, out, overwrite, quiet):
+def eval_command(ctx, model, adapter, router, data, reference, reference_results, train, icl_shots, zero_shot,
+                 name, limit, batch_size, max_length, max_new_tokens, seed, out, overwrite, quiet):
     """Evaluate a base model, adapter, merged adapter/model or router on task data.
 
     \b
@@ -55,7 +57,8 @@ def eval_command(ctx, model, adapter, router, data, reference, train, icl_shots,
     settings = Settings(batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, limit=limit,
                         seed=seed, progress=not quiet)
     results = evaluate(model, list(data), adapter=adapter, router=router, name=name, reference=list(reference),
-                       train=list(train), icl_shots=icl_shots, zero_shot=zero_shot, settings=settings, out=out,
+                       train=list(train), icl_shots=icl_shots, zero_shot=zero_shot,
+                       reference_results=reference_results, settings=settings, out=out,
                        overwrite=overwrite)
     click.echo(markdown(systems_of(results)))
 

@@ -170,6 +170,18 @@ def average(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def _individual_from(path: str | Path, tasks: list[str]) -> dict:
+    try:
+        row = json.loads(Path(path).read_text())["baselines"]["individual"]["tasks"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise PeftmergeError(f"{path}: no 'individual' results in it; pass a results.json written by "
+                             "`peftmerge eval --reference ...`") from None
+    missing = [t for t in tasks if t not in row]
+    if missing:
+        raise PeftmergeError(f"{path}: has no individual result for task(s) {', '.join(missing)}")
+    return {t: row[t] for t in tasks}
+
+
 def _describe(adapter) -> tuple[str, str | None, int]:
     """(default name, merge method, number of merged tasks) of the evaluated adapter."""
     if adapter is None:
@@ -182,11 +194,13 @@ def _describe(adapter) -> tuple[str, str | None, int]:
 
 
 def evaluate(model: str, data, *, adapter=None, router=None, name: str | None = None, reference=None, train=None,
-             icl_shots: int = 0, zero_shot: bool = False, settings: Settings | None = None,
+             icl_shots: int = 0, zero_shot: bool = False, reference_results: str | Path | None = None,
+             settings: Settings | None = None,
              out: str | Path | None = None, overwrite: bool = False) -> dict:
     """Evaluate and return the results (written to ``out`` as results.json + .md + .png when given).
 
     ``data``, ``reference`` and ``train`` map task names to paths (dicts, or ``NAME=PATH`` strings).
+    ``reference_results``: a results.json whose "individual" row is reused instead of evaluating ``reference``.
     """
     s = settings or Settings()
     if adapter and router:
@@ -219,11 +233,15 @@ def evaluate(model: str, data, *, adapter=None, router=None, name: str | None = 
         systems.append(System("base"))
     if icl_shots:
         systems.append(System(f"base+icl{icl_shots}", icl_shots=icl_shots))
+    if reference and reference_results is not None:
+        raise PeftmergeError("give --reference or --reference-results, not both")
     if reference:
         systems.append(System("individual", per_task={t: str(p) for t, p in reference.items()}))
 
     cache = ModelCache(model)
     table = {sys.name: run_system(sys, tasks, model, cache, s, train_tasks) for sys in systems}
+    if reference_results is not None:
+        table["individual"] = _individual_from(reference_results, [t.name for t in tasks])
     results = {
         "name": main.name, "model": str(model), "adapter": str(adapter) if adapter else None,
         "router": str(router) if router else None, "method": method, "n_tasks": n_tasks,
