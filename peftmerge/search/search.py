@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -168,10 +169,14 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
     bar = tqdm(total=total, desc=f"search ({m.name}, {strategy})", unit="merge", disable=not progress)
 
     def score(params: dict, w) -> float:
-        per_task = ev(merger.merged({**fixed, **params}, w))
+        t0 = time.perf_counter()
+        deltas = merger.merged({**fixed, **params}, w)
+        t1 = time.perf_counter()
+        per_task = ev(deltas)
         value = sum(per_task.values()) / len(per_task) - l1 * float(np.mean(np.abs(w)))
         row = {"params": {**fixed, **params}, "weights": [round(float(x), 6) for x in w], "score": value,
-               "tasks": per_task}
+               "tasks": per_task, "seconds": {"merge": round(t1 - t0, 3),
+                                              "evaluate": round(time.perf_counter() - t1, 3)}}
         if individual:
             row["normalized"] = sum(per_task[t] / individual[t] for t in individual if individual[t] > 0) / \
                 max(1, sum(1 for t in individual if individual[t] > 0))
