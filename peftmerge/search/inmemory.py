@@ -1,0 +1,100 @@
+"""Merge in memory and patch a loaded model, so each search candidate costs no disk round trip.
+
+For each module, the inputs' task vectors are stacked once (cached when they fit ``cache_bytes``); a
+candidate's merged dW comes from the registry's ``Method.merge`` and, for non-linear methods, the same
+seeded rank-r refactorization as :func:`peftmerge.merge.combine.combine`, so the model evaluated is the
+adapter ``combine`` would write. Patching sets W = W0 + dW on the base model's weights in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import PeftmergeError
+from ..io.adapter import PREFIX, LoraAdapter
+from ..merge import ops, registry
+from ..merge.combine import _module_generator, merge_dense, stacked_deltas
+from ..merge.plan import ModulePlan
+
+
+class InMemoryMerge:
+    """The merged dW of every module for given method params and per-input weights."""
+
+    def __init__(self, adapters: list[LoraAdapter], plans: list[ModulePlan], method: registry.Method,
+                 rank: int | None = None, cache_bytes: int = 2 << 30):
+        self.adapters, self.plans, self.method, self.rank = adapters, plans, method, rank
+        need = sum(len(adapters) * p.shape[0] * p.shape[1] * 4 for p in plans)
+        self._cache = {p.name: stacked_deltas(adapters, p) for p in plans} if need <= cache_bytes else None
+
+    def deltas(self, plan: ModulePlan) -> torch.Tensor:
+        return self._cache[plan.name] if self._cache is not None else stacked_deltas(self.adapters, plan)
+
+    def merged(self, params: dict, weights) -> dict[str, torch.Tensor]:
+        """{module: dense merged dW} as ``combine`` would write it (rank-r refactorized when not linear)."""
+        m, n = self.method, len(self.adapters)
+        params = m.resolve(params, n)
+        w = torch.as_tensor(list(weights), dtype=torch.float32)
+        thresholds = None
+        if params.get("granularity") == "global":
+            thresholds = ops.global_thresholds(lambda: (self.deltas(p) for p in self.plans), n, params["density"])
+        out = {}
+        for plan in self.plans:
+            deltas = self.deltas(plan)
+            if m.linear:  # exact: combine keeps every factor at the default rank
+                if self.rank is not None and self.rank < sum(plan.ranks(self.adapters)):
+                    raise PeftmergeError("search with --rank below the sum of the input ranks supports "
+                                         "non-linear methods only; drop --rank for linear methods")
+                out[plan.name] = m.merge(deltas, w, params)
+                continue
+            gen = _module_generator(params.get("seed", 0), plan.name)
+            merged = m.merge(deltas, w, params, registry.Context(plan.name, gen, thresholds))
+            target = min(self.rank or sum(plan.ranks(self.adapters)), *plan.shape)
+            a, b, _ = merge_dense(merged, target, gen)
+            out[plan.name] = b @ a
+        return out
+
+    def single(self, i: int) -> dict[str, torch.Tensor]:
+        """Input ``i``'s own task vectors (the individual adapter)."""
+        return {p.name: self.deltas(p)[i] for p in self.plans}
+
+
+class Patcher:
+    """W = W0 + dW on a loaded (non-PEFT) model; W0 kept for the targeted modules only."""
+
+    def __init__(self, model, plans: list[ModulePlan], fan_in_fan_out: bool = False):
+        self.model, self.targets = model, {}
+        for plan in plans:
+            try:
+                module = model.get_submodule(plan.name)
+            except AttributeError:
+                raise PeftmergeError(f"module {plan.name} of the adapters is not in the model; search on the base "
+                                     "model the adapters were trained on (--model)") from None
+            transpose = plan.kind == "embedding" or fan_in_fan_out
+            weight = module.weight
+            want = (plan.shape[1], plan.shape[0]) if transpose else plan.shape
+            if tuple(weight.shape) != tuple(want):
+                raise PeftmergeError(f"module {plan.name}: weight {list(weight.shape)} does not fit the adapters' "
+                                     f"update {list(plan.shape)}; use the base model they were trained on")
+            self.targets[plan.name] = (weight, weight.detach().clone(), transpose)
+
+    @torch.no_grad()
+    def apply(self, deltas: dict[str, torch.Tensor]) -> None:
+        for name, (weight, w0, transpose) in self.targets.items():
+            d = deltas.get(name)
+            if d is None:
+                weight.copy_(w0)
+            else:
+                weight.copy_(w0 + (d.T if transpose else d).to(w0.dtype))
+
+
+def load_head(model, adapter: LoraAdapter) -> None:
+    """Put an input adapter's saved head (``modules_to_save``) on a plain model."""
+    state = {k.removeprefix(PREFIX): v for k, v in adapter.heads().items()}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError:  # shape mismatch
+        raise PeftmergeError(f"{adapter.path}: its head does not fit a model with the task's label count; check "
+                             "the adapter's peftmerge.json labels") from None
+    if result.unexpected_keys:
+        raise PeftmergeError(f"{adapter.path}: head tensors {result.unexpected_keys[:3]} do not fit the model; "
+                             "search on the base model the adapters were trained on")

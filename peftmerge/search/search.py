@@ -1,0 +1,250 @@
+"""``search``: tune a merge method's hyperparameters on validation splits, then write the best merge.
+
+Strategies (the objective is the mean over tasks of accuracy, or ROUGE-L for free text):
+
+- ``grid``: every combination of one or two parameters (``lambda``, ``density``, ``gamma``), as the
+  task-arithmetic and TIES papers choose lambda on validation data (Ilharco et al. 2023; Yadav et al. 2023);
+- ``es``: per-model weights by a seeded evolution strategy (:func:`.optim.evolve`), as LoraHub and PCB-Merging
+  search per-model coefficients (optional L1 penalty on the weights, LoraHub's regulariser).
+
+Candidates are merged in memory and patched into a loaded model (:mod:`.inmemory`); the test split is never
+read (a data file named ``test*`` is refused). The best merge is written by :func:`peftmerge.combine` with
+``search.json`` (the trace) and ``search_trace.png`` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..card import write_card
+from ..errors import PeftmergeError
+from ..evaluate import metrics as M
+from ..evaluate.data import load_task, parse_pairs, read_meta, refuse_test_split
+from ..evaluate.model import load_model, load_tokenizer
+from ..evaluate.predict import predict_generate, predict_head, predict_label_words
+from ..io import atomic
+from ..merge import registry
+from ..merge.combine import combine
+from ..merge.plan import open_inputs, plan_modules
+from . import optim
+from .inmemory import InMemoryMerge, Patcher, load_head
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRID = {"lambda": [0.3, 0.5, 0.7, 1.0, 1.3, 1.6], "density": [0.1, 0.2, 0.4, 0.7], "gamma": [0.0, 0.01, 0.05]}
+SEARCHABLE = ("lambda", "density", "gamma")
+
+
+class Evaluator:
+    """Scores merged task vectors on the validation tasks with patched models (one per model kind)."""
+
+    def __init__(self, base, adapters, plans, tasks, *, batch_size, max_length, max_new_tokens):
+        self.tasks, self.kw = tasks, dict(batch_size=batch_size, max_length=max_length, progress=False)
+        self.max_new_tokens = max_new_tokens
+        self.tokenizer = load_tokenizer(base)
+        owners = {a.task: a for a in adapters}
+        fan = any(a.config.get("fan_in_fan_out") for a in adapters)
+        self.plan: dict[str, tuple] = {}  # task -> (model key, head adapter or None)
+        self.models: dict[tuple, tuple] = {}
+        for t in tasks:
+            owner = owners.get(t.name)
+            if t.kind == "classify" and owner is not None and owner.head_keys:
+                key, head = ("seqcls", len(t.labels)), owner
+            else:
+                key, head = ("causal", None), None
+            if key not in self.models:
+                model = load_model(base, key[0], key[1] if key[0] == "seqcls" else None)
+                self.models[key] = (model, Patcher(model, plans, fan))
+            self.plan[t.name] = (key, head)
+
+    def __call__(self, deltas: dict, only: str | None = None) -> dict[str, float]:
+        """{task: primary metric} of the model patched with ``deltas``."""
+        for model, patcher in self.models.values():
+            patcher.apply(deltas)
+        out = {}
+        for t in self.tasks:
+            if only is not None and t.name != only:
+                continue
+            key, head = self.plan[t.name]
+            model = self.models[key][0]
+            if head is not None:
+                load_head(model, head)
+                preds = predict_head(model, self.tokenizer, t, **self.kw)
+            elif t.kind == "classify":
+                preds = predict_label_words(model, self.tokenizer, t, **self.kw)
+            else:
+                preds = predict_generate(model, self.tokenizer, t, max_new_tokens=self.max_new_tokens, **self.kw)
+            refs = t.references()
+            out[t.name] = M.primary(M.classification_metrics(preds, refs) if t.kind == "classify"
+                                    else M.generation_metrics(preds, refs))
+        return out
+
+
+def _axes(grid: dict | None, method: registry.Method) -> dict[str, list[float]]:
+    known = [p.name for p in method.params if p.name in SEARCHABLE]
+    if not grid:
+        grid = {k: DEFAULT_GRID[k] for k in known if k in ("lambda", "density")}
+    for name, values in grid.items():
+        if name not in known:
+            raise PeftmergeError(f"--grid {name}: method {method.name} has no searchable parameter {name!r} "
+                                 f"(searchable: {', '.join(known) or 'none; use --strategy es'})")
+        if not values:
+            raise PeftmergeError(f"--grid {name} has no values; give e.g. {name}=0.5,1.0")
+    if not grid:
+        raise PeftmergeError(f"method {method.name} has no parameter to grid over; use --strategy es "
+                             "(per-model weights)")
+    if len(grid) > 2:
+        raise PeftmergeError(f"--grid over {len(grid)} parameters; grid one or two (use --strategy es for more)")
+    return {k: [float(v) for v in vs] for k, vs in grid.items()}
+
+
+def parse_grid(values: Sequence[str]) -> dict[str, list[float]]:
+    """``("lambda=0.5,1", "density=0.1,0.2")`` -> {name: values}."""
+    out = {}
+    for v in values or ():
+        name, sep, rest = v.partition("=")
+        try:
+            out[name.strip()] = [float(x) for x in rest.split(",") if x.strip()]
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise PeftmergeError(f"--grid {v!r} is not NAME=V1,V2,... (e.g. --grid lambda=0.5,0.8,1.0)")
+    return out
+
+
+def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = None, *, data, model: str | None = None,
+           strategy: str = "grid", grid: dict | None = None, budget: int = 40, population: int = 8,
+           sigma: float = 0.3, l1: float = 0.0, seed: int = 0, weights: Sequence[float] | None = None,
+           lam: float | None = None, density=None, gamma: float | None = None, sign: str | None = None,
+           granularity: str | None = None, rank: int | None = None, limit: int | None = 200, batch_size: int = 16,
+           max_length: int = 256, max_new_tokens: int = 32, alpha: float | None = None, force: bool = False,
+           overwrite: bool = False, progress: bool = True) -> dict:
+    """Tune ``method`` on validation ``data`` ({task: file} or NAME=FILE strings) and write the best merge."""
+    m = registry.get(method or "ties")
+    data = data if isinstance(data, dict) else parse_pairs(data, "--data")
+    if not data:
+        raise PeftmergeError("no --data; give validation splits as NAME=FILE (e.g. --data sst2=sst2/validation.jsonl)")
+    for path in data.values():
+        refuse_test_split(path, "--data")
+    if strategy not in ("grid", "es"):
+        raise PeftmergeError(f"--strategy {strategy!r} is not one of grid, es")
+    if limit is not None and limit < 1:
+        raise PeftmergeError(f"--limit {limit} must be >= 1")
+    if budget < 1 or population < 2:
+        raise PeftmergeError("--budget must be >= 1 and --population >= 2")
+    n = len(inputs)
+    fixed = {k: v for k, v in {"lambda": lam, "density": density, "gamma": gamma, "sign": sign,
+                               "granularity": granularity}.items() if v is not None}
+    m.resolve(fixed, n)  # unknown / out-of-range parameters fail before any work
+    axes = _axes(grid, m) if strategy == "grid" else {}
+    w0 = list(weights) if weights is not None else [1.0] * n
+    if len(w0) != n:
+        raise PeftmergeError(f"{len(w0)} weights for {n} inputs; give one weight per input")
+    out = atomic.check_output(out, [Path(p) for p in inputs], overwrite)
+
+    adapters = open_inputs(list(inputs), alpha=alpha, force=force)
+    plans = plan_modules(adapters, force=force)
+    base = model or next((a.base_model for a in adapters if a.base_model), None)
+    if not base:
+        raise PeftmergeError("the adapters do not name their base model; pass --model BASE")
+    metas = {a.task: read_meta(a.path) for a in adapters}
+    tasks = [load_task(t, p, limit=limit, meta=metas.get(t)) for t, p in data.items()]
+    merger = InMemoryMerge(adapters, plans, m, rank)
+    ev = Evaluator(base, adapters, plans, tasks, batch_size=batch_size, max_length=max_length,
+                   max_new_tokens=max_new_tokens)
+    individual = {}
+    for i, a in enumerate(adapters):
+        if a.task in data:
+            individual.update(ev(merger.single(i), only=a.task))
+
+    trace: list[dict] = []
+    total = budget if strategy == "es" else int(np.prod([len(v) for v in axes.values()]))
+    bar = tqdm(total=total, desc=f"search ({m.name}, {strategy})", unit="merge", disable=not progress)
+
+    def score(params: dict, w) -> float:
+        t0 = time.perf_counter()
+        deltas = merger.merged({**fixed, **params}, w)
+        t1 = time.perf_counter()
+        per_task = ev(deltas)
+        value = sum(per_task.values()) / len(per_task) - l1 * float(np.mean(np.abs(w)))
+        row = {"params": {**fixed, **params}, "weights": [round(float(x), 6) for x in w], "score": value,
+               "tasks": per_task, "seconds": {"merge": round(t1 - t0, 3),
+                                              "evaluate": round(time.perf_counter() - t1, 3)}}
+        if individual:
+            row["normalized"] = sum(per_task[t] / individual[t] for t in individual if individual[t] > 0) / \
+                max(1, sum(1 for t in individual if individual[t] > 0))
+        trace.append(row)
+        bar.update(1)
+        bar.set_postfix(best=f"{max(r['score'] for r in trace):.4f}")
+        return value
+
+    if strategy == "grid":
+        point, best_score, _ = optim.grid(lambda p: score(p, w0), axes)
+        best_params, best_w = {**fixed, **point}, w0
+    else:
+        x, best_score, _ = optim.evolve(lambda x: score({}, x), w0, sigma=sigma, population=population,
+                                        budget=budget, seed=seed)
+        best_params, best_w = dict(fixed), [float(v) for v in x]
+    bar.close()
+    best = next(r for r in trace if r["score"] == best_score)
+    result = {"method": m.name, "strategy": strategy, "base_model": base, "objective":
+              "mean over tasks of accuracy (ROUGE-L for free text)" + (f" - {l1} * mean|w|" if l1 else ""),
+              "data": {t.name: {"path": str(t.path), "rows": len(t.rows)} for t in tasks},
+              "individual": individual, "best": best, "trace": trace,
+              "settings": {"budget": budget, "population": population, "sigma": sigma, "seed": seed, "l1": l1,
+                           "limit": limit, "grid": axes, "rank": rank}}
+
+    with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
+        p = best_params
+        report = combine(list(inputs), tmp, m.name, weights=best_w, lam=p.get("lambda"), density=p.get("density"),
+                         gamma=p.get("gamma"), sign=p.get("sign"), granularity=p.get("granularity"), rank=rank,
+                         alpha=alpha, force=force, overwrite=True, progress=False)
+        result["merge"] = {k: report[k] for k in ("method", "params", "weights", "rank")}
+        (tmp / "search.json").write_text(json.dumps(result, indent=2))
+        plot_trace(result, tmp / "search_trace.png")
+        recipe = {**result["merge"], "search": {k: result[k] for k in ("strategy", "objective", "data")}}
+        write_card(tmp, kind="merged-adapter", base_model=base, recipe=recipe,
+                   results={t: {"validation": v} for t, v in best["tasks"].items()},
+                   title=f"{m.name} merge of {', '.join(a.task for a in adapters)} (searched)")
+    return result
+
+
+def plot_trace(result: dict, path: Path) -> None:
+    """Grid: score against the parameter (1-D) or a heatmap (2-D); ES: score per evaluation and best so far."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trace, axes = result["trace"], result["settings"]["grid"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if result["strategy"] == "grid" and len(axes) == 1:
+        (name, values), = axes.items()
+        ax.plot(values, [r["score"] for r in trace], marker="o")
+        ax.set_xlabel(name)
+    elif result["strategy"] == "grid":
+        (n1, v1), (n2, v2) = axes.items()
+        grid = np.array([r["score"] for r in trace]).reshape(len(v1), len(v2))
+        im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(v2)), [f"{v:g}" for v in v2])
+        ax.set_yticks(range(len(v1)), [f"{v:g}" for v in v1])
+        ax.set_xlabel(n2)
+        ax.set_ylabel(n1)
+        fig.colorbar(im)
+    else:
+        scores = [r["score"] for r in trace]
+        ax.scatter(range(len(scores)), scores, s=12, label="candidate")
+        ax.plot(np.maximum.accumulate(scores), color="k", label="best so far")
+        ax.set_xlabel("evaluation")
+        ax.legend()
+    ax.set_title(f"{result['method']} search: validation score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
