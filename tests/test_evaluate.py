@@ -47,19 +47,11 @@ def _manual_head(base, adapter, rows, labels, head_task=None):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from peftmerge.io.heads import load_head
+    from peftmerge.io.heads import load_merged
 
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels))
-    if head_task:  # PeftModel.from_pretrained refuses a merged folder (heads live in heads/): build it by hand
-        from peft import PeftConfig
-        from safetensors.torch import load_file
-
-        model = PeftModel(model, PeftConfig.from_pretrained(str(adapter)))
-        result = model.load_state_dict({k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
-                                        : v for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()},
-                                       strict=False)
-        assert not result.unexpected_keys
-        load_head(model, adapter, head_task)
+    if head_task:  # a merged folder: heads of different sizes, one per task in heads/
+        model = load_merged(model, adapter, head_task)
     else:
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()

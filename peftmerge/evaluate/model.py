@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PeftmergeError
-from ..io.heads import head_tasks, load_head
+from ..io.heads import head_tasks, load_head, load_merged
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +62,6 @@ def load_tokenizer(base: str):
     return tok
 
 
-def _merged_with_head(model, adapter: str | Path, task: str):
-    """A PeftModel of a merged adapter with ``task``'s head.
-
-    ``PeftModel.from_pretrained`` cannot load a merged classification adapter by itself (peft 0.21 raises
-    KeyError: its config lists ``modules_to_save`` whose tensors live in ``heads/``), so the LoRA tensors
-    and the task's head are loaded together.
-    """
-    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    heads = head_tasks(adapter)
-    config = PeftConfig.from_pretrained(str(adapter))
-    config.inference_mode = True
-    peft_model = PeftModel(model, config)
-    state = load_file(str(Path(adapter) / "adapter_model.safetensors"))
-    state.update(load_file(str(Path(adapter) / heads[task])))
-    result = set_peft_model_state_dict(peft_model, state)
-    if result.unexpected_keys:
-        raise PeftmergeError(f"{adapter}: tensors {result.unexpected_keys[:3]} do not fit {task}'s model; "
-                             "evaluate it on the base model the adapters were trained on")
-    return peft_model
-
-
 def load_model(base: str, kind: str, num_labels: int | None = None, adapter: str | Path | None = None,
                head_task: str | None = None):
     """``kind``: "causal" or "seqcls". The adapter (if any) is applied with PEFT; eval mode, float32.
@@ -103,7 +80,7 @@ def load_model(base: str, kind: str, num_labels: int | None = None, adapter: str
     except (OSError, ValueError) as e:
         raise PeftmergeError(f"{base}: cannot load it as a {kind} model ({str(e).splitlines()[0]})") from None
     if adapter is not None and head_task is not None:
-        return _merged_with_head(model, adapter, head_task).eval()
+        return load_merged(model, adapter, head_task).eval()
     if adapter is not None:
         from peft import PeftModel
 

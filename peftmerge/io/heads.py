@@ -3,8 +3,10 @@
 A merge of classification adapters merges the LoRA task vectors and keeps every input's head, so each
 task is evaluated with its own head (the protocol of the TIES and PCB papers)::
 
-    model = PeftModel.from_pretrained(base, "merged/")   # carries the first input's head by default
-    load_head(model, "merged/", "agnews")    # now the agnews classifier sits on the merged encoder
+    model = load_merged(base, "merged/", "agnews")   # the merged LoRA with agnews' classifier
+
+``PeftModel.from_pretrained(base, "merged/")`` also works: it carries the first input's head.
+``load_head`` switches a loaded model to another task's head of the same shape.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from peft import set_peft_model_state_dict
+from peft import PeftConfig, PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ..errors import PeftmergeError
@@ -37,3 +39,26 @@ def load_head(model, folder: str | Path, task: str, adapter_name: str = "default
     if missing:
         raise PeftmergeError(f"{folder}: head tensors {missing} do not fit this model; load it on the base model "
                              "the adapters were trained on")
+
+
+def load_merged(base_model, folder: str | Path, task: str | None = None, adapter_name: str = "default"):
+    """``PeftModel`` of the merged adapter ``folder`` on ``base_model`` with ``task``'s head.
+
+    Works when the tasks' heads differ in shape (e.g. 2 vs 4 labels): the LoRA tensors and that task's
+    head are loaded together, so the first input's default head is never forced onto the model.
+    """
+    heads = head_tasks(folder)
+    if task is None or not heads:
+        return PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name)
+    if task not in heads:
+        raise PeftmergeError(f"{folder}: no head for task {task!r}; it has heads for: {', '.join(heads)}")
+    config = PeftConfig.from_pretrained(str(folder))
+    config.inference_mode = True
+    model = PeftModel(base_model, config, adapter_name=adapter_name)
+    state = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    state.update(load_file(str(Path(folder) / heads[task])))
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    if result.unexpected_keys:
+        raise PeftmergeError(f"{folder}: tensors {result.unexpected_keys[:3]} do not fit this model; load it on the "
+                             "base model the adapters were trained on")
+    return model
