@@ -1,8 +1,8 @@
 """Prompts for label-word scoring, in-context demonstrations and instruction following.
 
 A task ``template`` (from the adapter's ``peftmerge.json``) is a ``str.format`` string over a row's
-fields (``text``, ``text_pair``, ``instruction``, ``input``, ...) and ``{choices}`` (the label words joined
-by ", "). If it contains ``{label}``, the prompt is the part before it; otherwise the whole template is the
+fields (``text``, ``text_pair``, ``instruction``, ``input``, ...), ``{choices}`` / ``{labels}`` (the label
+words joined by ", ") and ``{task}`` (the task name), as ``peftmerge train`` writes them. If it contains ``{label}``, the prompt is the part before it; otherwise the whole template is the
 prompt and the label word follows it (after a space unless the prompt ends with whitespace).
 """
 
@@ -23,7 +23,8 @@ def default_template(task: Task) -> str:
 
 def _fields(task: Task, row: dict) -> _Fields:
     f = _Fields({k: "" if v is None else str(v) for k, v in row.items()})
-    f["choices"] = ", ".join(task.labels or [])
+    f["choices"] = f["labels"] = ", ".join(task.labels or [])
+    f["task"] = task.meta.get("task", task.name)
     if task.kind == "generate":
         inp = f.get("input", "")
         f["ctx"] = ", paired with an input that provides further context" if inp else ""
