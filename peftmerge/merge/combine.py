@@ -89,6 +89,15 @@ def merge_dense(merged: torch.Tensor, rank: int, generator: torch.Generator):
     return a, b, err
 
 
+def _refuse_checkpoints(inputs) -> None:
+    from ..io.checkpoint import is_checkpoint
+
+    for p in inputs:
+        if is_checkpoint(p):
+            raise PeftmergeError(f"{p}: a full model checkpoint, not a LoRA adapter; to merge full models pass "
+                                 "--base BASE (the model they were fine-tuned from) to write a full merged model")
+
+
 def _resolve_recipe(inputs, method, weights, params, rank, dtype, config) -> Recipe:
     recipe = load_recipe(config) if config else Recipe(inputs=[])
     if config and inputs:
@@ -119,6 +128,8 @@ def combine(
     dtype: str | None = None,
     alpha: float | None = None,
     config: str | Path | None = None,
+    base: str | Path | None = None,
+    shard_size: str | int | None = None,
     overwrite: bool = False,
     force: bool = False,
     progress: bool = True,
@@ -127,6 +138,8 @@ def combine(
 
     ``method`` defaults to ``ties``; every hyperparameter left ``None`` takes the method's (paper's)
     default, shown by ``peftmerge methods``. ``config`` reads a mergekit-style YAML recipe.
+    With ``base`` (or ``base_model`` in the recipe) the output is a full merged model instead, and inputs
+    may also be full fine-tuned checkpoints of it (see :mod:`peftmerge.merge.full_model`).
     """
     given = {"lambda": lam, "density": density, "gamma": gamma, "sign": sign, "granularity": granularity,
              "seed": seed}
@@ -144,6 +157,15 @@ def combine(
         raise PeftmergeError(f"rank {recipe.rank} must be a positive integer")
     out_dtype = _dtype(recipe.dtype)
     out = atomic.check_output(out, [Path(p) for p in recipe.inputs], overwrite)
+    if base or recipe.base:
+        from .full_model import combine_full
+
+        return combine_full(recipe, m, params, w, base=base or recipe.base, out=out, shard_size=shard_size,
+                            dtype=out_dtype if recipe.dtype else None, alpha=alpha, overwrite=overwrite,
+                            force=force, progress=progress)
+    if shard_size is not None:
+        raise PeftmergeError("--shard-size applies to full merged models; pass --base BASE or drop it")
+    _refuse_checkpoints(recipe.inputs)
 
     adapters = open_inputs(recipe.inputs, alpha=alpha, force=force)
     plans = plan_modules(adapters, force=force)
