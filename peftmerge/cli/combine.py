@@ -50,7 +50,7 @@ def combine_command(inputs, out, method, weights, lam, density, gamma, sign, gra
     if report.get("kind") == "merged-model":
         click.echo(f"{report['method']}: merged {len(report['inputs'])} inputs onto {report['base_model']} "
                    f"({report['tensors_merged']} tensors merged, {report['tensors_copied']} copied, "
-                   f"{report["bytes_written"] / 1e6:.1f} MB in {len(report['shards'])} shard(s)) into {out} "
+                   f"{report['bytes_written'] / 1e6:.1f} MB in {len(report['shards'])} shard(s)) into {out} "
                    f"in {report['seconds']:.1f} s")
     else:
         click.echo(f"{report['method']}: merged {len(report['inputs'])} adapters over {report['modules']} modules "
