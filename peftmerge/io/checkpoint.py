@@ -82,22 +82,23 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def raw(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` in its stored dtype (a fresh tensor that owns its memory)."""
+    def raw(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name`` in its stored dtype: a fresh tensor, or read into ``out`` (a uint8 buffer that is
+        at least as large) and returned as a view of it, so a caller can reuse one buffer for every tensor."""
         info = self.tensors[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        buf = bytearray(info.nbytes)
-        view, done = memoryview(buf), 0
+        buf = torch.empty(info.nbytes, dtype=torch.uint8) if out is None else out[:info.nbytes]
+        view, done = memoryview(buf.numpy()), 0
         while done < info.nbytes:  # pread may return short reads on huge ranges
             got = os.preadv(fd, [view[done:]], info.start + done)
             if got == 0:
                 raise PeftmergeError(f"{info.file}: truncated while reading tensor {name!r}; re-download or re-save it")
             done += got
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return buf.view(info.dtype).view(info.shape)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from ..errors import PeftmergeError
 from ..io import atomic
 from ..io.adapter import LoraAdapter
-from ..io.adapter_writer import write_adapter
 from . import lowrank, ops, registry
 from .plan import ModulePlan, open_inputs, plan_modules
 from .recipe import Recipe, load_recipe
@@ -202,6 +201,8 @@ def combine(
         "relative_error_max": max(errors), "seconds": round(time.perf_counter() - start, 3),
         "per_module": rows,
     }
+    from ..io.adapter_writer import write_adapter  # imports peft: only needed here
+
     with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
         write_adapter(tmp, tensors, adapters, report)
     return report
