@@ -35,7 +35,7 @@ def model_config(args):
     return LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                        num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
                        vocab_size=args.vocab, max_position_embeddings=2048, tie_word_embeddings=False,
-                       dtype="bfloat16")
+                       dtype="bfloat16", architectures=["LlamaForCausalLM"])
 
 
 def generate(args, work: Path) -> list[Path]:
