@@ -239,3 +239,16 @@ def test_nan_in_a_fine_tune_is_refused(tmp_path, base, fine_tunes):
     with pytest.raises(PeftmergeError, match="bad: tensor model.layers.0.mlp.up_proj.weight contains NaN"):
         combine([fine_tunes[0], bad], tmp_path / "out", "task_arithmetic", base=base, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_recipe_with_base_model_writes_a_full_model(tmp_path, base, fine_tunes):
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "ties", "base_model": str(base), "parameters": {"density": 0.4},
+        "models": [{"model": str(f), "parameters": {"weight": 1.0}} for f in fine_tunes]}))
+    combine(out=tmp_path / "from-recipe", config=recipe, progress=False)
+    combine(fine_tunes, tmp_path / "direct", "ties", density=0.4, base=base, progress=False)
+    a, b = state(tmp_path / "from-recipe"), state(tmp_path / "direct")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
