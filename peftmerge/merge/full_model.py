@@ -161,13 +161,17 @@ def merge_tensor(name: str, w0_raw: torch.Tensor, raws: list, sources: list[Sour
     """W0 + merged task vectors of one tensor, in float32 (may be a workspace buffer)."""
     w0 = ws.get("w0", w0_raw.shape).copy_(w0_raw)
     module = name.removesuffix(".weight")
-    if method.linear:  # sum_i c_i dW_i, one input at a time (no stack)
+    if method.linear:  # W0 + sum_i c_i dW_i = W0 (1 - sum_full c_i) + sum_full c_i theta_i + sum_lora c_i dW_i
+        coeffs = method.coefficients(weights, params).tolist()
+        full = sum(c for c, src in zip(coeffs, sources) if src.checkpoint is not None)
         out, tmp = ws.get("out", w0.shape).copy_(w0), ws.get("tmp", w0.shape)
-        for c, src, raw in zip(method.coefficients(weights, params).tolist(), sources, raws):
+        if full != 0.0:  # one input at a time, no stack: two passes per input instead of three
+            out.mul_(1.0 - full)
+        for c, src, raw in zip(coeffs, sources, raws):
             if c == 0.0:
                 continue
             if src.checkpoint is not None:
-                out.add_(tmp.copy_(raw).sub_(w0), alpha=c)
+                out.add_(tmp.copy_(raw), alpha=c)
             elif name in src.targets:
                 out.add_(src.task_vector(name, w0, raw), alpha=c)
         return out
