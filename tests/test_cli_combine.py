@@ -180,12 +180,12 @@ def test_inputs_are_not_modified(two, tmp_path):
 
 
 def test_interrupted_merge_leaves_nothing(two, tmp_path, monkeypatch):
-    from peftmerge.merge import combine as combine_mod
+    from peftmerge.io import adapter_writer
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(combine_mod, "write_adapter", boom)
+    monkeypatch.setattr(adapter_writer, "write_adapter", boom)
     out = tmp_path / "out"
     r = invoke("combine", *two, "-o", out)
     assert r.exit_code == 130 and not out.exists()

@@ -27,20 +27,34 @@ from .push import maybe_push, push_to_hub_option
               help="Output dtype (computation is float32).")
 @click.option("--alpha", type=float, default=None, help="lora_alpha of inputs that have no adapter_config.json.")
 @click.option("--config", type=click.Path(), default=None, help="A mergekit-style YAML recipe.")
+@click.option("--base", default=None, help="Base model folder: write a full merged model (inputs may be "
+              "LoRA adapters or full fine-tuned checkpoints of it).")
+@click.option("--shard-size", default=None, help="Full models: largest shard file (default 5GB; e.g. 500MB).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--force", is_flag=True, help="Merge adapters of different base models / with no module in common.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
 @push_to_hub_option
 @debug_option
 def combine_command(inputs, out, method, weights, lam, density, gamma, sign, granularity, rank, seed, dtype,
-                    alpha, config, overwrite, force, quiet, push_to_hub):
-    """Merge LoRA adapters INPUT... (folders, .safetensors files or Hub ids) into one adapter in OUT."""
+                    alpha, config, base, shard_size, overwrite, force, quiet, push_to_hub):
+    """Merge LoRA adapters INPUT... (folders, .safetensors files or Hub ids) into one adapter in OUT.
+
+    With --base BASE, write a full merged model instead; INPUT... may then also be full fine-tuned
+    checkpoints of BASE."""
     from ..merge.combine import combine
 
     report = combine(list(inputs), out, method, weights=parse_floats(weights, "--weights"), lam=lam,
                      density=density, gamma=gamma, sign=sign, granularity=granularity, seed=seed, rank=rank,
-                     dtype=dtype, alpha=alpha, config=config, overwrite=overwrite, force=force, progress=not quiet)
-    if not quiet:
+                     dtype=dtype, alpha=alpha, config=config, base=base, shard_size=shard_size, overwrite=overwrite,
+                     force=force, progress=not quiet)
+    if quiet:
+        pass
+    elif report.get("kind") == "merged-model":
+        click.echo(f"{report['method']}: merged {len(report['inputs'])} inputs onto {report['base_model']} "
+                   f"({report['tensors_merged']} tensors merged, {report['tensors_copied']} copied, "
+                   f"{report['bytes_written'] / 1e6:.1f} MB in {len(report['shards'])} shard(s)) into {out} "
+                   f"in {report['seconds']:.1f} s")
+    else:
         click.echo(f"{report['method']}: merged {len(report['inputs'])} adapters over {report['modules']} modules "
                    f"into {out} (relative error mean {report['relative_error_mean']:.2e}, "
                    f"max {report['relative_error_max']:.2e}; params {json.dumps(report['params'])})")

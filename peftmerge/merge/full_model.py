@@ -1,0 +1,318 @@
+"""Full merged models: every weight becomes W0 + merged(task vectors), streamed one tensor at a time.
+
+Inputs are LoRA adapters of BASE (task vector dW = s B A of each adapted module, transposed for
+embeddings and ``fan_in_fan_out`` Conv1D so it has the weight's layout) or full fine-tuned checkpoints
+of BASE (task vector theta_i - theta_0 of every floating tensor, as mergekit does), in any mix. For each
+tensor of BASE, in storage order:
+
+    merged  = method(dW_1, ..., dW_n)     # float32; linear methods as sum_i c_i dW_i without a stack
+    W       = W0 + merged                 # written in --dtype (default: the tensor's own dtype)
+
+tensors no input changes are copied. Memory: one tensor from each input (plus the next one, read ahead
+on a background thread while this one is merged); the output goes straight to its shard file.
+Sparsifying methods act on the tensor as stored (rows are the weight's rows); DARE masks are seeded
+with the module name as in the adapter path, so on Linear modules a full merge of LoRA inputs equals
+``merge_and_unload`` of the merged adapter (at full rank).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..card import write_card
+from ..errors import PeftmergeError
+from ..io import atomic
+from ..io.adapter import LoraAdapter
+from ..io.checkpoint import Checkpoint, is_checkpoint
+from ..io.hub import resolve
+from ..io.model_writer import ShardedWriter, Slot, copy_model_files, parse_size
+from . import ops, registry
+from .combine import _module_generator, _sha256  # one seeding rule for adapters and models
+from .plan import open_inputs
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+def _resolve(ref: str | Path) -> Path:
+    """A local model folder, or a Hub id resolved through the cache (``HF_HUB_OFFLINE`` honoured)."""
+    path = resolve(ref)
+    if not path.exists():
+        raise PeftmergeError(f"{ref}: no such model folder; pass a local folder with config.json and "
+                             "model*.safetensors")
+    return path
+
+
+@dataclass
+class Source:
+    """One input of a full merge: a LoRA adapter or a full fine-tuned checkpoint of BASE."""
+
+    path: Path
+    task: str
+    adapter: LoraAdapter | None = None
+    checkpoint: Checkpoint | None = None
+    targets: dict[str, tuple[str, bool]] = field(default_factory=dict)  # tensor -> (module, transpose)
+
+    def changes(self, name: str, base: Checkpoint) -> bool:
+        if self.adapter is not None:
+            return name in self.targets
+        return base.tensors[name].dtype.is_floating_point
+
+    def task_vector(self, name: str, w0: torch.Tensor, raw: torch.Tensor | None) -> torch.Tensor | None:
+        """This input's task vector for tensor ``name`` (float32, the weight's layout), or None if zero."""
+        if self.adapter is not None:
+            if name not in self.targets:
+                return None
+            module, transpose = self.targets[name]
+            delta = self.adapter.delta(module)
+            return delta.T if transpose else delta
+        return torch.sub(raw, w0, out=torch.empty_like(w0))
+
+
+def _lora_targets(adapter: LoraAdapter, base: Checkpoint) -> dict[str, tuple[str, bool]]:
+    """Map each adapted module to BASE's weight tensor; the layouts must agree."""
+    if adapter.head_keys:
+        raise PeftmergeError(f"{adapter.path}: has modules_to_save tensors ({adapter.head_keys[0]}, ...); a full "
+                             "merged model has no place for per-task heads, merge into an adapter instead (no --base)")
+    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
+    targets = {}
+    for module, m in adapter.modules.items():
+        name = f"{module}.weight"
+        info = base.tensors.get(name)
+        if info is None:
+            raise PeftmergeError(f"{adapter.path}: adapts {module}, but the base model {base.path} has no tensor "
+                                 f"{name}; pass the base model this adapter was trained on")
+        transpose = m.kind == "embedding" or fan_in_fan_out
+        shape = (m.d_in, m.d_out) if transpose else (m.d_out, m.d_in)
+        if tuple(info.shape) != shape:
+            raise PeftmergeError(f"{adapter.path}: module {module} has an update of shape {list(shape)} but the base "
+                                 f"model's {name} is {list(info.shape)}; pass the base model it was trained on")
+        targets[name] = (module, transpose)
+    return targets
+
+
+def open_sources(inputs: list[str], base: Checkpoint, alpha: float | None, force: bool) -> list[Source]:
+    """Open every input as a LoRA adapter or a full checkpoint of ``base`` (shapes checked)."""
+    paths = [_resolve(p) for p in inputs]
+    is_full = [is_checkpoint(p) for p in paths]
+    lora = open_inputs([p for p, f in zip(paths, is_full) if not f], alpha=alpha, force=force) \
+        if not all(is_full) else []
+    sources, it = [], iter(lora)
+    for path, full in zip(paths, is_full):
+        if not full:
+            a = next(it)
+            sources.append(Source(path, a.task, adapter=a, targets=_lora_targets(a, base)))
+            continue
+        ck = Checkpoint(path)
+        for name, info in base.tensors.items():
+            other = ck.tensors.get(name)
+            if other is None:
+                raise PeftmergeError(f"{path}: has no tensor {name} (the base model {base.path} has); "
+                                     "pass fine-tunes of this base model")
+            if other.shape != info.shape:
+                raise PeftmergeError(f"{path}: tensor {name} has shape {list(other.shape)} but the base model's is "
+                                     f"{list(info.shape)}; pass fine-tunes of this base model")
+        extra = set(ck.tensors) - set(base.tensors)
+        if extra:
+            log.warning("%s: %d tensor(s) not in the base model are ignored (e.g. %s)", path, len(extra), min(extra))
+        sources.append(Source(path, path.resolve().name, checkpoint=ck))
+    return sources
+
+
+class Workspace:
+    """Flat buffers reused for every tensor. A fresh allocation per tensor costs as much as the math:
+    the kernel faults in each new page, so on two cores buffers reused tensor after tensor halve the time."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def get(self, key, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def raw(self, key, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        info = ckpt.tensors[name]
+        return ckpt.raw(name, out=self.get(key, (info.nbytes,), torch.uint8))
+
+
+def _read(name: str, base: Checkpoint, sources: list[Source], changed: bool, ws: Workspace, slot: int):
+    """The raw tensors of ``name`` (into buffer set ``slot``): BASE's, and each full checkpoint's if merged."""
+    w0 = ws.raw(("raw", slot, -1), base, name)
+    raws = [ws.raw(("raw", slot, i), s.checkpoint, name) if (changed and s.checkpoint is not None) else None
+            for i, s in enumerate(sources)]
+    return w0, raws
+
+
+def merge_tensor(name: str, w0_raw: torch.Tensor, raws: list, sources: list[Source], method: registry.Method,
+                 weights: torch.Tensor, params: dict, thresholds, ws: Workspace) -> torch.Tensor:
+    """W0 + merged task vectors of one tensor, in float32 (may be a workspace buffer)."""
+    w0 = ws.get("w0", w0_raw.shape).copy_(w0_raw)
+    module = name.removesuffix(".weight")
+    if method.linear:  # W0 + sum_i c_i dW_i = W0 (1 - sum_full c_i) + sum_full c_i theta_i + sum_lora c_i dW_i
+        coeffs = method.coefficients(weights, params).tolist()
+        full = sum(c for c, src in zip(coeffs, sources) if src.checkpoint is not None)
+        out, tmp = ws.get("out", w0.shape).copy_(w0), ws.get("tmp", w0.shape)
+        if full != 0.0:  # one input at a time, no stack: two passes per input instead of three
+            out.mul_(1.0 - full)
+        for c, src, raw in zip(coeffs, sources, raws):
+            if c == 0.0:
+                continue
+            if src.checkpoint is not None:
+                out.add_(tmp.copy_(raw), alpha=c)
+            elif name in src.targets:
+                out.add_(src.task_vector(name, w0, raw), alpha=c)
+        return out
+    deltas = stacked(name, w0, raws, sources, ws.get("stack", (len(sources), *w0.shape)))
+    ctx = registry.Context(module, _module_generator(params.get("seed", 0), module), thresholds)
+    return method.merge(deltas, weights, params, ctx).add_(w0)
+
+
+def stacked(name: str, w0: torch.Tensor, raws: list, sources: list[Source], out: torch.Tensor | None = None):
+    """(n, *shape) task vectors of one tensor, zeros where an input does not change it."""
+    deltas = torch.empty(len(sources), *w0.shape) if out is None else out
+    for i, (src, raw) in enumerate(zip(sources, raws)):
+        if src.checkpoint is not None:
+            deltas[i].copy_(raw).sub_(w0)
+        elif name in src.targets:
+            deltas[i].copy_(src.task_vector(name, w0, raw))
+        else:
+            deltas[i].zero_()
+    return deltas
+
+
+def _check_finite(name: str, out: torch.Tensor, raws: list, sources: list[Source], dtype: torch.dtype) -> None:
+    """One fast pass (min and max propagate NaN); the slow search for the culprit only on failure."""
+    if out.numel() == 0:
+        return
+    lo, hi = torch.aminmax(out)
+    limit = torch.finfo(dtype).max
+    if math.isfinite(lo) and math.isfinite(hi) and max(-float(lo), float(hi)) <= limit:
+        return
+    for src, raw in zip(sources, raws):
+        if raw is not None and not torch.isfinite(raw).all():
+            raise PeftmergeError(f"{src.path}: tensor {name} contains NaN or Inf; this checkpoint is broken, drop it")
+    raise PeftmergeError(f"merged tensor {name} is not finite in {str(dtype)[6:]} (NaN/Inf in an input or overflow); "
+                         "check the inputs or write with --dtype float32")
+
+
+def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights: list[float], *, base: str | Path,
+                 out: Path, shard_size: str | int | None = None, dtype: torch.dtype | None = None,
+                 alpha: float | None = None, overwrite: bool = False, force: bool = False,
+                 progress: bool = True) -> dict:
+    """Merge ``recipe.inputs`` (LoRA adapters and/or full checkpoints) onto ``base``; write a model to ``out``."""
+    if recipe.rank is not None:
+        raise PeftmergeError("--rank applies to adapter outputs; a full merged model (--base) has no rank")
+    if method.exact_concat:
+        raise PeftmergeError(f"{method.name} concatenates LoRA factors and has no full-model form; "
+                             "use --method task_arithmetic (the same weighted sum) with --base")
+    size = parse_size(shard_size or DEFAULT_SHARD_SIZE)
+    base_path = _resolve(base)
+    if not is_checkpoint(base_path):
+        raise PeftmergeError(f"{base_path}: not a full model folder (config.json + model*.safetensors); "
+                             "--base takes the base model, not an adapter")
+    atomic.check_output(out, [base_path] + [Path(p) for p in recipe.inputs], overwrite)
+    ckpt = Checkpoint(base_path)
+    sources = open_sources(recipe.inputs, ckpt, alpha, force)
+    weights_t = torch.tensor(weights, dtype=torch.float32)
+    names = ckpt.names()
+    changed = {n: any(s.changes(n, ckpt) for s in sources) for n in names}
+    if not any(changed.values()):
+        raise PeftmergeError("no input changes any tensor of the base model; check the inputs")
+    slots = [Slot(n, dtype if (dtype is not None and ckpt.tensors[n].dtype.is_floating_point)
+                  else ckpt.tensors[n].dtype, ckpt.tensors[n].shape) for n in names]
+
+    ws = Workspace()
+    thresholds = None
+    if params.get("granularity") == "global":
+        merged_names = [n for n in names if changed[n]]
+        thresholds = ops.global_thresholds(
+            lambda: (stacked(n, *_prepared(n, ckpt, sources, ws)) for n in merged_names), len(sources),
+            params["density"])
+
+    start = time.perf_counter()
+    bar = tqdm(total=sum(s.nbytes for s in slots), unit="B", unit_scale=True, desc=f"merge ({method.name})",
+               disable=not progress)
+    pool = ThreadPoolExecutor(max_workers=1)  # reads the next tensor while this one is merged
+    try:
+        with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
+            writer = ShardedWriter(tmp, slots, size)
+            try:
+                pending = pool.submit(_read, names[0], ckpt, sources, changed[names[0]], ws, 0)
+                for k, slot in enumerate(slots):
+                    w0, raws = pending.result()
+                    if k + 1 < len(names):  # double buffered: the next read fills the other buffer set
+                        pending = pool.submit(_read, names[k + 1], ckpt, sources, changed[names[k + 1]], ws,
+                                              (k + 1) % 2)
+                    if changed[slot.name]:
+                        merged = merge_tensor(slot.name, w0, raws, sources, method, weights_t, params, thresholds, ws)
+                        _check_finite(slot.name, merged, raws, sources, slot.dtype)
+                        result = ws.get("cast", merged.shape, slot.dtype).copy_(merged)
+                        del merged
+                    elif w0.dtype != slot.dtype:
+                        result = w0.to(slot.dtype)
+                    else:
+                        result = w0
+                    writer.write(slot.name, result)
+                    del w0, raws, result
+                    bar.update(slot.nbytes)
+                    bar.set_postfix_str(f"{k + 1}/{len(slots)} tensors", refresh=False)
+                writer.close()
+            finally:
+                writer.abort()
+            report = _report(recipe, method, params, weights, base, sources, changed, writer, slots, dtype, start)
+            copy_model_files(base_path, tmp, dtype)
+            _write_metadata(tmp, report, base)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        ckpt.close()
+        for s in sources:
+            if s.checkpoint is not None:
+                s.checkpoint.close()
+    return report
+
+
+def _prepared(name: str, ckpt: Checkpoint, sources: list[Source], ws: Workspace):
+    w0, raws = _read(name, ckpt, sources, True, ws, 0)
+    return name, w0.float(), raws, sources
+
+
+def _report(recipe, method, params, weights, base, sources, changed, writer, slots, dtype, start) -> dict:
+    inputs = []
+    for s in sources:
+        if s.adapter is not None:
+            inputs.append({"path": str(s.path), "kind": "lora", "task": s.task, "sha256": _sha256(s.adapter.file.path)})
+        else:  # hashing whole checkpoints would cost more than the merge; sizes identify the files
+            inputs.append({"path": str(s.path), "kind": "full", "task": s.task, "bytes": s.checkpoint.nbytes})
+    merged = [n for n, c in changed.items() if c]
+    return {
+        "kind": "merged-model", "method": method.name, "params": params, "weights": weights, "base_model": str(base),
+        "dtype": str(dtype)[6:] if dtype is not None else "as base", "inputs": inputs,
+        "tensors_merged": len(merged), "tensors_copied": len(changed) - len(merged),
+        "bytes_written": sum(s.nbytes for s in slots), "shards": writer.files,
+        "seconds": round(time.perf_counter() - start, 3), "merged_tensors": merged,
+    }
+
+
+def _write_metadata(folder: Path, report: dict, base) -> None:
+    (folder / "merge_report.json").write_text(json.dumps(report, indent=2))
+    tasks = [i["task"] for i in report["inputs"]]
+    (folder / "peftmerge.json").write_text(json.dumps({"kind": "merged-model", "tasks": tasks,
+                                                       "base_model": str(base)}, indent=2))
+    recipe = {k: report[k] for k in ("method", "params", "weights", "dtype")}
+    recipe["inputs"] = [{k: v for k, v in i.items() if k != "task"} for i in report["inputs"]]
+    write_card(folder, kind="merged-model", base_model=str(base), recipe=recipe,
+               title=f"{report['method']} merge of {', '.join(tasks)}")
