@@ -176,3 +176,11 @@ def test_registry_lists_methods_and_rejects_unknown():
 def test_parameters_are_checked(given, match):
     with pytest.raises(PeftmergeError, match=match):
         registry.get("ties").resolve(given, 2)
+
+
+def test_magnitude_mask_keeps_exactly_k_with_ties():
+    # bf16-like data: many equal magnitudes at the threshold; keep exactly int(density * n), lowest index first
+    x = torch.tensor([[3.0, 1.0, -1.0, 1.0, 2.0, -1.0, 0.5, 1.0, 0.0, 4.0]])
+    mask = ops.magnitude_mask(x, 0.5)
+    assert int(mask.sum()) == 5
+    assert mask[0].tolist() == [True, True, True, False, True, False, False, False, False, True]

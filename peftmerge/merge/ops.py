@@ -47,7 +47,8 @@ def _kth_largest(x: Tensor, k: int) -> Tensor:
 def magnitude_mask(deltas: Tensor, density: float | Sequence[float], thresholds: Tensor | None = None) -> Tensor:
     """Keep the top ``density`` fraction of each task vector by magnitude (TIES' "trim").
 
-    Per tensor, ``k = int(density * numel)`` entries are kept (PEFT's ``magnitude_based_pruning``).
+    Per tensor, exactly ``k = int(density * numel)`` entries are kept (PEFT's ``magnitude_based_pruning``);
+    entries tied at the k-th magnitude (common in bf16) are kept in index order up to k, deterministically.
     With ``thresholds`` (one per input, from :func:`global_thresholds`) keep ``|x| >= t_i`` instead.
     """
     n = deltas.shape[0]
@@ -62,8 +63,17 @@ def magnitude_mask(deltas: Tensor, density: float | Sequence[float], thresholds:
         if k >= mags.numel():
             mask[i] = True
         elif k > 0:
-            torch.ge(mags, _kth_largest(mags, k), out=mask[i])
+            _top_k(mags, k, mask[i])
     return mask.reshape(deltas.shape)
+
+
+def _top_k(mags: Tensor, k: int, out: Tensor) -> None:
+    """``out`` = mask of exactly the k largest ``mags``; ties at the threshold go to the lowest indices."""
+    t = _kth_largest(mags, k)
+    torch.gt(mags, t, out=out)
+    need = k - int(torch.count_nonzero(out))
+    if need > 0:
+        out[torch.nonzero(mags == t).squeeze(1)[:need]] = True
 
 
 def bernoulli_mask(deltas: Tensor, density: float | Sequence[float], generator: torch.Generator | None) -> Tensor:
