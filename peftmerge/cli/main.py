@@ -16,6 +16,10 @@ def main() -> None:
 
 
 # Commands (one line each; keep sorted).
+from .train import train, train_many  # noqa: E402
+
+main.add_command(train)
+main.add_command(train_many)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
