@@ -39,6 +39,8 @@ class TrainResult:
     meta: dict
     model: Any = None
     tokenizer: Any = None
+    history: list = dataclasses.field(default_factory=list)
+    """The Trainer's log history (training loss per logging step, evaluations)."""
 
     @property
     def metrics(self) -> dict:
@@ -148,7 +150,7 @@ def train(config: TrainConfig) -> TrainResult:
     if not config.keep_checkpoints:
         shutil.rmtree(config.checkpoints, ignore_errors=True)
     log.info("wrote %s (%s)", out, ", ".join(f"{k}={v:.4g}" for k, v in meta["metrics"].items()))
-    return TrainResult(out=out, meta=meta, model=model, tokenizer=tokenizer)
+    return TrainResult(out=out, meta=meta, model=model, tokenizer=tokenizer, history=trainer.state.log_history)
 
 
 def read_tasks(yaml_path: str | Path) -> list[TrainConfig]:

@@ -65,6 +65,7 @@ def training_args(config, has_eval: bool, shape: str):
         remove_unused_columns=False,
         label_names=["labels"],  # PEFT wrappers hide the forward signature Trainer would read it from
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     # transformers 5 takes a warmup ratio as a float below 1 in warmup_steps; 4.x has warmup_ratio.
     import inspect
