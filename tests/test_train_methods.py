@@ -139,3 +139,31 @@ def test_bitfit_refuses_a_model_without_biases(tmp_path):
     with pytest.raises(Exception, match="bitfit: LlamaForCausalLM has no bias parameters"):
         train(_config(tmp_path / "nobias", data, tmp_path / "out", "bitfit"))
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_continues_from_the_last_checkpoint(llama, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(8, seed=6))
+    ckpt = tmp_path / "ckpt"
+    first = train(_config(llama, data, tmp_path / "a", "lora", max_steps=4, eval_steps=2, checkpoint_dir=str(ckpt),
+                          keep_checkpoints=True))
+    assert (ckpt / "checkpoint-4").is_dir() and first.meta["metrics"]["train_steps"] == 4
+    other = write_jsonl(tmp_path / "other.jsonl", sentiment_rows(8, seed=7))
+    second = train(_config(llama, other, tmp_path / "b", "lora", max_steps=6, eval_steps=2, checkpoint_dir=str(ckpt),
+                           resume=True))
+    # Steps 1-4 come back from the checkpoint (trained on the first data), only 5-6 ran on the new data.
+    assert [h["step"] for h in second.history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+    assert _losses(second)[:4] == _losses(first) and second.meta["metrics"]["train_steps"] == 6 and not ckpt.exists()
+    with pytest.raises(Exception, match="--resume: no checkpoint in"):
+        train(_config(llama, data, tmp_path / "c", "lora", checkpoint_dir=str(tmp_path / "none"), resume=True))
+
+
+def test_training_args_select_best_checkpoint_and_early_stopping(tmp_path):
+    from peftmerge.train.trainer import make_trainer, training_args
+
+    cfg = TrainConfig(model="m", data="d", task="t", out=str(tmp_path / "o"), max_steps=50, early_stopping=2)
+    args = training_args(cfg, has_eval=True, shape="classify")
+    assert args.eval_strategy == "steps" and args.eval_steps == 10 and args.save_steps == 10
+    assert args.load_best_model_at_end and args.metric_for_best_model == "accuracy" and args.greater_is_better
+    args = training_args(TrainConfig(model="m", data="d", task="t", out="o", epochs=2), has_eval=True, shape="text2text")
+    assert args.eval_strategy == "epoch" and args.metric_for_best_model == "loss" and not args.greater_is_better
+    assert training_args(cfg, has_eval=False, shape="classify").eval_strategy == "no"

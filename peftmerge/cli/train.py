@@ -45,6 +45,8 @@ def _echo_result(r) -> None:
 @click.option("--max-length", type=int, default=512, show_default=True, help="Longest example in tokens.")
 @click.option("--max-samples", type=int, default=None, help="Train on at most N rows (random subset).")
 @click.option("--max-eval-samples", type=int, default=500, show_default=True, help="Evaluate on at most N rows.")
+@click.option("--eval-before/--no-eval-before", default=True, show_default=True,
+              help="Also evaluate before training (eval_loss_before).")
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--scheduler", default="linear", show_default=True, help="LR schedule: linear, cosine, constant, ...")
 @click.option("--warmup-ratio", type=float, default=0.0, show_default=True)

@@ -110,9 +110,16 @@ def train(config: TrainConfig) -> TrainResult:
     trainer = make_trainer(model, tokenizer, train_ex, val_ex, config, shape, left_pad=shape == "classify" and causal)
 
     metrics: dict = {}
-    if val_ex:
+    if val_ex and config.eval_before:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-    out_train = trainer.train(resume_from_checkpoint=True if config.resume else None)
+    resume = None
+    if config.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(str(config.checkpoints)) if config.checkpoints.is_dir() else None
+        if resume is None:
+            raise PeftmergeError(f"--resume: no checkpoint in {config.checkpoints}; drop --resume or pass --checkpoint-dir")
+    out_train = trainer.train(resume_from_checkpoint=resume)
     metrics.update({k: v for k, v in out_train.metrics.items() if k in ("train_loss", "train_runtime",
                                                                         "train_samples_per_second", "epoch")})
     metrics["train_steps"] = trainer.state.global_step

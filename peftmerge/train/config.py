@@ -42,6 +42,8 @@ class TrainConfig:
     """Use at most this many training rows (a random subset, by ``seed``)."""
     max_eval_samples: int | None = 500
     """Evaluate on at most this many validation rows."""
+    eval_before: bool = True
+    """Also evaluate before training (``eval_loss_before`` in the metrics)."""
 
     # --- method -------------------------------------------------------------------------------
     method: str = "lora"
