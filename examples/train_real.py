@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA), help="the shared data folder")
     ap.add_argument("--train-rows", type=int, default=256)
     ap.add_argument("--val-rows", type=int, default=100)
+    ap.add_argument("--smollm-rows", type=int, default=256, help="training rows for SmolLM2")
+    ap.add_argument("--smollm-val-rows", type=int, default=100, help="validation rows for SmolLM2")
     ap.add_argument("--skip-smollm", action="store_true", help="only the MiniLM runs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -51,7 +53,9 @@ def main() -> None:
     if not args.skip_smollm:
         runs.append(("smollm2", TrainConfig(model=str(smollm), data=str(data / "sst2"), task="sst2",
                                             out=str(out / "smollm2-sst2"), shape="text2text", lr=5e-4, epochs=1,
-                                            batch_size=8, max_length=96, **common)))
+                                            batch_size=8, max_length=96,
+                                            **{**common, "max_samples": args.smollm_rows,
+                                               "max_eval_samples": args.smollm_val_rows})))
     results = {}
     for name, cfg in runs:
         r = train(cfg)

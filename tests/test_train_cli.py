@@ -88,6 +88,9 @@ def test_cli_errors_exit_2_with_one_line(content, args, message, llama, tmp_path
 
 
 def test_cli_missing_option_and_bad_yaml(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", sentiment_rows(2))
+    r = _run("train", "--model", tmp_path / "no-model", "--data", tmp_path / "d.jsonl", "--task", "t", "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "no-model: no such folder" in r.output and r.output.count("\n") == 1
     r = _run("train", "--data", "x.jsonl", "--task", "t", "-o", tmp_path / "o")
     assert r.exit_code == 2 and "Missing option '--model'" in r.output
     (tmp_path / "t.yaml").write_text("tasks:\n  - {task: a, data: a.jsonl, model: m, out: o, learning_rate: 1}\n")

@@ -89,8 +89,8 @@ def train(config: TrainConfig) -> TrainResult:
     if Path(config.model).exists():
         inputs.append(Path(config.model))
     out = check_output(config.out, inputs, config.overwrite)
-    task = load_task(config)
     src, gguf = base.resolve(config.model, config.gguf_file)
+    task = load_task(config)
     causal = base.can_generate(base.load_config(src, gguf))
     shape = _shape(config, task, causal, method)
     template = _template(config, task)

@@ -27,6 +27,8 @@ def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
         if not p.is_file():
             raise PeftmergeError(f"base model {model}: no such GGUF file; check the path")
         return str(p.parent), p.name
+    if model.startswith(("/", "./", "../", "~")) and not p.expanduser().exists():
+        raise PeftmergeError(f"base model {model}: no such folder; check the path (or pass a Hub id)")
     if gguf_file and not (p / gguf_file).is_file():
         raise PeftmergeError(f"base model {model}: no GGUF file {gguf_file!r} in it; check --gguf-file")
     return model, gguf_file
