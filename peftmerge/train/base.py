@@ -84,6 +84,19 @@ def _device_map() -> dict | None:
     return None
 
 
+def plain_copy(model):
+    """The same weights in a fresh model of the same class, without the GGUF ``quantization_config``.
+
+    A GGUF-loaded model is already dequantized, but it stays marked as quantized, and ``Trainer`` and
+    ``save_pretrained`` refuse it.
+    """
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    plain = type(model)(type(model.config).from_dict(cfg)).to(model.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
 def gguf_as_folder(src: str, gguf: str) -> Path:
     """A cached plain (safetensors) copy of a GGUF model, made once, so that it can be quantized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,11 +108,7 @@ def gguf_as_folder(src: str, gguf: str) -> Path:
     if (target / "config.json").exists():
         return target
     log.info("writing a plain copy of %s into %s (once)", f, target)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    plain = type(model)(type(model.config).from_dict(cfg))
-    plain.load_state_dict(model.state_dict())
+    plain = plain_copy(AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32))
     with atomic_dir(target, overwrite=True) as tmp:
         plain.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(tmp)
@@ -132,6 +141,8 @@ def load_model(src: str, gguf: str | None, shape: str, labels: list[str] | None,
         model = auto.from_pretrained(src, gguf_file=gguf, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise _cannot_load(src, e) from None
+    if gguf:
+        model = plain_copy(model)
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     return model

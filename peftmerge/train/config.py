@@ -111,6 +111,10 @@ class TrainConfig:
 
     def check(self) -> "TrainConfig":
         """Refuse missing or impossible values with one line naming the field."""
+        for name in ("model", "data", "out", "validation", "checkpoint_dir", "gguf_file"):
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                setattr(self, name, str(value))
         for name in ("model", "data", "task", "out"):
             if not getattr(self, name):
                 raise PeftmergeError(f"missing {name!r}: pass --{name.replace('_', '-')} (or set it in the YAML task)")
