@@ -72,9 +72,12 @@ def train(**kw) -> None:
     if kw["labels"]:
         kw["labels"] = [x.strip() for x in kw["labels"].split(",") if x.strip()]
     try:
-        kw["extra"] = json.loads(kw["extra"]) if kw["extra"] else {}
+        extra = json.loads(kw["extra"]) if kw["extra"] else {}
     except json.JSONDecodeError:
-        raise PeftmergeError(f"--training-args {kw['extra']!r} is not a JSON object") from None
+        extra = None
+    if not isinstance(extra, dict):
+        raise PeftmergeError(f"--training-args {kw['extra']!r} is not a JSON object; e.g. '{{\"deepspeed\": \"ds.json\"}}'")
+    kw["extra"] = extra
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _echo_result(train_fn(TrainConfig(**kw)))
 

@@ -60,7 +60,6 @@ def training_args(config, has_eval: bool, shape: str):
         seed=config.seed,
         data_seed=config.seed,
         bf16=gpu_bf16,
-        gradient_checkpointing=config.gradient_checkpointing,
         report_to="none",
         remove_unused_columns=False,
         label_names=["labels"],  # PEFT wrappers hide the forward signature Trainer would read it from
@@ -74,6 +73,8 @@ def training_args(config, has_eval: bool, shape: str):
     kwargs[warm] = config.warmup_ratio
     if every is not None:
         kwargs.update(eval_steps=every, save_steps=every)
+    if config.gradient_checkpointing:  # only when asked: transformers 5 renames it (with a warning)
+        kwargs["gradient_checkpointing"] = True
     if has_eval:
         best = "accuracy" if shape == "classify" else "loss"
         kwargs.update(load_best_model_at_end=True, metric_for_best_model=best, greater_is_better=best != "loss")
