@@ -14,6 +14,7 @@ from .inspect import inspect_command
 from .methods import methods_command
 from .push import push_command
 from .search import search_command
+from .train import train, train_many
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,6 +33,8 @@ main.add_command(inspect_command)
 main.add_command(methods_command)
 main.add_command(push_command)
 main.add_command(search_command)
+main.add_command(train)
+main.add_command(train_many)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,148 @@
+"""Load the base model and tokenizer: local folders, Hub ids (through the cache) and GGUF files.
+
+GGUF files go through transformers' GGUF loading, which dequantizes them to float weights. transformers
+refuses to combine GGUF loading with a ``quantization_config``, so QLoRA on a GGUF base first writes a
+plain copy of the dequantized model into a cache folder (``$PEFTMERGE_CACHE``, default
+``~/.cache/peftmerge``) and quantizes that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import PeftmergeError
+from ..io.atomic import atomic_dir
+
+log = logging.getLogger(__name__)
+
+
+def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(source, gguf_file)``: a ``.gguf`` path is split into its folder and file name."""
+    p = Path(model)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise PeftmergeError(f"base model {model}: no such GGUF file; check the path")
+        return str(p.parent), p.name
+    if model.startswith(("/", "./", "../", "~")) and not p.expanduser().exists():
+        raise PeftmergeError(f"base model {model}: no such folder; check the path (or pass a Hub id)")
+    if gguf_file and not (p / gguf_file).is_file():
+        raise PeftmergeError(f"base model {model}: no GGUF file {gguf_file!r} in it; check --gguf-file")
+    return model, gguf_file
+
+
+def _cannot_load(model: str, e: Exception) -> PeftmergeError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    offline = " (HF_HUB_OFFLINE is set: only cached Hub models load)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    return PeftmergeError(
+        f"base model {model}: cannot load it{offline}: {first[:200]}; pass a local model folder, a Hub id or a .gguf file"
+    )
+
+
+def load_config(src: str, gguf: str | None = None):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(src, gguf_file=gguf)
+    except (OSError, ValueError, KeyError) as e:
+        raise _cannot_load(src, e) from None
+
+
+def can_generate(config) -> bool:
+    """Whether the base is a causal LM (from its saved architectures, else its model type)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    archs = config.architectures or []
+    if archs:
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    mt = config.model_type
+    return mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def load_tokenizer(src: str, gguf: str | None = None):
+    """The base's tokenizer, with a pad token (the EOS token when the base has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    except (OSError, ValueError, KeyError) as e:
+        raise _cannot_load(src, e) from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise PeftmergeError(f"base model {src}: its tokenizer has neither a pad nor an EOS token; add one")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _device_map() -> dict | None:
+    # bitsandbytes 4-bit weights are placed at load time; each process takes its own GPU.
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return None
+
+
+def plain_copy(model):
+    """The same weights in a fresh model of the same class, without the GGUF ``quantization_config``.
+
+    A GGUF-loaded model is already dequantized, but it stays marked as quantized, and ``Trainer`` and
+    ``save_pretrained`` refuse it.
+    """
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    plain = type(model)(type(model.config).from_dict(cfg)).to(model.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
+def gguf_as_folder(src: str, gguf: str) -> Path:
+    """A cached plain (safetensors) copy of a GGUF model, made once, so that it can be quantized."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    f = Path(src) / gguf
+    st = f.stat()
+    cache = Path(os.environ.get("PEFTMERGE_CACHE", Path.home() / ".cache" / "peftmerge")) / "gguf"
+    target = cache / f"{f.stem}-{st.st_size}-{int(st.st_mtime)}"
+    if (target / "config.json").exists():
+        return target
+    log.info("writing a plain copy of %s into %s (once)", f, target)
+    plain = plain_copy(AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32))
+    with atomic_dir(target, overwrite=True) as tmp:
+        plain.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(tmp)
+    return target
+
+
+def load_model(src: str, gguf: str | None, shape: str, labels: list[str] | None, quantize_4bit: bool = False,
+               dtype: str = "auto", pad_token_id: int | None = None):
+    """The base as a causal LM (text2text) or with a fresh classification head for ``labels`` (classify)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    kwargs: dict = {"dtype": torch.float32 if dtype == "auto" else getattr(torch, dtype)}
+    if quantize_4bit:
+        if gguf:
+            src, gguf = str(gguf_as_folder(src, gguf)), None
+        compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        # A classification head stays in full precision: it is trained whole (modules_to_save).
+        skip = {"llm_int8_skip_modules": ["classifier", "score"]} if shape == "classify" else {}
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+            **skip,
+        )
+        kwargs["device_map"] = _device_map()
+    if shape == "classify":
+        kwargs.update(ignore_mismatched_sizes=True, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+        auto = AutoModelForSequenceClassification
+    else:
+        auto = AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(src, gguf_file=gguf, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise _cannot_load(src, e) from None
+    if gguf:
+        model = plain_copy(model)
+    if pad_token_id is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model

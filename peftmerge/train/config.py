@@ -1,0 +1,150 @@
+"""The settings of one training run (``peftmerge train``): one documented dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..errors import PeftmergeError
+
+SHAPES = ("text2text", "classify")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``peftmerge train`` needs; the CLI options map one-to-one onto these fields."""
+
+    # --- what to train on -------------------------------------------------------------------
+    model: str = ""
+    """Base model: a local folder, a Hub id (read through the cache; ``HF_HUB_OFFLINE`` honoured), or a
+    ``.gguf`` file (transformers' GGUF loading dequantizes it)."""
+    data: str = ""
+    """Training rows: a ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a ``datasets`` folder
+    (``save_to_disk``), or a task folder holding ``train.jsonl`` (+ ``validation.jsonl``, ``task.json``)."""
+    task: str = ""
+    """Task name, stored in ``peftmerge.json`` and used by merge and routing."""
+    out: str = ""
+    """Output folder for the adapter; written atomically."""
+    validation: str | None = None
+    """Validation rows (same formats). Default: ``validation.jsonl`` of a task folder, else ``val_fraction``."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of the training rows for validation when no validation file is given."""
+    gguf_file: str | None = None
+    """GGUF file name inside the ``model`` folder (or pass the ``.gguf`` path as ``model``)."""
+    shape: str | None = None
+    """``text2text`` (causal LM, loss on the completion) or ``classify`` (a sequence-classification head).
+    Default: ``classify`` for labelled rows on a model that cannot generate, else ``text2text``."""
+    labels: list[str] | None = None
+    """Label names in order. Default: ``labels`` of a ``task.json`` beside the data, else sorted unique labels."""
+    template: str | None = None
+    """Prompt template for labelled rows in text2text, with ``{text}``, ``{text_pair}``, ``{labels}``, ``{task}``."""
+    max_samples: int | None = None
+    """Use at most this many training rows (a random subset, by ``seed``)."""
+    max_eval_samples: int | None = 500
+    """Evaluate on at most this many validation rows."""
+    eval_before: bool = True
+    """Also evaluate before training (``eval_loss_before`` in the metrics)."""
+
+    # --- method -------------------------------------------------------------------------------
+    method: str = "lora"
+    """PEFT method; see ``peftmerge.train.methods.names()``."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: float = 32.0
+    """LoRA scaling numerator (``lora_alpha``); the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."""
+    dropout: float = 0.05
+    """LoRA dropout."""
+    target_modules: list[str] | str | None = None
+    """Modules to adapt: names, or ``"all-linear"``. Default: PEFT's choice for the architecture."""
+    rslora: bool = False
+    """Rank-stabilised LoRA scaling alpha/sqrt(r) (Kalajdzievski 2023)."""
+    num_virtual_tokens: int = 20
+    """Prompt tuning: number of soft-prompt tokens; LLaMA-Adapter: adapter length."""
+    adapter_layers: int = 8
+    """LLaMA-Adapter: number of top layers that get an adaption prompt."""
+
+    # --- optimisation -------------------------------------------------------------------------
+    lr: float = 2e-4
+    """Peak learning rate."""
+    epochs: float = 1.0
+    """Training epochs (ignored when ``max_steps`` is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    batch_size: int = 8
+    """Per-device batch size."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    max_length: int = 512
+    """Longest tokenized example; longer prompts are cut in the middle, completions at the end."""
+    seed: int = 42
+    """Seed for initialisation, shuffling and sampling."""
+    scheduler: str = "linear"
+    """Learning-rate schedule (transformers' ``lr_scheduler_type``: linear, cosine, constant, ...)."""
+    warmup_ratio: float = 0.0
+    """Fraction of steps for linear warmup."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    train_on_inputs: bool = False
+    """Compute the loss on the prompt too (default: completion only)."""
+    packing: bool = False
+    """Pack several short examples into one ``max_length`` sequence (text2text only)."""
+    eval_steps: int | None = None
+    """Evaluate (and checkpoint) every N steps. Default: each epoch, or 5 times over ``max_steps``."""
+    early_stopping: int | None = None
+    """Stop after this many evaluations without improvement (needs validation)."""
+    logging_steps: int = 10
+    """Log the training loss every N steps."""
+    resume: bool = False
+    """Resume from the last checkpoint in ``checkpoint_dir``."""
+    checkpoint_dir: str | None = None
+    """Where checkpoints go. Default: ``.<out>.checkpoints`` beside the output; removed on success."""
+    keep_checkpoints: bool = False
+    """Keep ``checkpoint_dir`` after success."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about 30% slower)."""
+    dtype: str = "auto"
+    """Weights dtype: ``auto`` (float32; bf16 autocast on a CUDA GPU that has it), float32, bfloat16, float16."""
+    overwrite: bool = False
+    """Replace an existing output folder."""
+    extra: dict = field(default_factory=dict)
+    """Extra ``transformers.TrainingArguments`` (e.g. ``{"deepspeed": "ds.json"}``)."""
+
+    def check(self) -> "TrainConfig":
+        """Refuse missing or impossible values with one line naming the field."""
+        for name in ("model", "data", "out", "validation", "checkpoint_dir", "gguf_file"):
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                setattr(self, name, str(value))
+        for name in ("model", "data", "task", "out"):
+            if not getattr(self, name):
+                raise PeftmergeError(f"missing {name!r}: pass --{name.replace('_', '-')} (or set it in the YAML task)")
+        if self.shape is not None and self.shape not in SHAPES:
+            raise PeftmergeError(f"shape {self.shape!r} is unknown; use one of {', '.join(SHAPES)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise PeftmergeError(f"val_fraction {self.val_fraction} must be in [0, 1)")
+        for name in ("r", "batch_size", "grad_accum", "max_length", "num_virtual_tokens", "adapter_layers"):
+            if getattr(self, name) < 1:
+                raise PeftmergeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise PeftmergeError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.lr <= 0:
+            raise PeftmergeError(f"lr must be > 0, got {self.lr}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "TrainConfig":
+        """Build from a mapping (a YAML task); unknown keys are refused with the valid ones listed."""
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise PeftmergeError(f"{where}: unknown key(s) {', '.join(bad)}; valid keys: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @property
+    def checkpoints(self) -> Path:
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir)
+        out = Path(self.out)
+        return out.parent / f".{out.name}.checkpoints"

@@ -1,0 +1,134 @@
+"""The training loop: transformers' ``Trainer`` (so ``accelerate launch`` / ``torchrun`` / DeepSpeed work).
+
+We only choose the arguments (evaluation and checkpoint cadence, best-checkpoint selection, early
+stopping, mixed precision on GPUs) and add two metrics: classification accuracy / macro-F1, and for
+labelled rows trained as text2text, label-word accuracy by scoring each label's completion.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .examples import IGNORE, Collator, text2text_example
+
+log = logging.getLogger(__name__)
+
+
+def classify_metrics(eval_pred) -> dict[str, float]:
+    """Accuracy and macro-F1 of argmax predictions."""
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    pred = np.asarray(logits).argmax(-1)
+    labels = np.asarray(labels)
+    f1s = []
+    for c in np.unique(np.concatenate([pred, labels])):
+        tp = np.sum((pred == c) & (labels == c))
+        denom = np.sum(pred == c) + np.sum(labels == c)
+        f1s.append(2 * tp / denom if denom else 0.0)
+    return {"accuracy": float(np.mean(pred == labels)), "macro_f1": float(np.mean(f1s))}
+
+
+def training_args(config, has_eval: bool, shape: str):
+    """``TrainingArguments`` for ``config``: cadence, best checkpoint, precision, reproducibility."""
+    from transformers import TrainingArguments
+
+    if config.eval_steps or config.max_steps:
+        strategy = "steps"
+        every = config.eval_steps or max(1, config.max_steps // 5)
+    else:
+        strategy, every = "epoch", None
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() and config.dtype == "auto"
+    kwargs = dict(
+        output_dir=str(config.checkpoints),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        lr_scheduler_type=config.scheduler,
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        eval_strategy=strategy if has_eval else "no",
+        save_strategy=strategy,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=gpu_bf16,
+        report_to="none",
+        remove_unused_columns=False,
+        label_names=["labels"],  # PEFT wrappers hide the forward signature Trainer would read it from
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    # transformers 5 takes a warmup ratio as a float below 1 in warmup_steps; 4.x has warmup_ratio.
+    import inspect
+
+    warm = "warmup_ratio" if "warmup_ratio" in inspect.signature(TrainingArguments).parameters else "warmup_steps"
+    kwargs[warm] = config.warmup_ratio
+    if every is not None:
+        kwargs.update(eval_steps=every, save_steps=every)
+    if config.gradient_checkpointing:  # only when asked: transformers 5 renames it (with a warning)
+        kwargs["gradient_checkpointing"] = True
+    if has_eval:
+        best = "accuracy" if shape == "classify" else "loss"
+        kwargs.update(load_best_model_at_end=True, metric_for_best_model=best, greater_is_better=best != "loss")
+    kwargs.update(config.extra)
+    return TrainingArguments(**kwargs)
+
+
+def make_trainer(model, tokenizer, train_examples, val_examples, config, shape: str, left_pad: bool = False):
+    """A ``Trainer`` over lists of tokenized examples, with early stopping when asked."""
+    from transformers import EarlyStoppingCallback, Trainer
+
+    has_eval = bool(val_examples)
+    callbacks = []
+    if config.early_stopping and has_eval:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping))
+    return Trainer(
+        model=model,
+        args=training_args(config, has_eval, shape),
+        train_dataset=train_examples,
+        eval_dataset=val_examples or None,
+        data_collator=Collator(tokenizer.pad_token_id, left=left_pad),
+        processing_class=tokenizer,
+        compute_metrics=classify_metrics if shape == "classify" else None,
+        callbacks=callbacks,
+    )
+
+
+@torch.no_grad()
+def completion_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of log p(token) over the completion tokens (labels != -100) of each sequence: (B,)."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, -ids.shape[1]:].float()  # prompt tuning prepends virtual tokens: keep the last T
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V): position t predicts token t+1
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (tok * mask).sum(-1)
+
+
+def label_word_accuracy(model, tokenizer, rows: list[dict], labels: list[str], template: str, task: str,
+                        max_length: int, batch_size: int = 8) -> float:
+    """Accuracy of picking the label whose completion (label word + EOS) is most likely after the prompt."""
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters())
+    collate = Collator(tokenizer.pad_token_id)
+    flat = [text2text_example({**row, "label": lab}, "labelled", tokenizer, max_length, False, template, task, labels)
+            for row in rows for lab in labels]
+    scores = []
+    for i in tqdm(range(0, len(flat), batch_size), desc="label-word accuracy", leave=False):
+        batch = {k: v.to(device) for k, v in collate(flat[i:i + batch_size]).items()}
+        scores.append(completion_logprobs(model, batch).cpu())
+    pred = torch.cat(scores).view(len(rows), len(labels)).argmax(-1)  # (N,)
+    gold = torch.tensor([labels.index(str(r["label"])) for r in rows])
+    model.train(was_training)
+    return float((pred == gold).float().mean())
