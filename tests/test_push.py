@@ -287,3 +287,22 @@ def test_combine_reads_hub_ids_and_pushes(hub, tmp_path, monkeypatch):
     assert pushed["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
     recipe = recipe_of(card_of(pushed))
     assert [i["path"] for i in recipe["inputs"]] == ["bob/a", "bob/b"]
+
+
+def test_train_push_to_hub(hub, tmp_path, monkeypatch):
+    """`peftmerge train ... --push-to-hub bob/sst2` uploads the trained adapter with its card."""
+    from train_fixtures import make_llama, sentiment_rows, write_jsonl
+
+    monkeypatch.setenv("HF_TOKEN", "hf_bob")
+    with offline():
+        llama = make_llama(tmp_path / "llama")
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(8))
+    r = CliRunner().invoke(main, ["train", "--model", str(llama), "--data", str(data), "--task", "sst2",
+                                  "-o", str(tmp_path / "a"), "--r", "4", "--target-modules", "q_proj,v_proj",
+                                  "--max-steps", "1", "--batch-size", "4", "--max-length", "64",
+                                  "--push-to-hub", "bob/sst2"])
+    assert r.exit_code == 0, r.output
+    pushed = hub.repos["bob/sst2"].branches["main"]
+    assert pushed["adapter_model.safetensors"] == (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    assert json.loads(pushed["peftmerge.json"])["task"] == "sst2"
+    assert card_of(pushed).data.base_model_relation == "adapter"

@@ -8,6 +8,7 @@ import logging
 import click
 
 from .common import debug_option
+from .push import maybe_push, push_to_hub_option
 
 
 def _echo_result(r) -> None:
@@ -63,8 +64,9 @@ def _echo_result(r) -> None:
 @click.option("--keep-checkpoints", is_flag=True, help="Keep the checkpoints folder after success.")
 @click.option("--training-args", "extra", default=None, help="Extra transformers TrainingArguments as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@push_to_hub_option
 @debug_option
-def train(**kw) -> None:
+def train(push_to_hub, **kw) -> None:
     """Train one task adapter on a base model (transformers' Trainer underneath)."""
     from ..errors import PeftmergeError
     from ..train import TrainConfig, train as train_fn
@@ -79,7 +81,9 @@ def train(**kw) -> None:
         raise PeftmergeError(f"--training-args {kw['extra']!r} is not a JSON object; e.g. '{{\"deepspeed\": \"ds.json\"}}'")
     kw["extra"] = extra
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _echo_result(train_fn(TrainConfig(**kw)))
+    result = train_fn(TrainConfig(**kw))
+    _echo_result(result)
+    maybe_push(result.out, push_to_hub)
 
 
 @click.command("train-many")
