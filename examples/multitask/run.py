@@ -39,11 +39,11 @@ FAMILIES = {
     "minilm": dict(shape="classify", train=["--r", "16", "--alpha", "32", "--target-modules", "query,key,value,dense",
                                             "--lr", "5e-4", "--epochs", "3", "--batch-size", "32",
                                             "--max-length", "128"],
-                   train_rows=3000, eval_limit=500, search_limit=300, subsets=True, icl=0),
+                   train_rows=3000, eval_limit=500, search_limit=300, subsets=True, icl=0, es_budget=16),
     "smollm2": dict(shape="text2text", train=["--r", "16", "--alpha", "32", "--target-modules", "q_proj,v_proj",
                                               "--lr", "2e-4", "--max-steps", "120", "--batch-size", "8",
                                               "--max-length", "128"],
-                    train_rows=1000, eval_limit=200, search_limit=100, subsets=False, icl=4),
+                    train_rows=1000, eval_limit=120, search_limit=48, subsets=False, icl=4, es_budget=8),
 }
 QUICK = dict(train_rows=64, eval_limit=24, search_limit=16)
 COMMANDS: list[str] = []
@@ -136,9 +136,9 @@ def family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
         run(["combine", *ins, "--method", m, "-o", merged[m], "--quiet", "--overwrite"], log)
     searches = {"task_arithmetic+grid": ["--method", "task_arithmetic", "--grid", "lambda=0.3,0.5,0.7,0.9,1.1"],
                 "ties+grid": ["--method", "ties", "--grid", "lambda=0.7,1.0,1.3", "--grid", "density=0.2,0.5"],
-                "ties+es": ["--method", "ties", "--strategy", "es", "--budget", "8" if quick else "16",
+                "ties+es": ["--method", "ties", "--strategy", "es", "--budget", "8" if quick else spec["es_budget"],
                             "--population", "8", "--seed", SEED],
-                "pcb+es": ["--method", "pcb", "--strategy", "es", "--budget", "8" if quick else "16",
+                "pcb+es": ["--method", "pcb", "--strategy", "es", "--budget", "8" if quick else spec["es_budget"],
                            "--population", "8", "--seed", SEED]}
     for name, opts in searches.items():
         merged[name] = w / "merged" / name
