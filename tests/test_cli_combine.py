@@ -190,3 +190,11 @@ def test_interrupted_merge_leaves_nothing(two, tmp_path, monkeypatch):
     r = invoke("combine", *two, "-o", out)
     assert r.exit_code == 130 and not out.exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_non_mergeable_trained_adapter_is_refused(two, tmp_path):
+    bitfit = tmp_path / "bitfit"
+    bitfit.mkdir()
+    (bitfit / "peftmerge.json").write_text(json.dumps({"task": "sst2", "method": "bitfit", "mergeable": False}))
+    out = tmp_path / "out"
+    assert_clean_error(invoke("combine", two[0], bitfit, "-o", out), out, "bitfit adapter", "only LoRA")

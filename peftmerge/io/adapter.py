@@ -110,6 +110,15 @@ def _locate(path: Path, alpha: float | None) -> tuple[Path, dict | None]:
     if not path.exists():
         raise PeftmergeError(f"{path}: no such file or directory; check the path")
     if path.is_dir():
+        meta = path / "peftmerge.json"
+        if meta.exists():
+            try:
+                info = json.loads(meta.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                info = {}
+            if isinstance(info, dict) and info.get("mergeable") is False:
+                raise PeftmergeError(f"{path}: a {info.get('method', 'non-LoRA')} adapter; only LoRA adapters "
+                                     "(lora, qlora, rsLoRA) can be merged as task vectors")
         file = path / "adapter_model.safetensors"
         if not file.exists():
             if (path / "adapter_model.bin").exists():
