@@ -8,6 +8,8 @@ from .. import __version__
 from .combine import combine_command
 from .common import Group, debug_option
 from .methods import methods_command
+from .predict import predict_command
+from .route import route_command
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +22,8 @@ def main() -> None:
 # Commands (one line each; keep sorted).
 main.add_command(combine_command)
 main.add_command(methods_command)
+main.add_command(predict_command)
+main.add_command(route_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
