@@ -59,11 +59,16 @@ def _rows(idx: torch.Tensor):
     return slice(first, last + 1) if last - first + 1 == idx.numel() else idx
 
 
-def _add(out: torch.Tensor, rows, y: torch.Tensor) -> None:
+def _add_lowrank(out: torch.Tensor, rows, z: torch.Tensor, b: torch.Tensor) -> None:
+    """out[rows] += z @ b.T, in place (one fused ``addmm_`` on a contiguous slice of rows)."""
     if isinstance(rows, slice):
-        out[rows] += y
+        seg = out[rows]
+        if seg.is_contiguous():
+            seg.view(-1, seg.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), b.T)
+            return
+        seg += F.linear(z, b)
     else:
-        out.index_add_(0, rows, y)
+        out.index_add_(0, rows, F.linear(z, b))
 
 
 class RoutedLinear(nn.Module):
@@ -104,7 +109,7 @@ class RoutedLinear(nn.Module):
             z = F.linear(x[rows], a)
             if w is not None:
                 z = z * w.view(-1, *([1] * (z.dim() - 1))).to(z.dtype)
-            _add(out, rows, F.linear(z, b))
+            _add_lowrank(out, rows, z, b)
         return out
 
     def _concat(self, adapters: tuple):
@@ -127,7 +132,7 @@ class RoutedLinear(nn.Module):
             a, b, cols = cat
             w = p[:, cols].to(x.dtype)  # (n, K): the query's weight on each rank column
             z = F.linear(x[rows], a) * w.view(w.shape[0], *([1] * (x.dim() - 2)), w.shape[1])
-            _add(out, rows, F.linear(z, b))
+            _add_lowrank(out, rows, z, b)
         return out
 
     def _arrow(self, x, out, plan: Plan):
