@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -13,7 +12,6 @@ from ..io.adapter import PREFIX, LoraAdapter, load_adapter
 from .embed import Embedder, read_jsonl, record_text
 from .router import AdapterInfo, Router
 
-log = logging.getLogger(__name__)
 
 
 def adapter_meta(adapter: LoraAdapter) -> dict:

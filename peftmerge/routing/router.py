@@ -67,7 +67,7 @@ class Router:
             adapters = []
             for a in self.adapters:
                 d = dict(vars(a))
-                d["relative_path"] = os.path.relpath(Path(a.path).resolve(), out.resolve().parent / out.name)
+                d["relative_path"] = os.path.relpath(Path(a.path).resolve(), out.resolve())
                 adapters.append(d)
             cfg = {"format": FORMAT, "peftmerge_version": __version__, "strategy": self.strategy,
                    "params": self.params, "base_model": self.base_model, "embedder": self.embedder,
