@@ -13,7 +13,6 @@ from .embed import Embedder, read_jsonl, record_text
 from .router import AdapterInfo, Router
 
 
-
 def adapter_meta(adapter: LoraAdapter) -> dict:
     """The adapter folder's ``peftmerge.json`` (written by ``peftmerge train``), or {} when absent."""
     folder = adapter.path if adapter.path.is_dir() else adapter.path.parent
