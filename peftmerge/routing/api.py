@@ -27,6 +27,8 @@ def route_build(adapters: list, out, strategy: str = "centroid", *, top_k: int |
                 model: str | None = None, params: dict | None = None, overwrite: bool = False) -> Router:
     """Build a router over ``adapters`` (folders) with ``strategy`` and save it to ``out``."""
     spec = registry.get(strategy)
+    embedder = str(embedder) if embedder else None
+    model = str(model) if model else None
     given = {"top_k": top_k, "temperature": temperature, "abstain": abstain, "layer": layer, **(params or {})}
     resolved = spec.resolve(given)
     check_output(out, [Path(p) for p in adapters], overwrite)
