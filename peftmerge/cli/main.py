@@ -15,6 +15,8 @@ from .methods import methods_command
 from .push import push_command
 from .search import search_command
 from .train import train, train_many
+from .predict import predict_command
+from .route import route_command
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,6 +37,8 @@ main.add_command(push_command)
 main.add_command(search_command)
 main.add_command(train)
 main.add_command(train_many)
+main.add_command(predict_command)
+main.add_command(route_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

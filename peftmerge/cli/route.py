@@ -1,0 +1,78 @@
+"""``peftmerge route build|eval``: build a router over adapters; measure its routing accuracy
+(thin layers over :func:`peftmerge.routing.api.route_build` and :func:`~peftmerge.routing.api.route_eval`)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..errors import PeftmergeError
+from .common import debug_option
+
+
+def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    """``("task=file.jsonl", ...)`` -> {task: file}; a clear error naming the option otherwise."""
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise PeftmergeError(f"{option} {v!r} is not NAME=FILE.jsonl (e.g. {option} sst2=sst2_test.jsonl)")
+        out[name] = path
+    return out
+
+
+@click.group("route")
+def route_command():
+    """Route queries to task adapters: build a router, evaluate it (see also `peftmerge predict`)."""
+
+
+@route_command.command("build")
+@click.argument("adapters", nargs=-1, metavar="ADAPTER...")
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output router folder.")
+@click.option("--strategy", default="centroid", show_default=True, help="Router: arrow, centroid or probe.")
+@click.option("--top-k", type=int, default=None, help="Adapters combined per query (arrow: per token).")
+@click.option("--temperature", type=float, default=None, help="Softmax temperature of the weights.")
+@click.option("--abstain", type=float, default=None,
+              help="Confidence (centroid: cosine, probe: probability) under which the base model answers.")
+@click.option("--layer", type=int, default=None, help="Hidden state pooled for query embeddings (-1 = last).")
+@click.option("--examples", multiple=True, metavar="NAME=FILE.jsonl", help="Example inputs of adapter NAME.")
+@click.option("--general", multiple=True, type=click.Path(), help="Arrow GenKnowSub: a general adapter (repeat).")
+@click.option("--embedder", type=click.Path(), default=None, help="Sentence-embedding model folder (default: base).")
+@click.option("--model", default=None, help="Base model path (default: the adapters' base model).")
+@click.option("--hidden", type=int, default=None, help="Probe: MLP hidden units (0 = logistic regression).")
+@click.option("--steps", type=int, default=None, help="Probe: training steps.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@debug_option
+def build_command(adapters, out, strategy, top_k, temperature, abstain, layer, examples, general, embedder, model,
+                  hidden, steps, overwrite):
+    """Build a router over ADAPTER... (PEFT LoRA adapter folders) into OUT."""
+    from ..routing.api import route_build
+
+    router = route_build(list(adapters), out, strategy, top_k=top_k, temperature=temperature, abstain=abstain,
+                         layer=layer, examples=parse_pairs(examples, "--examples"), general=list(general),
+                         embedder=embedder, model=model, params={"hidden": hidden, "steps": steps},
+                         overwrite=overwrite)
+    click.echo(f"{strategy} router over {len(router.adapters)} adapters ({', '.join(router.tasks)}) "
+               f"written to {out}; params {json.dumps(router.params)}")
+
+
+@route_command.command("eval")
+@click.option("--router", "router", required=True, type=click.Path(), help="Router folder.")
+@click.option("--data", multiple=True, required=True, metavar="TASK=FILE.jsonl",
+              help="Queries whose correct adapter is TASK's (repeat per task).")
+@click.option("--model", default=None, help="Base model path (default: the router's).")
+@click.option("--limit", type=int, default=None, help="At most this many queries per task.")
+@click.option("-o", "--out", type=click.Path(), default=None, help="Also write the report as JSON here.")
+@debug_option
+def eval_command(router, data, model, limit, out):
+    """Routing accuracy: the share of each task's queries routed (top-1) to that task's adapter."""
+    from ..routing.api import route_eval
+
+    report = route_eval(router, parse_pairs(data, "--data"), model=model, limit=limit)
+    for task, r in report["tasks"].items():
+        click.echo(f"{task}: {r['accuracy']:.4f} ({r['n']} queries, {r['abstained']} abstained)")
+    click.echo(f"overall: {report['accuracy']:.4f}")
+    if out:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)

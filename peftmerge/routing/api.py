@@ -1,0 +1,193 @@
+"""Python API twins of the CLI: ``route_build``, ``predict``, ``route_eval``."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import PeftmergeError
+from ..io.atomic import check_output
+from . import registry
+from .decide import Decision, decide
+from .embed import read_jsonl, record_text
+from .load import (adapter_info, base_model_of, examples_of, load_base, load_embedder, open_adapters,
+                   open_routed)
+from .registry import BuildContext
+from .router import Router, load_router
+
+
+def route_build(adapters: list, out, strategy: str = "centroid", *, top_k: int | None = None,
+                temperature: float | None = None, abstain: float | None = None, layer: int | None = None,
+                examples: dict[str, str] | None = None, general: list | None = None, embedder: str | None = None,
+                model: str | None = None, params: dict | None = None, overwrite: bool = False) -> Router:
+    """Build a router over ``adapters`` (folders) with ``strategy`` and save it to ``out``."""
+    spec = registry.get(strategy)
+    embedder = str(embedder) if embedder else None
+    model = str(model) if model else None
+    given = {"top_k": top_k, "temperature": temperature, "abstain": abstain, "layer": layer, **(params or {})}
+    resolved = spec.resolve(given)
+    check_output(out, [Path(p) for p in adapters], overwrite)
+    opened = open_adapters(adapters)
+    gen = open_adapters(general) if general else []
+    if gen and strategy != "arrow":
+        raise PeftmergeError("--general (GenKnowSub) applies to the arrow router only")
+    base = base_model_of(opened, model)
+    ctx = BuildContext(opened, [a.task for a in opened], general=gen)
+    if not spec.per_token:
+        ctx.examples = examples_of(opened, examples)
+        for task, texts in ctx.examples.items():  # before loading any model: fail fast
+            if not texts:
+                raise PeftmergeError(f"adapter {task!r} has no example inputs; add samples to its peftmerge.json "
+                                     f"or pass --examples {task}=FILE.jsonl")
+        base_model, tokenizer = (None, None) if embedder else load_base(base)
+        ctx.embed = load_embedder(embedder, base_model, tokenizer, resolved["layer"])
+    elif examples:
+        raise PeftmergeError("the arrow router is data-free; --examples applies to centroid and probe")
+    tensors = spec.build(ctx, resolved)
+    router = Router(strategy, resolved, [adapter_info(a) for a in opened], base, tensors, embedder,
+                    [str(g.path.resolve()) for g in gen])
+    router.save(out, overwrite)
+    return router
+
+
+def _as_router(router) -> Router:
+    return router if isinstance(router, Router) else load_router(router)
+
+
+def route_queries(router: Router, texts: list[str], routed=None, tokenizer=None, embed=None,
+                  batch_size: int = 16) -> Decision:
+    """The router's decision for each query text (arrow: each adapter's mean weight over layers and tokens)."""
+    if router.spec.per_token:
+        p = router.params
+        shares = []
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True)
+            plan = routed.arrow_plan(p["top_k"], p["temperature"], stats_for=enc["attention_mask"])
+            with torch.no_grad():
+                routed(enc["input_ids"], enc["attention_mask"], plan=plan)
+            shares.append(plan.stats / plan.stats.sum(1, keepdim=True).clamp(min=1e-12))
+        share = torch.cat(shares)
+        top, idx = share.topk(min(int(p["top_k"]), share.shape[1]), dim=1)
+        return Decision(idx, top / top.sum(1, keepdim=True).clamp(min=1e-12),
+                        torch.zeros(len(texts), dtype=torch.bool), top[:, 0])
+    if embed is None:
+        embed = load_embedder(router.embedder, routed.model if routed else None, tokenizer, router.params["layer"])
+    scores, confidence = router.scores(embed(texts))
+    p = router.params
+    return decide(scores, confidence, p["top_k"], p["temperature"], p.get("abstain"))
+
+
+def _prompt(rec: dict, template: str | None) -> str:
+    text = record_text(rec)
+    if template:
+        try:
+            return template.format(**{**rec, "text": rec.get("text", text)})
+        except (KeyError, IndexError, ValueError):
+            return text
+    return text
+
+
+def _write_jsonl(rows: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def predict(router, input, out, *, model: str | None = None, mode: str | None = None, route_only: bool = False,
+            max_new_tokens: int = 32, batch_size: int = 8, overwrite: bool = False, progress: bool = True):
+    """Route each query of ``input`` (JSONL) and answer it; write ``out`` (JSONL), one record per query:
+    ``adapters``/``weights`` (the routing), ``abstained``, and ``label`` (classification) or ``output``."""
+    router = _as_router(router)
+    out = Path(out)
+    check_output(out, [Path(input)], overwrite)
+    records = read_jsonl(input)
+    if mode is None:
+        mode = "arrow" if router.spec.per_token else ("select" if router.params["top_k"] == 1 else "mixture")
+    if (mode == "arrow") != router.spec.per_token:
+        raise PeftmergeError(f"mode {mode!r} does not fit a {router.strategy} router; use "
+                             + ("arrow" if router.spec.per_token else "select, mixture or fuse"))
+    routed, tokenizer = open_routed(router, model)
+    classify = router.adapters[0].shape == "classify"
+    tokenizer.padding_side = "right" if classify else "left"
+    embed = None if router.spec.per_token else load_embedder(router.embedder, routed.model, tokenizer,
+                                                             router.params["layer"])
+    rows = []
+    for i in tqdm(range(0, len(records), batch_size), disable=not progress, desc="predict"):
+        batch = records[i:i + batch_size]
+        texts = [record_text(r) for r in batch]
+        decision = route_queries(router, texts, routed, tokenizer, embed)
+        chosen = decision.rows()
+        for c in chosen:
+            rows.append({"adapters": [router.tasks[e] for e, _ in c], "weights": [round(w, 6) for _, w in c],
+                         "abstained": not c})
+        if route_only:
+            continue
+        prompts = [_prompt(r, router.adapters[c[0][0]].template if c else None) for r, c in zip(batch, chosen)]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        plan = routed.arrow_plan(router.params["top_k"], router.params["temperature"]) if mode == "arrow" else None
+        dec = None if mode == "arrow" else decision
+        with torch.no_grad():
+            if classify:
+                logits = routed(enc["input_ids"], enc["attention_mask"], decision=dec, mode=mode, plan=plan).logits
+                for row, lg, c in zip(rows[-len(batch):], logits, chosen):
+                    labels = router.adapters[c[0][0]].labels if c else None
+                    k = int(torch.isfinite(lg).sum())
+                    best = int(lg[:k].argmax())
+                    row["label"] = labels[best] if labels and best < len(labels) else best
+            else:
+                seqs = routed.generate(enc["input_ids"], enc["attention_mask"], decision=dec, mode=mode, plan=plan,
+                                       max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id)
+                texts_out = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                for row, t in zip(rows[-len(batch):], texts_out):
+                    row["output"] = t
+    for rec, row in zip(records, rows):
+        if "id" in rec:
+            row["id"] = rec["id"]
+    _write_jsonl(rows, out)
+    return rows
+
+
+def route_eval(router, data: dict[str, str], *, model: str | None = None, limit: int | None = None,
+               batch_size: int = 16, progress: bool = True) -> dict:
+    """Routing accuracy: the share of each task's queries whose top-1 adapter is that task's."""
+    router = _as_router(router)
+    unknown = [t for t in data if t not in router.tasks]
+    if unknown:
+        raise PeftmergeError(f"--data {unknown[0]}=...: the router has no adapter for task {unknown[0]!r}; "
+                             f"its tasks are: {', '.join(router.tasks)}")
+    queries = {t: [record_text(r) for r in read_jsonl(f)][:limit] for t, f in data.items()}
+    if router.spec.per_token:
+        routed, tokenizer = open_routed(router, model)
+        embed = None
+    else:
+        routed = None
+        if router.embedder:
+            tokenizer, embed = None, load_embedder(router.embedder, layer=router.params["layer"])
+        else:
+            base, tokenizer = load_base(model or router.base_model)
+            embed = load_embedder(None, base, tokenizer, router.params["layer"])
+    report = {"strategy": router.strategy, "tasks": {}, "confusion": {}}
+    correct = total = 0
+    for task, texts in tqdm(queries.items(), disable=not progress, desc="route eval"):
+        decision = route_queries(router, texts, routed, tokenizer, embed, batch_size)
+        top1 = [router.tasks[int(i)] if not a else None for i, a in zip(decision.indices[:, 0], decision.abstained)]
+        hits = sum(t == task for t in top1)
+        report["tasks"][task] = {"accuracy": hits / len(texts), "n": len(texts),
+                                 "abstained": int(decision.abstained.sum())}
+        report["confusion"][task] = {str(t): top1.count(t) for t in sorted(set(top1), key=str)}
+        correct, total = correct + hits, total + len(texts)
+    report["accuracy"] = correct / total
+    return report

@@ -1,0 +1,114 @@
+"""Query texts and query embeddings.
+
+A query record (one JSON object per line) becomes text the same way everywhere: ``text`` (+ newline +
+``text_pair``), else ``instruction`` (+ ``input``), else ``input`` / ``query`` / ``prompt``.
+Its embedding is the mean over non-padding tokens of one hidden state (``layer``: 0 = token embeddings,
+-1 = last) of the base model or of a sentence-embedding model. Layers above ``layer`` are not run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import PeftmergeError
+
+TEXT_FIELDS = ("text", "instruction", "input", "query", "prompt")
+
+
+def record_text(rec: dict, where: str = "record") -> str:
+    """The query text of one record."""
+    if not isinstance(rec, dict):
+        raise PeftmergeError(f"{where}: not a JSON object; each line must be like {{\"text\": \"...\"}}")
+    if rec.get("text") is not None:
+        return str(rec["text"]) + (f"\n{rec['text_pair']}" if rec.get("text_pair") else "")
+    if rec.get("instruction") is not None:
+        return str(rec["instruction"]) + (f"\n{rec['input']}" if rec.get("input") else "")
+    for key in ("input", "query", "prompt"):
+        if rec.get(key) is not None:
+            return str(rec[key])
+    raise PeftmergeError(f"{where}: no query text; give one of the fields {', '.join(TEXT_FIELDS)}")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a JSONL file, with a one-line error naming the bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PeftmergeError(f"{path}: no such file; pass a JSONL file (one JSON object per line)")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise PeftmergeError(f"{path}:{n}: not valid JSON; one JSON object per line") from None
+        record_text(rec, f"{path}:{n}")
+        out.append(rec)
+    if not out:
+        raise PeftmergeError(f"{path}: no records; pass a JSONL file with one JSON object per line")
+    return out
+
+
+class _Stop(Exception):
+    def __init__(self, hidden):
+        self.hidden = hidden
+
+
+def _layers(backbone: nn.Module, n: int) -> nn.ModuleList:
+    for m in backbone.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
+    raise PeftmergeError(f"{type(backbone).__name__}: cannot find its {n} transformer layers; use --layer -1")
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer without its LM / classification head (``model.base_model`` in transformers)."""
+    return getattr(model, "base_model", model)
+
+
+@torch.no_grad()
+def pooled_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1):
+    """Mean-pooled hidden state ``layer`` of ``model`` (n, d); stops after that layer."""
+    backbone = backbone_of(model)
+    n_layers = model.config.num_hidden_layers
+    if layer < -1 or layer > n_layers:
+        raise PeftmergeError(f"layer {layer} is out of range for a {n_layers}-layer model; pick 0..{n_layers} or -1")
+    handle = None
+    if layer != -1 and layer != n_layers:
+        target = backbone.get_input_embeddings() if layer == 0 else _layers(backbone, n_layers)[layer - 1]
+
+        def hook(_m, _inp, out):
+            raise _Stop(out[0] if isinstance(out, tuple) else out)
+
+        handle = target.register_forward_hook(hook)
+    try:
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    except _Stop as stop:
+        hidden = stop.hidden
+    finally:
+        if handle is not None:
+            handle.remove()
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
+
+
+class Embedder:
+    """``embed(texts) -> (n, d)``: pooled hidden states of ``model`` at ``layer``, in batches."""
+
+    def __init__(self, model, tokenizer, layer: int = -1, batch_size: int = 16, max_length: int = 256):
+        self.model, self.tokenizer, self.layer = model, tokenizer, int(layer)
+        self.batch_size, self.max_length = batch_size, max_length
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(list(texts[i:i + self.batch_size]), return_tensors="pt", padding=True,
+                                 truncation=True, max_length=self.max_length)
+            out.append(pooled_hidden(self.model, enc["input_ids"], enc["attention_mask"], self.layer))
+        return torch.cat(out)

@@ -1,0 +1,152 @@
+"""Load what a router needs: adapter metadata, the base model, the query embedder, the routed model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import PeftmergeError
+from ..io.adapter import PREFIX, LoraAdapter, load_adapter
+from .embed import Embedder, read_jsonl, record_text
+from .router import AdapterInfo, Router
+
+
+def adapter_meta(adapter: LoraAdapter) -> dict:
+    """The adapter folder's ``peftmerge.json`` (written by ``peftmerge train``), or {} when absent."""
+    folder = adapter.path if adapter.path.is_dir() else adapter.path.parent
+    meta = folder / "peftmerge.json"
+    if not meta.exists():
+        return {}
+    try:
+        data = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        raise PeftmergeError(f"{meta}: not valid JSON; fix it or remove it") from None
+    return data if isinstance(data, dict) else {}
+
+
+def adapter_info(adapter: LoraAdapter) -> AdapterInfo:
+    meta = adapter_meta(adapter)
+    shape = meta.get("shape") or ("classify" if adapter.config.get("task_type") == "SEQ_CLS" else "text2text")
+    if shape not in ("text2text", "classify"):
+        raise PeftmergeError(f"{adapter.path}: peftmerge.json shape {shape!r} is not text2text or classify")
+    template = meta.get("template") if isinstance(meta.get("template"), str) else None
+    return AdapterInfo(adapter.task, str(adapter.path.resolve()), shape, meta.get("labels"), template)
+
+
+def base_model_of(adapters: list[LoraAdapter], override: str | None) -> str:
+    """The base model all adapters were trained on (``--model`` wins)."""
+    if override:
+        return str(override)
+    found = {a.task: adapter_meta(a).get("base_model") or a.base_model for a in adapters}
+    names = {v for v in found.values() if v}
+    if not names:
+        raise PeftmergeError("no adapter records its base model (peftmerge.json base_model or adapter_config "
+                             "base_model_name_or_path); pass --model PATH")
+    if len(names) > 1:
+        raise PeftmergeError(f"the adapters have different base models ({', '.join(sorted(names))}); route adapters "
+                             "of one base model, or pass --model PATH to choose one")
+    return names.pop()
+
+
+def examples_of(adapters: list[LoraAdapter], files: dict[str, str] | None, limit: int = 256) -> dict[str, list]:
+    """Each task's example inputs: ``samples`` of its peftmerge.json plus ``files`` {task: JSONL}."""
+    files = dict(files or {})
+    tasks = [a.task for a in adapters]
+    unknown = [t for t in files if t not in tasks]
+    if unknown:
+        raise PeftmergeError(f"--examples {unknown[0]}=...: no adapter has task {unknown[0]!r}; "
+                             f"the tasks are: {', '.join(tasks)}")
+    out = {}
+    for a in adapters:
+        texts = [str(s) for s in adapter_meta(a).get("samples") or []]
+        if a.task in files:
+            texts += [record_text(r) for r in read_jsonl(files[a.task])]
+        out[a.task] = texts[:limit]
+    return out
+
+
+def open_adapters(paths: list, alpha: float | None = None) -> list[LoraAdapter]:
+    if not paths:
+        raise PeftmergeError("no adapters given; pass two or more adapter folders")
+    adapters = [load_adapter(p, alpha) for p in paths]
+    seen: dict[str, Path] = {}
+    for a in adapters:
+        if a.task in seen:
+            raise PeftmergeError(f"{a.path} and {seen[a.task]} have the same task name {a.task!r}; give each "
+                                 "adapter its own task (peftmerge.json task, or the folder name)")
+        seen[a.task] = a.path
+    return adapters
+
+
+def load_base(path: str, classify: bool = False, num_labels: int = 2):
+    """(model, tokenizer) from a local folder or a ``.gguf`` file, float32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    src, kw = str(path), {}
+    if src.endswith(".gguf"):
+        src, kw = str(Path(path).parent), {"gguf_file": Path(path).name}
+    cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
+    extra = {"num_labels": num_labels} if classify else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, **kw)
+        model = cls.from_pretrained(src, dtype=torch.float32, **kw, **extra).eval()
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeftmergeError(f"{path}: cannot load the base model ({first}); pass --model PATH to a local model "
+                             "folder") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_embedder(path: str | None, base=None, base_tokenizer=None, layer: int = -1) -> Embedder:
+    """The query embedder: a sentence-embedding model folder, or the base model."""
+    if path is None:
+        return Embedder(base, base_tokenizer, layer)
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError):
+        raise PeftmergeError(f"{path}: cannot load the embedding model; pass a local model folder") from None
+    return Embedder(model, tokenizer, layer)
+
+
+def head_tensors(adapter: LoraAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """{module: (weight, bias)} of an adapter's task head (its modules_to_save, or heads/<task>)."""
+    from safetensors.torch import load_file
+
+    heads = adapter_meta(adapter).get("heads") or {}
+    folder = adapter.path if adapter.path.is_dir() else adapter.path.parent
+    state = load_file(str(folder / heads[adapter.task])) if adapter.task in heads else adapter.heads()
+    out: dict[str, dict] = {}
+    for key, value in state.items():
+        key = key.removeprefix(PREFIX).replace(".modules_to_save.default", "").replace(".original_module", "")
+        module, _, param = key.rpartition(".")
+        out.setdefault(module, {})[param] = value.float()
+    return {m: (p["weight"], p.get("bias")) for m, p in out.items() if "weight" in p}
+
+
+def open_routed(router: Router, model: str | None = None):
+    """(RoutedModel, tokenizer) for ``router``: base model + the router's adapters patched in."""
+    from .apply import RoutedModel
+
+    classify = {a.shape for a in router.adapters} == {"classify"}
+    if len({a.shape for a in router.adapters}) > 1:
+        raise PeftmergeError("the router mixes classification and text-to-text adapters; route one kind at a time")
+    adapters = [load_adapter(a.path) for a in router.adapters]
+    heads = [head_tensors(a) for a in adapters] if classify else None
+    labels = [len(a.labels) for a in router.adapters if a.labels]
+    labels += [w.shape[0] for h in heads or [] for w, _ in h.values()]
+    base = model or router.base_model
+    if not base:
+        raise PeftmergeError("the router records no base model; pass --model PATH")
+    base_model, tokenizer = load_base(base, classify, max(labels, default=2))
+    general = [load_adapter(p) for p in router.general]
+    arrow = router.tensors if router.spec.per_token else None
+    return RoutedModel(base_model, adapters, arrow=arrow, general=general, heads=heads), tokenizer

@@ -1,0 +1,74 @@
+"""Probe routing: a small classifier from the base model's pooled hidden state to the task.
+
+In the spirit of Twin-Merging (Lu et al. 2024, arXiv:2406.15479) and X-LoRA (Buehler & Buehler 2024,
+arXiv:2402.07148) routers, but trained in one cheap pass: the embeddings of each adapter's labelled
+examples are standardised (mean/std stored) and a logistic regression (``hidden`` = 0) or a
+1-hidden-layer MLP (``hidden`` > 0, GELU) is fitted with full-batch Adam on the cross-entropy
+
+    logits = W2 gelu(W1 z + b1) + b2   (or W z + b),   z = (emb - mean) / std
+
+Routing: top-k of the logits, p = softmax(logits_topk / T); abstain where the top softmax probability
+(at T = 1) is under ``abstain``. Parameters: ``hidden`` (0), ``steps`` (300), ``lr`` (0.01),
+``weight_decay`` (1e-3), ``seed`` (0), plus ``top_k`` (1), ``temperature`` (1), ``abstain``, ``layer``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..merge.registry import Param
+from .centroid import check_examples
+from .registry import ABSTAIN, LAYER, TEMPERATURE, TOP_K, BuildContext, register
+
+PARAMS = (TOP_K(1), TEMPERATURE(1.0), ABSTAIN, LAYER,
+          Param("hidden", 0, "hidden units of the MLP (0 = logistic regression)", low=0),
+          Param("steps", 300, "full-batch Adam steps", low=1),
+          Param("lr", 0.01, "Adam learning rate", low=0.0, low_open=True),
+          Param("weight_decay", 1e-3, "L2 penalty", low=0.0),
+          Param("seed", 0, "initialisation seed", low=0))
+
+
+def probe_logits(tensors: dict[str, torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+    z = (emb - tensors["mean"]) / tensors["std"]
+    if "w2" in tensors:
+        z = F.gelu(F.linear(z, tensors["w1"], tensors["b1"]))
+        return F.linear(z, tensors["w2"], tensors["b2"])
+    return F.linear(z, tensors["w1"], tensors["b1"])
+
+
+def probe_scores(tensors: dict[str, torch.Tensor], emb: torch.Tensor, params: dict):
+    """(logits (n, E), confidence = top softmax probability (n,))."""
+    logits = probe_logits(tensors, emb)
+    return logits, torch.softmax(logits, dim=1).max(dim=1).values
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, params: dict) -> dict[str, torch.Tensor]:
+    """Fit the probe on embeddings ``x`` (n, d) with labels ``y`` (n,)."""
+    gen = torch.Generator().manual_seed(int(params["seed"]))
+    mean, std = x.mean(0), x.std(0, unbiased=False).clamp(min=1e-6)
+    d, h = x.shape[1], int(params["hidden"])
+    shapes = {"w1": (h or n_classes, d), "b1": (h or n_classes,)}
+    if h:
+        shapes.update(w2=(n_classes, h), b2=(n_classes,))
+    fan_in = {"w1": d, "b1": d, "w2": h, "b2": h}
+    weights = {k: ((torch.rand(s, generator=gen) * 2 - 1) / fan_in[k] ** 0.5).requires_grad_()
+               for k, s in shapes.items()}
+    opt = torch.optim.AdamW(weights.values(), lr=float(params["lr"]), weight_decay=float(params["weight_decay"]))
+    with torch.enable_grad():
+        for _ in range(int(params["steps"])):
+            opt.zero_grad()
+            loss = F.cross_entropy(probe_logits({**weights, "mean": mean, "std": std}, x), y)
+            loss.backward()
+            opt.step()
+    return {**{k: v.detach() for k, v in weights.items()}, "mean": mean, "std": std}
+
+
+@register("probe", paper="https://arxiv.org/abs/2406.15479", params=PARAMS, score=probe_scores)
+def build_probe(ctx: BuildContext, params: dict) -> dict[str, torch.Tensor]:
+    """The probe's weights (``w1``, ``b1`` [, ``w2``, ``b2``]) and the standardisation (``mean``, ``std``)."""
+    check_examples(ctx, minimum=2)
+    embs = [ctx.embed(ctx.examples[t]) for t in ctx.tasks]
+    x = torch.cat(embs)
+    y = torch.cat([torch.full((len(e),), i, dtype=torch.long) for i, e in enumerate(embs)])
+    return fit_probe(x, y, len(ctx.tasks), params)

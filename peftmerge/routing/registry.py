@@ -1,0 +1,99 @@
+"""The one registry of routers.
+
+A router chooses, for each query (or each token), which task adapters to apply and with what weights.
+Two kinds share this registry:
+
+- *query* routers (``centroid``, ``probe``) score a pooled embedding of the whole query::
+
+      build(ctx: BuildContext, params) -> dict[str, Tensor]          # what router.safetensors holds
+      score(tensors, emb (n, d), params) -> (scores (n, E), confidence (n,))
+
+  then one shared rule (:func:`peftmerge.routing.decide.decide`) keeps the top-k scores, turns them into
+  weights with a softmax at ``temperature`` and abstains (base model) where ``confidence < abstain``;
+- *token* routers (``arrow``) are data-free: ``build`` stores per-layer prototypes and the routed model
+  decides per token inside each adapted layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..errors import PeftmergeError
+from ..merge.registry import Param
+
+TOP_K = lambda default: Param("top_k", default, "adapters combined per query/token", low=1)  # noqa: E731
+TEMPERATURE = lambda default: Param("temperature", default, "softmax temperature of the weights",  # noqa: E731
+                                    low=0.0, low_open=True)
+ABSTAIN = Param("abstain", None, "confidence under which the query gets the base model (off when unset)")
+LAYER = Param("layer", -1, "hidden state pooled for the query embedding (0 = token embeddings, -1 = last)")
+
+
+@dataclass
+class BuildContext:
+    """What a router may use when it is built."""
+
+    adapters: list  # LoraAdapter, in router order
+    tasks: list[str]
+    examples: dict[str, list[str]] = field(default_factory=dict)  # task -> raw input texts
+    embed: Callable | None = None  # list[str] -> (n, d) float32 query embeddings
+    general: list = field(default_factory=list)  # LoraAdapter: GenKnowSub's general adapters (arrow)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    paper: str
+    doc: str
+    params: tuple[Param, ...]
+    build: Callable
+    score: Callable | None = None  # query routers only
+    per_token: bool = False
+
+    def resolve(self, given: dict) -> dict:
+        """Defaults filled in, values checked; an unknown parameter names the valid ones."""
+        known = {p.name: p for p in self.params}
+        for key, value in given.items():
+            if value is not None and key not in known:
+                raise PeftmergeError(f"router {self.name} takes no parameter {key!r} "
+                                     f"(its parameters: {', '.join(known)})")
+        out: dict[str, Any] = {}
+        for p in self.params:
+            v = given.get(p.name)
+            out[p.name] = p.check(v, 1) if v is not None else p.default
+        return out
+
+
+_REGISTRY: dict[str, Strategy] = {}
+
+
+def register(name: str, *, paper: str, params: tuple[Param, ...], score: Callable | None = None,
+             per_token: bool = False):
+    """Decorator on a router's ``build`` function."""
+
+    def wrap(build: Callable) -> Callable:
+        import sys
+
+        doc = (sys.modules[build.__module__].__doc__ or "").strip()
+        _REGISTRY[name] = Strategy(name, paper, doc, tuple(params), build, score, per_token)
+        return build
+
+    return wrap
+
+
+def _load_all() -> None:
+    from . import arrow, centroid, probe  # noqa: F401  (importing registers each router)
+
+
+def names() -> list[str]:
+    """Every registered router name."""
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Strategy:
+    """The router called ``name``; an unknown name lists the valid ones."""
+    _load_all()
+    if name not in _REGISTRY:
+        raise PeftmergeError(f"unknown router {name!r}; choose one of: {', '.join(names())}")
+    return _REGISTRY[name]
