@@ -100,3 +100,22 @@ def test_predict_and_eval_bad_input(setup, tmp_path):
     assert r.exit_code == 2 and "does not fit a centroid router" in r.output
     r = run("route", "eval", "--router", tmp_path / "r", "--data", f"birds={queries}")
     assert r.exit_code == 2 and "no adapter for task 'birds'" in r.output
+
+
+def test_eval_with_a_router_scores_the_routed_answers(setup, tmp_path):
+    """`peftmerge eval --router` uses the same routed answers as `peftmerge predict`."""
+    from peftmerge.evaluate import Settings, evaluate
+
+    d, ads, queries = setup
+    assert run("route", "build", *ads, "--strategy", "centroid", "-o", tmp_path / "router").exit_code == 0
+    rows = [{"text": s, "label": "red"} for s in sentences("colors", 4, 5)]
+    data = write_jsonl(tmp_path / "colors.jsonl", rows)
+    (tmp_path / "task.json").write_text(json.dumps({"labels": ["red", "blue"]}))
+    r = run("predict", "--router", tmp_path / "router", "--input", data, "-o", tmp_path / "p.jsonl",
+            "--max-new-tokens", "8", "--quiet")
+    assert r.exit_code == 0, r.output
+    outs = [json.loads(line)["output"].strip().lower() for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    expected = sum(o.startswith("red") for o in outs) / len(outs)
+    res = evaluate(str(d / "base"), {"colors": str(data)}, router=str(tmp_path / "router"),
+                   settings=Settings(progress=False))
+    assert res["tasks"]["colors"]["accuracy"] == pytest.approx(expected)

@@ -5,11 +5,11 @@ each adapter's sample inputs), ``probe`` (a small classifier on pooled hidden st
 modes: ``select``, ``mixture``, ``fuse`` (per query) and ``arrow`` (per token); see :mod:`.apply`.
 """
 
-from .api import predict, route_build, route_eval, route_queries
+from .api import predict, predict_for_eval, route_build, route_eval, route_queries
 from .apply import RoutedModel
 from .decide import Decision, decide
 from .registry import get, names
 from .router import Router, load_router
 
-__all__ = ["Decision", "RoutedModel", "Router", "decide", "get", "load_router", "names", "predict", "route_build",
+__all__ = ["Decision", "RoutedModel", "Router", "decide", "get", "load_router", "names", "predict", "predict_for_eval", "route_build",
            "route_eval", "route_queries"]

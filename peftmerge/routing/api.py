@@ -105,24 +105,24 @@ def _write_jsonl(rows: list[dict], out: Path) -> None:
         raise
 
 
-def predict(router, input, out, *, model: str | None = None, mode: str | None = None, route_only: bool = False,
-            max_new_tokens: int = 32, batch_size: int = 8, overwrite: bool = False, progress: bool = True):
-    """Route each query of ``input`` (JSONL) and answer it; write ``out`` (JSONL), one record per query:
-    ``adapters``/``weights`` (the routing), ``abstained``, and ``label`` (classification) or ``output``."""
-    router = _as_router(router)
-    out = Path(out)
-    check_output(out, [Path(input)], overwrite)
-    records = read_jsonl(input)
+def _open(router: Router, model: str | None, mode: str | None):
+    """(routed model, tokenizer, embedder, mode) for answering queries with ``router``."""
     if mode is None:
         mode = "arrow" if router.spec.per_token else ("select" if router.params["top_k"] == 1 else "mixture")
     if (mode == "arrow") != router.spec.per_token:
         raise PeftmergeError(f"mode {mode!r} does not fit a {router.strategy} router; use "
                              + ("arrow" if router.spec.per_token else "select, mixture or fuse"))
     routed, tokenizer = open_routed(router, model)
-    classify = router.adapters[0].shape == "classify"
-    tokenizer.padding_side = "right" if classify else "left"
+    tokenizer.padding_side = "right" if router.adapters[0].shape == "classify" else "left"
     embed = None if router.spec.per_token else load_embedder(router.embedder, routed.model, tokenizer,
                                                              router.params["layer"])
+    return routed, tokenizer, embed, mode
+
+
+def _answer(router: Router, records: list[dict], routed, tokenizer, embed, mode: str, *, route_only: bool = False,
+            max_new_tokens: int = 32, batch_size: int = 8, progress: bool = True) -> list[dict]:
+    """One record per query: ``adapters``/``weights``, ``abstained``, and ``label`` or ``output``."""
+    classify = router.adapters[0].shape == "classify"
     rows = []
     for i in tqdm(range(0, len(records), batch_size), disable=not progress, desc="predict"):
         batch = records[i:i + batch_size]
@@ -156,8 +156,43 @@ def predict(router, input, out, *, model: str | None = None, mode: str | None = 
     for rec, row in zip(records, rows):
         if "id" in rec:
             row["id"] = rec["id"]
+    return rows
+
+
+def predict(router, input, out, *, model: str | None = None, mode: str | None = None, route_only: bool = False,
+            max_new_tokens: int = 32, batch_size: int = 8, overwrite: bool = False, progress: bool = True):
+    """Route each query of ``input`` (JSONL) and answer it; write ``out`` (JSONL), one record per query:
+    ``adapters``/``weights`` (the routing), ``abstained``, and ``label`` (classification) or ``output``."""
+    router = _as_router(router)
+    out = Path(out)
+    check_output(out, [Path(input)], overwrite)
+    records = read_jsonl(input)
+    routed, tokenizer, embed, mode = _open(router, model, mode)
+    rows = _answer(router, records, routed, tokenizer, embed, mode, route_only=route_only,
+                   max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     _write_jsonl(rows, out)
     return rows
+
+
+def _as_label(text: str, labels: list[str] | None) -> str:
+    """A generated answer as a label word: the label it starts with (case-insensitive), else the text."""
+    answer = text.strip().split("\n")[0].strip()
+    for label in sorted(labels or [], key=len, reverse=True):
+        if answer.lower().startswith(label.lower()):
+            return label
+    return answer
+
+
+def predict_for_eval(router_dir, base: str | None, task, *, batch_size: int = 8, max_length: int | None = None,
+                     progress: bool = True) -> list[str]:
+    """``peftmerge eval --router``: the routed answer (label word or text) for each row of ``task``."""
+    router = _as_router(router_dir)
+    routed, tokenizer, embed, mode = _open(router, base, None)
+    rows = _answer(router, task.rows, routed, tokenizer, embed, mode, batch_size=batch_size, progress=progress,
+                   max_new_tokens=8 if task.labels else 128)
+    if task.labels:
+        return [str(r["label"]) if "label" in r else _as_label(r.get("output", ""), task.labels) for r in rows]
+    return [r.get("output", "") for r in rows]
 
 
 def route_eval(router, data: dict[str, str], *, model: str | None = None, limit: int | None = None,
