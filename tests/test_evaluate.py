@@ -210,7 +210,7 @@ def test_cli_eval_writes_table_and_report(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--data", "sst2"], "is not NAME=PATH"),
     (["--data", "x=missing.jsonl"], "no such data file"),
-    (["--data", "x=DATA", "--router", "DATA"], "routing is not available in this build"),
+    (["--data", "x=DATA", "--router", "DATA"], "no router.json; pass a folder written by `peftmerge route build`"),
     (["--data", "x=DATA", "--reference", "y=DATA"], "names task(s) y that have no --data"),
     ([], "no --data"),
 ])

@@ -65,7 +65,7 @@ def test_arrow_cli_records_weights(setup, tmp_path):
     (["--strategy", "centroid", "--examples", "birds=x.jsonl"], "no adapter has task 'birds'"),
     (["--strategy", "centroid", "--top-k", "0"], "top_k 0 is out of range"),
     (["--strategy", "arrow", "--hidden", "3"], "router arrow takes no parameter 'hidden'"),
-    (["--strategy", "centroid", "--examples", "animals=missing.jsonl"], "missing.jsonl: no such file"),
+    (["--strategy", "centroid", "--examples", "animals=missing.jsonl"], "missing.jsonl: no such data file"),
 ])
 def test_build_bad_input(setup, tmp_path, args, message):
     d, ads, _ = setup

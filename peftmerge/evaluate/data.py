@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PeftmergeError
+from ..io.meta import read_jsonl, read_meta  # noqa: F401  (read_meta re-exported for callers)
 
 log = logging.getLogger(__name__)
 
@@ -57,44 +58,6 @@ def parse_pairs(values, option: str) -> dict[str, Path]:
             raise PeftmergeError(f"{option} names task {name!r} twice; give each task once")
         out[name.strip()] = Path(path.strip())
     return out
-
-
-def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise PeftmergeError(f"{path}: no such data file; give a JSONL file (one JSON object per line)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise PeftmergeError(f"{path}:{i}: not valid JSON; each line must be one JSON object") from None
-            if not isinstance(row, dict):
-                raise PeftmergeError(f"{path}:{i}: not a JSON object")
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
-    if not rows:
-        raise PeftmergeError(f"{path}: no rows; the data file is empty")
-    return rows
-
-
-def read_meta(folder: str | Path | None) -> dict:
-    """The ``peftmerge.json`` of an adapter folder ({} when there is none)."""
-    if folder is None:
-        return {}
-    p = Path(folder)
-    p = p / "peftmerge.json" if p.is_dir() else p.parent / "peftmerge.json"
-    if not p.is_file():
-        return {}
-    try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        raise PeftmergeError(f"{p}: not valid JSON; fix or re-save it") from None
-    return meta if isinstance(meta, dict) else {}
 
 
 def _check_rows(name: str, path: Path, rows: list[dict]) -> str:

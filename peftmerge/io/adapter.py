@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PeftmergeError
+from .meta import read_meta
 from .safetensors_file import TensorFile
 
 PREFIX = "base_model.model."
@@ -110,15 +111,10 @@ def _locate(path: Path, alpha: float | None) -> tuple[Path, dict | None]:
     if not path.exists():
         raise PeftmergeError(f"{path}: no such file or directory; check the path")
     if path.is_dir():
-        meta = path / "peftmerge.json"
-        if meta.exists():
-            try:
-                info = json.loads(meta.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                info = {}
-            if isinstance(info, dict) and info.get("mergeable") is False:
-                raise PeftmergeError(f"{path}: a {info.get('method', 'non-LoRA')} adapter; only LoRA adapters "
-                                     "(lora, qlora, rsLoRA) can be merged as task vectors")
+        info = read_meta(path)
+        if info.get("mergeable") is False:
+            raise PeftmergeError(f"{path}: a {info.get('method', 'non-LoRA')} adapter; only LoRA adapters "
+                                 "(lora, qlora, rsLoRA) can be merged as task vectors")
         file = path / "adapter_model.safetensors"
         if not file.exists():
             if (path / "adapter_model.bin").exists():
@@ -142,15 +138,10 @@ def _locate(path: Path, alpha: float | None) -> tuple[Path, dict | None]:
 
 
 def _task_name(path: Path) -> str:
+    task = read_meta(path).get("task")
+    if task:
+        return str(task)
     folder = path if path.is_dir() else path.parent
-    meta = folder / "peftmerge.json"
-    if meta.exists():
-        try:
-            task = json.loads(meta.read_text()).get("task")
-            if task:
-                return str(task)
-        except (json.JSONDecodeError, AttributeError):
-            pass
     if path.is_file() and path.stem not in ("adapter_model", "model"):
         return path.stem
     return folder.resolve().name

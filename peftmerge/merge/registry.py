@@ -11,7 +11,7 @@ exactly in factor space, without ever forming a dense ``dW``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch

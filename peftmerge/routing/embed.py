@@ -8,13 +8,13 @@ Its embedding is the mean over non-padding tokens of one hidden state (``layer``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import PeftmergeError
+from ..io.meta import read_jsonl as _read_jsonl
 
 TEXT_FIELDS = ("text", "instruction", "input", "query", "prompt")
 
@@ -34,23 +34,11 @@ def record_text(rec: dict, where: str = "record") -> str:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSONL file, with a one-line error naming the bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise PeftmergeError(f"{path}: no such file; pass a JSONL file (one JSON object per line)")
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise PeftmergeError(f"{path}:{n}: not valid JSON; one JSON object per line") from None
+    """Records of a JSONL file, each with a query text (one-line error naming the bad line)."""
+    rows = _read_jsonl(path)
+    for n, rec in enumerate(rows, 1):
         record_text(rec, f"{path}:{n}")
-        out.append(rec)
-    if not out:
-        raise PeftmergeError(f"{path}: no records; pass a JSONL file with one JSON object per line")
-    return out
+    return rows
 
 
 class _Stop(Exception):

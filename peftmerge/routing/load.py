@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import PeftmergeError
+from ..io.meta import read_meta
 from ..io.adapter import PREFIX, LoraAdapter, load_adapter
 from .embed import Embedder, read_jsonl, record_text
 from .router import AdapterInfo, Router
@@ -15,15 +15,7 @@ from .router import AdapterInfo, Router
 
 def adapter_meta(adapter: LoraAdapter) -> dict:
     """The adapter folder's ``peftmerge.json`` (written by ``peftmerge train``), or {} when absent."""
-    folder = adapter.path if adapter.path.is_dir() else adapter.path.parent
-    meta = folder / "peftmerge.json"
-    if not meta.exists():
-        return {}
-    try:
-        data = json.loads(meta.read_text())
-    except json.JSONDecodeError:
-        raise PeftmergeError(f"{meta}: not valid JSON; fix it or remove it") from None
-    return data if isinstance(data, dict) else {}
+    return read_meta(adapter.path)
 
 
 def adapter_info(adapter: LoraAdapter) -> AdapterInfo:
