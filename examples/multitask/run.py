@@ -248,7 +248,9 @@ def main() -> None:
         family_run(fam, a.work, a.quick, log)
     if a.export_examples and "minilm" in families:
         export_examples(a.work)
-    write_doc(a.work, families, time.perf_counter() - start, a.quick)
+    # the doc covers every family with a report in the work folder (families may run in separate invocations)
+    done = [f for f in FAMILIES if (a.work / f / "report" / "report.md").exists()]
+    write_doc(a.work, done, time.perf_counter() - start, a.quick)
     print(f"wrote docs/results.md ({(time.perf_counter() - start) / 60:.1f} min); log: {log}")
 
 
