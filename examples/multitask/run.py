@@ -50,7 +50,7 @@ FAMILIES = {
                     searches=("task_arithmetic+grid",)),
 }
 QUICK = dict(train_rows=64, eval_limit=24, search_limit=16)
-COMMANDS: list[str] = []
+COMMANDS: list[str] = []  # this family's commands, also kept in <work>/<family>/commands.sh for the doc
 THREADS: dict[str, str] = {}  # --threads N sets OMP_NUM_THREADS of every step (1 is far faster on a busy machine)
 
 
@@ -108,6 +108,15 @@ def pairs(flag: str, mapping: dict) -> list[str]:
 
 
 def family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
+    COMMANDS.clear()
+    try:
+        return _family_run(family, work, quick, log)
+    finally:
+        (work / family).mkdir(parents=True, exist_ok=True)
+        (work / family / "commands.sh").write_text("\n".join(COMMANDS) + "\n")
+
+
+def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
     spec = {**FAMILIES[family], **(QUICK if quick else {})}
     base = base_model(family, work)
     w = work / family
@@ -224,7 +233,9 @@ def write_doc(work: Path, families: list[str], seconds: float, quick: bool) -> N
             shutil.copy(rep / png, docs / "results" / f"{fam}-{png}")
             body = body.replace(f"]({png})", f"](results/{fam}-{png})")
         lines += [f"## {fam}", "", f"Training: {' '.join(FAMILIES[fam]['train'])}.", "", body, ""]
-    lines += ["## Commands", "", "```bash", *COMMANDS, "```", ""]
+    lines += ["## Commands", ""]
+    for fam in families:
+        lines += [f"### {fam}", "", "```bash", (work / fam / "commands.sh").read_text().strip(), "```", ""]
     (docs / "results.md").write_text("\n".join(lines))
 
 
