@@ -1,9 +1,11 @@
-"""Small shared readers: an adapter's ``peftmerge.json`` and JSONL data files (one-line errors)."""
+"""Small shared readers: an adapter's ``peftmerge.json``, JSONL data files and YAML configs (one-line errors)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import yaml
 
 from ..errors import PeftmergeError
 
@@ -47,3 +49,14 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
     if not rows:
         raise PeftmergeError(f"{path}: no rows; the data file is empty")
     return rows
+
+
+def read_yaml(path: str | Path, what: str) -> object:
+    """The parsed YAML file ``path`` (``what`` it should be names the fix when it is missing or broken)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PeftmergeError(f"{path}: no such file; pass {what}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PeftmergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix {what}") from None

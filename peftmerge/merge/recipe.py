@@ -17,9 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ..errors import PeftmergeError
+from ..io.meta import read_yaml
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "rank", "tokenizer_source"}
 
@@ -40,12 +39,7 @@ class Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read a mergekit-style YAML recipe."""
     path = Path(path)
-    if not path.is_file():
-        raise PeftmergeError(f"{path}: no such recipe file; check the --config path")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise PeftmergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the recipe") from None
+    data = read_yaml(path, "a merge recipe (--config)")
     if not isinstance(data, dict):
         raise PeftmergeError(f"{path}: a recipe is a mapping with merge_method and models; see the README")
     unknown = set(data) - _TOP_KEYS

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .. import __version__
 from ..card import write_card
 from ..errors import PeftmergeError
 from ..io.atomic import atomic_dir, check_output
+from ..io.meta import read_yaml
 from . import base, methods
 from .config import TrainConfig
 from .data import ALPACA_PROMPT, default_template, load_task, sample_inputs
@@ -168,12 +167,7 @@ def read_tasks(yaml_path: str | Path) -> list[TrainConfig]:
     YAML file's folder; ``out`` defaults to ``output_dir/<task>``.
     """
     path = Path(yaml_path)
-    if not path.is_file():
-        raise PeftmergeError(f"{path}: no such file; pass a tasks YAML file")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise PeftmergeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    doc = read_yaml(path, "a tasks YAML file")
     if not isinstance(doc, dict) or not doc.get("tasks"):
         raise PeftmergeError(f"{path}: no 'tasks'; write a 'tasks:' list of tasks (task, data, ...)")
     bad = sorted(set(doc) - {"defaults", "output_dir", "tasks"})
