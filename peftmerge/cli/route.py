@@ -37,6 +37,8 @@ def route_command():
               help="Confidence (centroid: cosine, probe: probability) under which the base model answers.")
 @click.option("--layer", type=int, default=None, help="Hidden state pooled for query embeddings (-1 = last).")
 @click.option("--examples", multiple=True, metavar="NAME=FILE.jsonl", help="Example inputs of adapter NAME.")
+@click.option("--max-examples", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Example inputs used per adapter (stored samples first, then --examples).")
 @click.option("--general", multiple=True, type=click.Path(), help="Arrow GenKnowSub: a general adapter (repeat).")
 @click.option("--embedder", type=click.Path(), default=None, help="Sentence-embedding model folder (default: base).")
 @click.option("--model", default=None, help="Base model path (default: the adapters' base model).")
@@ -44,15 +46,15 @@ def route_command():
 @click.option("--steps", type=int, default=None, help="Probe: training steps.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @debug_option
-def build_command(adapters, out, strategy, top_k, temperature, abstain, layer, examples, general, embedder, model,
-                  hidden, steps, overwrite):
+def build_command(adapters, out, strategy, top_k, temperature, abstain, layer, examples, max_examples, general,
+                  embedder, model, hidden, steps, overwrite):
     """Build a router over ADAPTER... (PEFT LoRA adapter folders) into OUT."""
     from ..routing.api import route_build
 
     router = route_build(list(adapters), out, strategy, top_k=top_k, temperature=temperature, abstain=abstain,
                          layer=layer, examples=parse_pairs(examples, "--examples"), general=list(general),
                          embedder=embedder, model=model, params={"hidden": hidden, "steps": steps},
-                         overwrite=overwrite)
+                         max_examples=max_examples, overwrite=overwrite)
     click.echo(f"{strategy} router over {len(router.adapters)} adapters ({', '.join(router.tasks)}) "
                f"written to {out}; params {json.dumps(router.params)}")
 

@@ -14,7 +14,7 @@ from ..errors import PeftmergeError
 from ..io.atomic import check_output
 from . import registry
 from .decide import Decision, decide
-from .embed import read_jsonl, record_text
+from .embed import encode, query_text, read_jsonl, record_query, record_text
 from .load import (adapter_info, base_model_of, examples_of, load_base, load_embedder, open_adapters,
                    open_routed)
 from .registry import BuildContext
@@ -24,8 +24,10 @@ from .router import Router, load_router
 def route_build(adapters: list, out, strategy: str = "centroid", *, top_k: int | None = None,
                 temperature: float | None = None, abstain: float | None = None, layer: int | None = None,
                 examples: dict[str, str] | None = None, general: list | None = None, embedder: str | None = None,
-                model: str | None = None, params: dict | None = None, overwrite: bool = False) -> Router:
-    """Build a router over ``adapters`` (folders) with ``strategy`` and save it to ``out``."""
+                model: str | None = None, params: dict | None = None, max_examples: int = 1000,
+                overwrite: bool = False) -> Router:
+    """Build a router over ``adapters`` (folders) with ``strategy`` and save it to ``out``; query routers
+    use at most ``max_examples`` example inputs per adapter (stored samples first, then ``examples`` files)."""
     spec = registry.get(strategy)
     embedder = str(embedder) if embedder else None
     model = str(model) if model else None
@@ -39,7 +41,7 @@ def route_build(adapters: list, out, strategy: str = "centroid", *, top_k: int |
     base = base_model_of(opened, model)
     ctx = BuildContext(opened, [a.task for a in opened], general=gen)
     if not spec.per_token:
-        ctx.examples = examples_of(opened, examples)
+        ctx.examples = examples_of(opened, examples, max_examples)
         for task, texts in ctx.examples.items():  # before loading any model: fail fast
             if not texts:
                 raise PeftmergeError(f"adapter {task!r} has no example inputs; add samples to its peftmerge.json "
@@ -59,14 +61,15 @@ def _as_router(router) -> Router:
     return router if isinstance(router, Router) else load_router(router)
 
 
-def route_queries(router: Router, texts: list[str], routed=None, tokenizer=None, embed=None,
+def route_queries(router: Router, texts: list, routed=None, tokenizer=None, embed=None,
                   batch_size: int = 16) -> Decision:
-    """The router's decision for each query text (arrow: each adapter's mean weight over layers and tokens)."""
+    """The router's decision for each query (a string or a ``(text, text_pair)`` pair; arrow: each adapter's
+    mean weight over layers and tokens)."""
     if router.spec.per_token:
         p = router.params
         shares = []
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True)
+            enc = encode(tokenizer, texts[i:i + batch_size])
             plan = routed.arrow_plan(p["top_k"], p["temperature"], stats_for=enc["attention_mask"])
             with torch.no_grad():
                 routed(enc["input_ids"], enc["attention_mask"], plan=plan)
@@ -82,14 +85,16 @@ def route_queries(router: Router, texts: list[str], routed=None, tokenizer=None,
     return decide(scores, confidence, p["top_k"], p["temperature"], p.get("abstain"))
 
 
-def _prompt(rec: dict, template: str | None) -> str:
-    text = record_text(rec)
+def _prompt(rec: dict, template: str | None) -> str | tuple[str, str]:
+    """What the model reads: the template filled in, else the query itself (a pair stays a pair)."""
     if template:
+        text = record_text(rec)
         try:
             return template.format(**{**rec, "text": rec.get("text", text)})
         except (KeyError, IndexError, ValueError):
             return text
-    return text
+    query = record_query(rec)
+    return query if rec.get("text") is not None else query_text(query)
 
 
 def _write_jsonl(rows: list[dict], out: Path) -> None:
@@ -126,8 +131,8 @@ def _answer(router: Router, records: list[dict], routed, tokenizer, embed, mode:
     rows = []
     for i in tqdm(range(0, len(records), batch_size), disable=not progress, desc="predict"):
         batch = records[i:i + batch_size]
-        texts = [record_text(r) for r in batch]
-        decision = route_queries(router, texts, routed, tokenizer, embed)
+        queries = [record_query(r) for r in batch]
+        decision = route_queries(router, queries, routed, tokenizer, embed)
         chosen = decision.rows()
         for c in chosen:
             rows.append({"adapters": [router.tasks[e] for e, _ in c], "weights": [round(w, 6) for _, w in c],
@@ -135,7 +140,7 @@ def _answer(router: Router, records: list[dict], routed, tokenizer, embed, mode:
         if route_only:
             continue
         prompts = [_prompt(r, router.adapters[c[0][0]].template if c else None) for r, c in zip(batch, chosen)]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        enc = encode(tokenizer, prompts)
         plan = routed.arrow_plan(router.params["top_k"], router.params["temperature"]) if mode == "arrow" else None
         dec = None if mode == "arrow" else decision
         with torch.no_grad():
@@ -203,7 +208,7 @@ def route_eval(router, data: dict[str, str], *, model: str | None = None, limit:
     if unknown:
         raise PeftmergeError(f"--data {unknown[0]}=...: the router has no adapter for task {unknown[0]!r}; "
                              f"its tasks are: {', '.join(router.tasks)}")
-    queries = {t: [record_text(r) for r in read_jsonl(f)][:limit] for t, f in data.items()}
+    queries = {t: [record_query(r) for r in read_jsonl(f)][:limit] for t, f in data.items()}
     if router.spec.per_token:
         routed, tokenizer = open_routed(router, model)
         embed = None

@@ -1,9 +1,11 @@
 """Query texts and query embeddings.
 
-A query record (one JSON object per line) becomes text the same way everywhere: ``text`` (+ newline +
-``text_pair``), else ``instruction`` (+ ``input``), else ``input`` / ``query`` / ``prompt``.
-Its embedding is the mean over non-padding tokens of one hidden state (``layer``: 0 = token embeddings,
--1 = last) of the base model or of a sentence-embedding model. Layers above ``layer`` are not run.
+A query record (one JSON object per line) becomes a query the same way everywhere: ``text`` (+
+``text_pair``: the pair ``(text, text_pair)``, encoded as a pair as the classifiers were trained, with
+the tokenizer's separator and token types), else ``instruction`` (+ ``input``), else ``input`` / ``query``
+/ ``prompt``. Its embedding is the mean over non-padding tokens of one hidden state (``layer``: 0 = token
+embeddings, -1 = last) of the base model or of a sentence-embedding model. Layers above ``layer`` are not
+run.
 """
 
 from __future__ import annotations
@@ -33,6 +35,36 @@ def record_text(rec: dict, where: str = "record") -> str:
     raise PeftmergeError(f"{where}: no query text; give one of the fields {', '.join(TEXT_FIELDS)}")
 
 
+def record_query(rec: dict, where: str = "record") -> str | tuple[str, str]:
+    """The query of one record: ``(text, text_pair)`` for a sentence pair, else its text."""
+    text = record_text(rec, where)
+    if rec.get("text") is not None and rec.get("text_pair"):
+        return str(rec["text"]), str(rec["text_pair"])
+    return text
+
+
+def as_query(sample) -> str | tuple[str, str]:
+    """A stored sample (a string, or a ``[text, text_pair]`` list) as a query."""
+    if isinstance(sample, (list, tuple)) and len(sample) == 2:
+        return str(sample[0]), str(sample[1])
+    return str(sample)
+
+
+def query_text(query: str | tuple[str, str]) -> str:
+    """One string for a query (a pair joined by a newline), for prompts and logs."""
+    return query if isinstance(query, str) else f"{query[0]}\n{query[1]}"
+
+
+def encode(tokenizer, queries: list, max_length: int | None = None):
+    """Tokenize and pad ``queries`` (strings or ``(text, text_pair)`` pairs) into one batch of tensors."""
+    if all(isinstance(q, str) for q in queries):
+        return tokenizer(list(queries), return_tensors="pt", padding=True, truncation=max_length is not None,
+                         max_length=max_length)
+    rows = [tokenizer(*((q,) if isinstance(q, str) else q), truncation=max_length is not None,
+                      max_length=max_length) for q in queries]
+    return tokenizer.pad(rows, return_tensors="pt")
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Records of a JSONL file, each with a query text (one-line error naming the bad line)."""
     rows = _read_jsonl(path)
@@ -59,22 +91,29 @@ def backbone_of(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def pooled_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1):
+def pooled_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int = -1,
+                  token_type_ids: torch.Tensor | None = None):
     """Mean-pooled hidden state ``layer`` of ``model`` (n, d); stops after that layer."""
     backbone = backbone_of(model)
     n_layers = model.config.num_hidden_layers
     if layer < -1 or layer > n_layers:
         raise PeftmergeError(f"layer {layer} is out of range for a {n_layers}-layer model; pick 0..{n_layers} or -1")
     handle = None
-    if layer != -1 and layer != n_layers:
-        target = backbone.get_input_embeddings() if layer == 0 else _layers(backbone, n_layers)[layer - 1]
+    if layer == 0:  # the input of the first layer: token (+ position, token type) embeddings
+
+        def pre_hook(_m, args, kwargs):
+            raise _Stop(args[0] if args else kwargs["hidden_states"])
+
+        handle = _layers(backbone, n_layers)[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    elif layer != -1 and layer != n_layers:
 
         def hook(_m, _inp, out):
             raise _Stop(out[0] if isinstance(out, tuple) else out)
 
-        handle = target.register_forward_hook(hook)
+        handle = _layers(backbone, n_layers)[layer - 1].register_forward_hook(hook)
     try:
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
     except _Stop as stop:
         hidden = stop.hidden
     finally:
@@ -85,7 +124,8 @@ def pooled_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
 
 class Embedder:
-    """``embed(texts) -> (n, d)``: pooled hidden states of ``model`` at ``layer``, in batches."""
+    """``embed(queries) -> (n, d)``: pooled hidden states of ``model`` at ``layer``, in batches; a query is a
+    string or a ``(text, text_pair)`` pair."""
 
     def __init__(self, model, tokenizer, layer: int = -1, batch_size: int = 16, max_length: int = 256):
         self.model, self.tokenizer, self.layer = model, tokenizer, int(layer)
@@ -93,10 +133,10 @@ class Embedder:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
 
-    def __call__(self, texts: list[str]) -> torch.Tensor:
+    def __call__(self, queries: list) -> torch.Tensor:
         out = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(list(texts[i:i + self.batch_size]), return_tensors="pt", padding=True,
-                                 truncation=True, max_length=self.max_length)
-            out.append(pooled_hidden(self.model, enc["input_ids"], enc["attention_mask"], self.layer))
+        for i in range(0, len(queries), self.batch_size):
+            enc = encode(self.tokenizer, list(queries[i:i + self.batch_size]), self.max_length)
+            out.append(pooled_hidden(self.model, enc["input_ids"], enc["attention_mask"], self.layer,
+                                     enc.get("token_type_ids")))
         return torch.cat(out)

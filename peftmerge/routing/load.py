@@ -9,7 +9,7 @@ import torch
 from ..errors import PeftmergeError
 from ..io.meta import read_meta
 from ..io.adapter import PREFIX, LoraAdapter, load_adapter
-from .embed import Embedder, read_jsonl, record_text
+from .embed import Embedder, as_query, read_jsonl, record_query
 from .router import AdapterInfo, Router
 
 
@@ -42,8 +42,9 @@ def base_model_of(adapters: list[LoraAdapter], override: str | None) -> str:
     return names.pop()
 
 
-def examples_of(adapters: list[LoraAdapter], files: dict[str, str] | None, limit: int = 256) -> dict[str, list]:
-    """Each task's example inputs: ``samples`` of its peftmerge.json plus ``files`` {task: JSONL}."""
+def examples_of(adapters: list[LoraAdapter], files: dict[str, str] | None, limit: int = 1000) -> dict[str, list]:
+    """Each task's example inputs (at most ``limit``): ``samples`` of its peftmerge.json plus ``files``
+    {task: JSONL}; a sentence pair is kept as a ``(text, text_pair)`` pair."""
     files = dict(files or {})
     tasks = [a.task for a in adapters]
     unknown = [t for t in files if t not in tasks]
@@ -52,9 +53,9 @@ def examples_of(adapters: list[LoraAdapter], files: dict[str, str] | None, limit
                              f"the tasks are: {', '.join(tasks)}")
     out = {}
     for a in adapters:
-        texts = [str(s) for s in adapter_meta(a).get("samples") or []]
+        texts = [as_query(s) for s in adapter_meta(a).get("samples") or []]
         if a.task in files:
-            texts += [record_text(r) for r in read_jsonl(files[a.task])]
+            texts += [record_query(r) for r in read_jsonl(files[a.task])]
         out[a.task] = texts[:limit]
     return out
 

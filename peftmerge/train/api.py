@@ -142,7 +142,7 @@ def train(config: TrainConfig) -> TrainResult:
         "gguf_file": gguf,
         "method": method.name,
         "mergeable": method.mergeable,
-        "samples": sample_inputs(task.train, task.format, 32, config.seed),
+        "samples": sample_inputs(task.train, task.format, 256, config.seed),
         "metrics": {k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()},
         "config": recipe,
         "peftmerge_version": __version__,

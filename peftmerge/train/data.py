@@ -214,10 +214,12 @@ def input_text(row: dict, fmt: str) -> str:
     return str(users[-1] if users else row["messages"][0].get("content", ""))
 
 
-def sample_inputs(rows: list[dict], fmt: str, n: int = 32, seed: int = 0) -> list[str]:
-    """Up to ``n`` raw training inputs, drawn at random (by ``seed``)."""
+def sample_inputs(rows: list[dict], fmt: str, n: int = 32, seed: int = 0) -> list:
+    """Up to ``n`` raw training inputs, drawn at random (by ``seed``); a labelled sentence pair is kept as
+    ``[text, text_pair]`` so that routers encode it as the model does."""
     picked = random.Random(seed).sample(rows, min(n, len(rows)))
-    return [input_text(r, fmt) for r in picked]
+    return [[str(r["text"]), str(r["text_pair"])] if fmt == "labelled" and r.get("text_pair") else input_text(r, fmt)
+            for r in picked]
 
 
 def default_template(rows: list[dict]) -> str:
