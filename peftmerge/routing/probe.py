@@ -3,7 +3,8 @@
 In the spirit of Twin-Merging (Lu et al. 2024, arXiv:2406.15479) and X-LoRA (Buehler & Buehler 2024,
 arXiv:2402.07148) routers, but trained in one cheap pass: the embeddings of each adapter's labelled
 examples are standardised (mean/std stored) and a logistic regression (``hidden`` = 0) or a
-1-hidden-layer MLP (``hidden`` > 0, GELU) is fitted with full-batch Adam on the cross-entropy
+1-hidden-layer MLP (``hidden`` > 0, GELU) is fitted with full-batch Adam on the class-balanced
+cross-entropy (each task weighs the same however many examples it has)
 
     logits = W2 gelu(W1 z + b1) + b2   (or W z + b),   z = (emb - mean) / std
 
@@ -61,11 +62,13 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, n_classes: int, params: dict) ->
     fan_in = {"w1": d, "b1": d, "w2": h, "b2": h}
     weights = {k: ((torch.rand(s, generator=gen) * 2 - 1) / fan_in[k] ** 0.5).requires_grad_()
                for k, s in shapes.items()}
+    counts = torch.bincount(y, minlength=n_classes).float()
+    balance = counts.sum() / (n_classes * counts.clamp(min=1))  # every task weighs the same, however many examples
     opt = torch.optim.AdamW(weights.values(), lr=float(params["lr"]), weight_decay=float(params["weight_decay"]))
     with torch.enable_grad():
         for _ in range(int(params["steps"])):
             opt.zero_grad()
-            loss = F.cross_entropy(probe_logits({**weights, "mean": mean, "std": std}, x), y)
+            loss = F.cross_entropy(probe_logits({**weights, "mean": mean, "std": std}, x), y, weight=balance)
             loss.backward()
             opt.step()
     return {**{k: v.detach() for k, v in weights.items()}, "mean": mean, "std": std}
