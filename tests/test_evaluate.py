@@ -27,6 +27,12 @@ def test_metrics_by_hand():
     from sklearn.metrics import f1_score
 
     assert metrics.macro_f1(preds, refs) == pytest.approx(f1_score(refs, preds, average="macro"))
+    # a prediction outside the task's label set (a misrouted query answered with another task's head) is an
+    # error of its true class, not a class of its own: macro-F1 over the task's labels only
+    preds, refs = ["a", "world", "b", "b"], ["a", "a", "b", "b"]
+    assert metrics.macro_f1(preds, refs, ["a", "b"]) == pytest.approx(f1_score(refs, preds, labels=["a", "b"],
+                                                                                average="macro"))
+    assert metrics.macro_f1(preds, refs, ["a", "b"]) == pytest.approx((2 / 3 + 1) / 2)
     assert metrics.exact_match([" x ", "y"], ["x", "z"]) == 0.5
     # LCS("the cat sat", "the cat sat down") = 3: P = 1, R = 3/4, F = 2PR/(P+R) = 6/7; second pair shares nothing
     assert metrics.rouge_l(["the cat sat", "dog"], ["the cat sat down", "bird"]) == pytest.approx((6 / 7 + 0) / 2)

@@ -41,15 +41,16 @@ FAMILIES = {
                                             "--lr", "1e-3", "--epochs", "2", "--batch-size", "32",
                                             "--max-length", "64", "--no-eval-before", "--max-eval-samples", "200"],
                    train_rows=1200, eval_limit=300, search_limit=150, subsets=True, icl=0, zero_shot=False,
-                   es_budget=8, methods=None, searches=("task_arithmetic+grid", "ties+grid", "ties+es", "pcb+es")),
+                   es_budget=8, methods=None, searches=("task_arithmetic+grid", "ties+grid", "ties+es", "pcb+es"),
+                   router_examples={"centroid": 2000, "probe": 20000}),
     "smollm2": dict(shape="text2text", train=["--r", "16", "--alpha", "32", "--target-modules", "q_proj,v_proj",
                                               "--lr", "5e-4", "--max-steps", "30", "--batch-size", "8",
                                               "--max-length", "64", "--no-eval-before", "--max-eval-samples", "32"],
                     train_rows=400, eval_limit=40, search_limit=24, subsets=False, icl=0, zero_shot=True,
                     es_budget=6, methods=("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "pcb"),
-                    searches=("task_arithmetic+grid",)),
+                    searches=("task_arithmetic+grid",), router_examples={"centroid": 500, "probe": 2000}),
 }
-QUICK = dict(train_rows=64, eval_limit=24, search_limit=16)
+QUICK = dict(train_rows=64, eval_limit=24, search_limit=16, router_examples={"centroid": 32, "probe": 64})
 COMMANDS: list[str] = []  # this family's commands, also kept in <work>/<family>/commands.sh for the doc
 THREADS: dict[str, str] = {}  # --threads N sets OMP_NUM_THREADS of every step (1 is far faster on a busy machine)
 
@@ -178,9 +179,15 @@ def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
 
     # 3. routers (when this build has them)
     if run(["route", "--help"], log, allow_fail=True):
+        train = {t: DATA / t / "train.jsonl" for t in TASKS}  # the query routers learn from task inputs
         for strategy in ("arrow", "centroid", "probe"):
             router = w / "routers" / strategy
-            if run(["route", "build", *ins, "--strategy", strategy, "-o", router], log, allow_fail=True):
+            data = [] if strategy == "arrow" else [*pairs("--examples", train), "--max-examples",
+                                                   spec["router_examples"][strategy]]
+            if run(["route", "build", *ins, "--strategy", strategy, *data, "-o", router, "--overwrite"], log,
+                   allow_fail=True):
+                run(["route", "eval", "--router", router, *pairs("--data", test), "--limit", spec["eval_limit"],
+                     "-o", res / f"route-{strategy}.json"], log, allow_fail=True)
                 out = res / f"router-{strategy}.json"
                 if run(["eval", *common, "--router", router, "--name", f"router:{strategy}", *pairs("--data", test),
                         "--reference-results", first, "-o", out], log, allow_fail=True):
@@ -216,6 +223,19 @@ def export_examples(work: Path) -> None:
                 shutil.copy(src / f, dst / f)
 
 
+def routing_table(res: Path) -> list[str]:
+    """Routing accuracy (query -> its own task's adapter, `peftmerge route eval`) of each router built."""
+    reports = {f.stem.removeprefix("route-"): json.loads(f.read_text()) for f in sorted(res.glob("route-*.json"))}
+    if not reports:
+        return []
+    lines = ["Routing accuracy (top-1 adapter is the query's own task's; test split):", "",
+             "| router | " + " | ".join(TASKS) + " | overall |", "|---" * (len(TASKS) + 2) + "|"]
+    for name, rep in reports.items():
+        cells = [f"{rep['tasks'][t]['accuracy']:.3f}" if t in rep["tasks"] else "-" for t in TASKS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rep['accuracy']:.3f} |")
+    return lines + [""]
+
+
 def write_doc(work: Path, families: list[str], seconds: float, quick: bool) -> None:
     docs = ROOT / "docs"
     (docs / "results").mkdir(parents=True, exist_ok=True)
@@ -233,6 +253,7 @@ def write_doc(work: Path, families: list[str], seconds: float, quick: bool) -> N
             shutil.copy(rep / png, docs / "results" / f"{fam}-{png}")
             body = body.replace(f"]({png})", f"](results/{fam}-{png})")
         lines += [f"## {fam}", "", f"Training: {' '.join(FAMILIES[fam]['train'])}.", "", body, ""]
+        lines += routing_table(work / fam / "results")
     lines += ["## Commands", ""]
     for fam in families:
         lines += [f"### {fam}", "", "```bash", (work / fam / "commands.sh").read_text().strip(), "```", ""]

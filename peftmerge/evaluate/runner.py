@@ -152,7 +152,7 @@ def run_system(system: System, tasks: list[Task], base: str, cache: ModelCache, 
                 preds = predict_generate(cache.get("causal", adapter), cache.tokenizer, task, demos,
                                          max_new_tokens=s.max_new_tokens, **kw)
         refs = task.references()
-        results[task.name] = (M.classification_metrics(preds, refs) if task.kind == "classify"
+        results[task.name] = (M.classification_metrics(preds, refs, task.labels) if task.kind == "classify"
                               else M.generation_metrics(preds, refs))
         log.info("%s on %s: %s", system.name, task.name, results[task.name])
     cache.clear()

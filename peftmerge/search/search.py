@@ -82,7 +82,7 @@ class Evaluator:
             else:
                 preds = predict_generate(model, self.tokenizer, t, max_new_tokens=self.max_new_tokens, **self.kw)
             refs = t.references()
-            out[t.name] = M.primary(M.classification_metrics(preds, refs) if t.kind == "classify"
+            out[t.name] = M.primary(M.classification_metrics(preds, refs, t.labels) if t.kind == "classify"
                                     else M.generation_metrics(preds, refs))
         return out
 
