@@ -78,6 +78,8 @@ def main() -> None:
                     help="torch threads; with 1 the figures are process CPU seconds, robust to other load on "
                          "a shared machine (with more, wall-clock seconds)")
     ap.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
+    ap.add_argument("--only", default=None, help="Comma-separated substrings: run only the variants that contain "
+                    "one (plus the base model and select, the references), e.g. --only decision")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.threads == 1 else time.perf_counter
@@ -91,6 +93,7 @@ def main() -> None:
     from peftmerge.routing.centroid import centroid_scores
     from peftmerge.routing.decide import Decision, decide
     from peftmerge.routing.embed import pooled_hidden
+    from peftmerge.routing.probe import fit_probe, probe_scores
     from peftmerge.routing.registry import BuildContext
 
     torch.manual_seed(0)
@@ -133,6 +136,14 @@ def main() -> None:
             return decide(scores, conf, 1, 0.1)
         return run
 
+    # the default probe: layer 0 (the first layer's input) -> 256-unit MLP -> top-1
+    probe = fit_probe(torch.randn(64, 576, generator=gen), torch.arange(64) % n, n,
+                      {"hidden": 256, "steps": 5, "lr": 3e-3, "weight_decay": 1e-2, "seed": 0})
+
+    def probe_decision():
+        scores, conf = probe_scores(probe, pooled_hidden(base, ids, mask, 0), {})
+        return decide(scores, conf, 1, 1.0)
+
     variants = {
         "base model alone": lambda: base(input_ids=ids, attention_mask=mask, use_cache=False),
         "PEFT, one adapter for the batch": lambda: peft_one(input_ids=ids, attention_mask=mask, use_cache=False),
@@ -144,10 +155,14 @@ def main() -> None:
         "peftmerge mixture top-3": lambda: routed(ids, mask, decision=mix3, mode="mixture"),
         "peftmerge fuse top-3": lambda: routed(ids, mask, decision=mix3, mode="fuse"),
         "peftmerge arrow top-3 of 8 (per token)": lambda: routed(ids, mask, plan=routed.arrow_plan(3, 1.0)),
+        "decision: probe on layer 0 (the default)": probe_decision,
         "decision: centroid on base layer 1": decision_at(1),
         "decision: centroid on base layer 2": decision_at(2),
         "decision: centroid on base last layer": decision_at(-1),
     }
+    if args.only:
+        keep = ("base model alone", "peftmerge select (top-1 per row)")
+        variants = {k: v for k, v in variants.items() if k in keep or any(w in k for w in args.only.split(","))}
     with torch.no_grad():
         want = peft_mixed(input_ids=ids, attention_mask=mask, use_cache=False, adapter_names=row_names).logits
         got = routed(ids, mask, decision=select, mode="select").logits
