@@ -35,7 +35,7 @@ from ..io.adapter import LoraAdapter
 from ..io.checkpoint import Checkpoint, is_checkpoint
 from ..io.hub import resolve
 from ..io.model_writer import ShardedWriter, Slot, copy_model_files, parse_size
-from . import ops, registry
+from . import blocked, ops, registry
 from .combine import _module_generator, _sha256  # one seeding rule for adapters and models
 from .plan import open_inputs
 from .recipe import Recipe
@@ -156,28 +156,38 @@ def _read(name: str, base: Checkpoint, sources: list[Source], changed: bool, ws:
     return w0, raws
 
 
+def _inputs(name: str, sources: list[Source], raws: list) -> list:
+    """What :class:`blocked.Deltas` takes: each input's full tensor (``theta``), LoRA task vector, or None."""
+    out = []
+    for src, raw in zip(sources, raws):
+        if src.checkpoint is not None:
+            out.append(("theta", raw))
+        elif name in src.targets:
+            out.append(("delta", src.task_vector(name, None, raw)))
+        else:
+            out.append(None)
+    return out
+
+
 def merge_tensor(name: str, w0_raw: torch.Tensor, raws: list, sources: list[Source], method: registry.Method,
-                 weights: torch.Tensor, params: dict, thresholds, ws: Workspace) -> torch.Tensor:
-    """W0 + merged task vectors of one tensor, in float32 (may be a workspace buffer)."""
-    w0 = ws.get("w0", w0_raw.shape).copy_(w0_raw)
+                 weights: torch.Tensor, params: dict, thresholds, ws: Workspace,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W0 + merged task vectors of one tensor, computed in float32 and written in ``dtype`` (default: W0's)
+    into a workspace buffer. Linear and sparse methods run row-blocked from the raw inputs
+    (:mod:`blocked`); others on the stacked float32 task vectors."""
+    out = ws.get("cast", w0_raw.shape, dtype or w0_raw.dtype)
+    src = blocked.Deltas(_inputs(name, sources, raws), w0_raw, tuple(w0_raw.shape))
+    if method.linear:  # W0 + sum_i c_i dW_i
+        return blocked.linear(src, method.coefficients(weights, params).tolist(), out)
     module = name.removesuffix(".weight")
-    if method.linear:  # W0 + sum_i c_i dW_i = W0 (1 - sum_full c_i) + sum_full c_i theta_i + sum_lora c_i dW_i
-        coeffs = method.coefficients(weights, params).tolist()
-        full = sum(c for c, src in zip(coeffs, sources) if src.checkpoint is not None)
-        out, tmp = ws.get("out", w0.shape).copy_(w0), ws.get("tmp", w0.shape)
-        if full != 0.0:  # one input at a time, no stack: two passes per input instead of three
-            out.mul_(1.0 - full)
-        for c, src, raw in zip(coeffs, sources, raws):
-            if c == 0.0:
-                continue
-            if src.checkpoint is not None:
-                out.add_(tmp.copy_(raw), alpha=c)
-            elif name in src.targets:
-                out.add_(src.task_vector(name, w0, raw), alpha=c)
-        return out
+    gen = _module_generator(params.get("seed", 0), module)
+    if method.sparse is not None:
+        return blocked.merge(method.sparse, src, weights, params, seed=blocked.mask_seed(gen),
+                             thresholds=thresholds, out=out)
+    w0 = ws.get("w0", w0_raw.shape).copy_(w0_raw)
     deltas = stacked(name, w0, raws, sources, ws.get("stack", (len(sources), *w0.shape)))
-    ctx = registry.Context(module, _module_generator(params.get("seed", 0), module), thresholds)
-    return method.merge(deltas, weights, params, ctx).add_(w0)
+    ctx = registry.Context(module, gen, thresholds)
+    return out.copy_(method.merge(deltas, weights, params, ctx).add_(w0))
 
 
 def stacked(name: str, w0: torch.Tensor, raws: list, sources: list[Source], out: torch.Tensor | None = None):
@@ -257,10 +267,9 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
                         pending = pool.submit(_read, names[k + 1], ckpt, sources, changed[names[k + 1]], ws,
                                               (k + 1) % 2)
                     if changed[slot.name]:
-                        merged = merge_tensor(slot.name, w0, raws, sources, method, weights_t, params, thresholds, ws)
-                        _check_finite(slot.name, merged, raws, sources, slot.dtype)
-                        result = ws.get("cast", merged.shape, slot.dtype).copy_(merged)
-                        del merged
+                        result = merge_tensor(slot.name, w0, raws, sources, method, weights_t, params, thresholds,
+                                              ws, slot.dtype)
+                        _check_finite(slot.name, result, raws, sources, slot.dtype)
                     elif w0.dtype != slot.dtype:
                         result = w0.to(slot.dtype)
                     else:
