@@ -123,6 +123,7 @@ def run_child(argv: list[str]) -> dict:
         raise SystemExit(f"worker {argv} failed")
     result = json.loads(out.decode().strip().splitlines()[-1])
     result["peak_rss_gb"] = usage.ru_maxrss / 1024**2
+    result["load_1min"] = os.getloadavg()[0]
     return result
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,7 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 _pools: dict[int, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
+_WORKERS: int | None = None  # set by single_threaded_caller
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -124,9 +126,25 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _pools[workers]
 
 
+@contextmanager
+def single_threaded_caller():
+    """Run the calling thread's own torch ops single-threaded (the block workers keep the cores busy), so that
+    the small serial steps between blocked passes never wait at an OpenMP barrier; restored on exit."""
+    global _WORKERS
+    before, saved = torch.get_num_threads(), _WORKERS
+    _WORKERS = saved or before
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        _WORKERS = saved
+
+
 def run_blocks(fn, nblocks: int, workers: int | None = None) -> list:
-    """``[fn(j) for j in range(nblocks)]`` on worker threads (single-threaded torch each); results in order."""
-    workers = max(1, min(workers or torch.get_num_threads(), nblocks, 8))
+    """``[fn(j) for j in range(nblocks)]`` on worker threads (single-threaded torch each); results in order.
+    Workers: ``torch.get_num_threads()`` (of the caller, before :func:`single_threaded_caller`), at most 8."""
+    workers = max(1, min(workers or _WORKERS or torch.get_num_threads(), nblocks, 8))
     if nblocks == 0:
         return []
     results = [None] * nblocks
@@ -167,75 +185,88 @@ def topk_cuts(src: Deltas, ks: list[int], workers: int | None = None) -> list[Cu
     n = src.n
     live = [i for i in range(n) if src.inputs[i] is not None and 0 < ks[i] < src.numel]
 
-    def hist(bucket_of):
-        def block(j):
-            r0, r1 = src.span(j)
-            base_f = src.base_block(r0, r1, _scratch.get("base", r1 - r0, src.cols)) if src.base is not None else None
-            out = {}
-            for i in live:
-                x = src.get(i, r0, r1, _scratch.get(("x", 0), r1 - r0, src.cols), base_f)
-                bits = _abs_bits(x, _scratch.get("bits", r1 - r0, src.cols))
-                idx, size = bucket_of(i, bits)
-                out[i] = torch.bincount(idx.reshape(-1), minlength=size)
-            return out
-
-        total = {i: None for i in live}
-        for part in run_blocks(block, src.nblocks, workers):
-            for i, h in part.items():
-                total[i] = h if total[i] is None else total[i].add_(h)
-        return total
-
     def from_top(h: Tensor, k: int) -> tuple[int, int]:
         """Bin b holding the k-th largest, and the count in bins above it."""
         above = h.flip(0).cumsum(0)  # above[m] = entries in the top m + 1 bins
-        m = int(torch.searchsorted(above, torch.tensor(k)))
+        m = min(int(torch.searchsorted(above, torch.tensor(k))), h.numel() - 1)
         return h.numel() - 1 - m, int(above[m - 1]) if m > 0 else 0
 
-    h1 = hist(lambda i, bits: (bits.bitwise_right_shift_(16), _HI))
+    h1 = _histograms(src, live, lambda i, bits: bits.bitwise_right_shift_(16), _HI, workers)
     buckets, above1 = {}, {}
     for i in live:
         buckets[i], above1[i] = from_top(h1[i], ks[i])
     # pass 2: bin 0 = below the bucket, 1 + low bits inside it, _LO + 1 = above it
-    h2 = hist(lambda i, bits: (bits.sub_((buckets[i] << 16) - 1).clamp_(0, _LO + 1), _LO + 2))
+    h2 = _histograms(src, live, lambda i, bits: bits.sub_((buckets[i] << 16) - 1).clamp_(0, _LO + 1), _LO + 2,
+                     workers)
     cuts: list[Cut | None] = [None] * n
-    need_ties = {}
+    ties = {}  # input -> (bits of t, how many entries equal to t to keep)
     for i in range(n):
-        if src.inputs[i] is None:
+        if src.inputs[i] is None or ks[i] >= src.numel:
             continue
         if ks[i] <= 0:
             cuts[i] = Cut(float("inf"), 0)
-            continue
-        if ks[i] >= src.numel:
             continue
         inside = h2[i][1:_LO + 1]
         b, above2 = from_top(inside, ks[i] - above1[i])
         bits = (buckets[i] << 16) | b
         t = float(torch.tensor(bits, dtype=torch.int32).view(torch.float32))
         need = ks[i] - above1[i] - above2  # entries equal to t to keep, 1 <= need <= count
-        if need >= int(inside[b]):
-            cuts[i] = Cut(t, src.numel)
-        else:
-            cuts[i] = Cut(t, -1)
-            need_ties[i] = need
-    for i, need in need_ties.items():
-        cuts[i].tie_end = _tie_end(src, i, cuts[i].t, need)
+        cuts[i] = Cut(t, src.numel)
+        if need < int(inside[b]):
+            ties[i] = (bits, need)
+    if ties:
+        _tie_ends(src, ties, cuts, workers)
     return cuts
 
 
-def _tie_end(src: Deltas, i: int, t: float, need: int) -> int:
-    """Flat index just past the ``need``-th entry with |x| == t (scanning blocks in order)."""
-    seen = 0
-    for j in range(src.nblocks):
+def _scan(src: Deltas, live: list[int], per_block, workers: int | None) -> list[dict]:
+    """``per_block(i, bits)`` for each input in ``live`` and each block (bits: int32 |x| of the block,
+    a scratch buffer it may overwrite), on the worker threads; one {input: result} per block, in order."""
+    def block(j):
         r0, r1 = src.span(j)
-        base_f = src.base_block(r0, r1, torch.empty(r1 - r0, src.cols)) if src.base is not None else None
-        x = src.get(i, r0, r1, torch.empty(r1 - r0, src.cols), base_f)
-        eq = x.abs().eq_(t).reshape(-1)
-        count = int(eq.sum())
-        if seen + count >= need:
-            pos = torch.nonzero(eq).squeeze(1)[need - seen - 1]
-            return r0 * src.cols + int(pos) + 1
-        seen += count
-    return src.numel
+        base_f = src.base_block(r0, r1, _scratch.get("base", r1 - r0, src.cols)) if src.base is not None else None
+        out = {}
+        for i in live:
+            x = src.get(i, r0, r1, _scratch.get(("x", 0), r1 - r0, src.cols), base_f)
+            out[i] = per_block(i, _abs_bits(x, _scratch.get("bits", r1 - r0, src.cols)))
+        return out
+
+    return run_blocks(block, src.nblocks, workers)
+
+
+def _histograms(src: Deltas, live: list[int], bin_of, size: int, workers: int | None) -> dict[int, Tensor]:
+    """Per input, the histogram (``size`` bins) of ``bin_of(i, bits)`` over the tensor; each worker thread
+    accumulates its own, summed at the end."""
+    local, parts = threading.local(), []
+
+    def per_block(i, bits):
+        acc = getattr(local, "acc", None)
+        if acc is None:
+            acc = local.acc = {k: torch.zeros(size, dtype=torch.int64) for k in live}
+            parts.append(acc)
+        acc[i].add_(torch.bincount(bin_of(i, bits).reshape(-1), minlength=size))
+
+    _scan(src, live, per_block, workers)
+    return {i: sum(p[i] for p in parts) for i in live}
+
+
+def _tie_ends(src: Deltas, ties: dict, cuts: list, workers: int | None) -> None:
+    """Set each tied input's ``tie_end``: the flat index just past its ``need``-th entry equal to t."""
+    def count(i, bits):
+        return int(torch.eq(bits, ties[i][0]).sum())
+
+    counts = _scan(src, list(ties), count, workers)
+    for i, (tbits, need) in ties.items():
+        seen = 0
+        for j, c in enumerate(counts):
+            if seen + c[i] >= need:  # the block where the kept ties end
+                r0, r1 = src.span(j)
+                base_f = src.base_block(r0, r1, torch.empty(r1 - r0, src.cols)) if src.base is not None else None
+                x = src.get(i, r0, r1, torch.empty(r1 - r0, src.cols), base_f)
+                eq = _abs_bits(x, torch.empty(r1 - r0, src.cols)).eq_(tbits).reshape(-1)
+                cuts[i].tie_end = r0 * src.cols + int(torch.nonzero(eq)[need - seen - 1]) + 1
+                break
+            seen += c[i]
 
 
 def _below(t: float) -> float:
@@ -318,7 +349,7 @@ def _sparsify(spec: Sparse, x: Tensor, i: int, r0: int, j: int, src: Deltas, par
 
 
 def _merge_block(spec: Sparse, src: Deltas, j: int, weights: list[float], lam: float, params: dict, state: dict,
-                 out: Tensor) -> None:
+                 out: Tensor, check: bool = False) -> tuple[float, float] | None:
     r0, r1 = src.span(j)
     rows, cols = r1 - r0, src.cols
     base_f = src.base_block(r0, r1, _scratch.get("base", rows, cols)) if src.base is not None else None
@@ -343,6 +374,12 @@ def _merge_block(spec: Sparse, src: Deltas, j: int, weights: list[float], lam: f
         target.copy_(acc.mul_(lam))
     else:  # theta_0 + lambda * merged, cast to the output dtype on the copy
         target.copy_(torch.add(base_f, acc, alpha=lam, out=acc))
+    return _range(target) if check else None
+
+
+def _range(x: Tensor) -> tuple[float, float] | None:
+    lo, hi = torch.aminmax(x)
+    return float(lo), float(hi)
 
 
 def _ties_block(xs, weights, sign: str, acc: Tensor, s: Tensor, count: Tensor, tmp: Tensor) -> None:
@@ -373,12 +410,13 @@ def _ties_block(xs, weights, sign: str, acc: Tensor, s: Tensor, count: Tensor, t
 # --- the merge -----------------------------------------------------------------------------------------------
 
 def merge(spec: Sparse, src: Deltas, weights, params: dict, *, seed: int = 0, thresholds: Tensor | None = None,
-          out: Tensor | None = None, workers: int | None = None) -> Tensor:
+          out: Tensor | None = None, workers: int | None = None, ranges: list | None = None) -> Tensor:
     """``lambda * consensus(sparsify(dW_1..n))`` of one tensor; with ``src.base`` and ``out`` given, writes
     ``theta_0 + that`` into ``out`` (any dtype, the tensor's shape) and returns it.
 
     ``thresholds`` (per input, from :func:`ops.global_thresholds`): trim to |x| >= t_i instead of top-k.
-    ``seed``: DARE's mask seed for this tensor (see :func:`block_seed`).
+    ``seed``: DARE's mask seed for this tensor (see :func:`block_seed`). ``ranges``: a list that gets the
+    (min, max) of each block of ``out`` (NaN propagates), for a finiteness check without another pass.
     """
     n = src.n
     w = weights.tolist() if isinstance(weights, Tensor) else [float(x) for x in weights]
@@ -393,11 +431,15 @@ def merge(spec: Sparse, src: Deltas, weights, params: dict, *, seed: int = 0, th
             state["cuts"] = topk_cuts(src, ks, workers)
     lam = float(params.get("lambda", 1.0))
     out = torch.empty(src.shape) if out is None else out
-    run_blocks(lambda j: _merge_block(spec, src, j, w, lam, params, state, out), src.nblocks, workers)
+    blocks = run_blocks(lambda j: _merge_block(spec, src, j, w, lam, params, state, out, ranges is not None),
+                        src.nblocks, workers)
+    if ranges is not None:
+        ranges.extend(blocks)
     return out
 
 
-def linear(src: Deltas, coeffs: list[float], out: Tensor, workers: int | None = None) -> Tensor:
+def linear(src: Deltas, coeffs: list[float], out: Tensor, workers: int | None = None,
+           ranges: list | None = None) -> Tensor:
     """``theta_0 + sum_i c_i dW_i`` into ``out`` (any dtype), one input at a time per block:
     theta_0 (1 - sum_theta c_i) + sum_theta c_i theta_i + sum_delta c_i dW_i, so a full checkpoint costs
     one pass, not a subtraction and an add."""
@@ -411,7 +453,11 @@ def linear(src: Deltas, coeffs: list[float], out: Tensor, workers: int | None = 
         for c, x in zip(coeffs, src._flat):
             if x is not None and c != 0.0:
                 acc.add_(x[1][r0:r1], alpha=c)
-        out.view(src.rows, src.cols)[r0:r1].copy_(acc)
+        target = out.view(src.rows, src.cols)[r0:r1]
+        target.copy_(acc)
+        return _range(target) if ranges is not None else None
 
-    run_blocks(block, src.nblocks, workers)
+    blocks = run_blocks(block, src.nblocks, workers)
+    if ranges is not None:
+        ranges.extend(blocks)
     return out
