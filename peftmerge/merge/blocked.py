@@ -8,10 +8,10 @@ computed differently for speed:
   vectors of full checkpoints are formed block by block (theta_i - theta_0) and never stored whole.
 - **Float masks.** Masks are 0/1 float32 (or folded into ``hardshrink``), never bool: boolean tensors take
   4-5x longer per element in torch's CPU kernels.
-- **Threads without barriers.** Blocks go to ``torch.get_num_threads()`` worker threads that each run torch
+- **Threads without barriers** (:mod:`peftmerge.merge.blocks`). Blocks go to ``torch.get_num_threads()`` worker threads that each run torch
   single-threaded. On shared cores this beats torch's own OpenMP split of every op, which waits at a
   barrier for a descheduled thread after each of the ~30 steps.
-- **Exact top-k by radix select** (TIES trim): two histogram passes over the 31 magnitude bits of
+- **Exact top-k by radix select** (TIES trim, :mod:`peftmerge.merge.radix`): two histogram passes over the 31 magnitude bits of
   float32 |dW| (``bincount`` of the high 15 bits, then of the low 16 inside the chosen bucket) give the
   k-th largest magnitude exactly, instead of a serial quickselect. Entries tied with it are kept in index
   order up to exactly k, as :func:`ops.magnitude_mask` does.
@@ -21,17 +21,13 @@ computed differently for speed:
 
 from __future__ import annotations
 
-import itertools
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-BLOCK = 1 << 16  # elements per block: a few float32 buffers of this size stay in a 2 MB L2 cache
-_HI, _LO = 1 << 15, 1 << 16  # radix digits: high 15 bits of |x| (sign dropped), then the low 16
+from .blocks import BLOCK, Deltas, _per_input, _scratch, run_blocks, single_threaded_caller  # noqa: F401
+from .radix import Cut, topk_cuts
 
 
 @dataclass(frozen=True)
@@ -46,227 +42,6 @@ class Sparse:
 
     sparsify: str
     consensus: str
-
-
-def _per_input(value, n: int) -> list[float]:
-    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * n
-
-
-# --- task vectors, block by block --------------------------------------------------------------------------
-
-class Deltas:
-    """The n task vectors of one tensor, viewed as (rows, cols) and read by row block.
-
-    Each input is ``("delta", dW)`` (a float task vector), ``("theta", theta_i)`` (a full checkpoint's tensor:
-    dW = theta_i - ``base``) or ``None`` (zero). ``base`` (theta_0, any float dtype) is needed for thetas.
-    """
-
-    def __init__(self, inputs: list, base: Tensor | None, shape: tuple[int, ...]):
-        self.inputs, self.shape = inputs, tuple(shape)
-        numel = 1
-        for s in shape:
-            numel *= s
-        self.cols = shape[-1] if len(shape) >= 2 else max(numel, 1)
-        self.rows = numel // self.cols if numel else 0
-        self.numel = numel
-        self.base = None if base is None else base.reshape(self.rows, self.cols)
-        self._flat = [None if x is None else (x[0], x[1].reshape(self.rows, self.cols)) for x in inputs]
-        self.step = max(1, BLOCK // max(self.cols, 1))  # rows per block
-        self.nblocks = -(-self.rows // self.step) if self.rows else 0
-
-    @classmethod
-    def stacked(cls, deltas: Tensor) -> "Deltas":
-        """From (n, *shape) dense task vectors."""
-        return cls([("delta", d) for d in deltas], None, tuple(deltas.shape[1:]))
-
-    @property
-    def n(self) -> int:
-        return len(self.inputs)
-
-    def span(self, j: int) -> tuple[int, int]:
-        return j * self.step, min((j + 1) * self.step, self.rows)
-
-    def base_block(self, r0: int, r1: int, out: Tensor) -> Tensor:
-        return out.copy_(self.base[r0:r1])
-
-    def get(self, i: int, r0: int, r1: int, out: Tensor, base_f: Tensor | None) -> Tensor | None:
-        """Input i's float32 rows [r0, r1): a read-only view, or ``out`` filled; None if the input is zero."""
-        x = self._flat[i]
-        if x is None:
-            return None
-        kind, t = x
-        if kind == "delta":
-            blk = t[r0:r1]
-            return blk if blk.dtype == torch.float32 else out.copy_(blk)
-        return torch.sub(out.copy_(t[r0:r1]), base_f, out=out)  # theta_i - theta_0 in float32 (exact for bf16)
-
-
-class _Scratch(threading.local):
-    def __init__(self):
-        self.bufs: dict = {}
-
-    def get(self, key, rows: int, cols: int) -> Tensor:
-        buf = self.bufs.get(key)
-        if buf is None or buf.numel() < rows * cols:
-            buf = self.bufs[key] = torch.empty(max(rows * cols, BLOCK))
-        return buf[:rows * cols].view(rows, cols)
-
-
-_scratch = _Scratch()
-_pools: dict[int, ThreadPoolExecutor] = {}
-_lock = threading.Lock()
-_WORKERS: int | None = None  # set by single_threaded_caller
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    with _lock:
-        if workers not in _pools:
-            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="peftmerge-block",
-                                                 initializer=torch.set_num_threads, initargs=(1,))
-        return _pools[workers]
-
-
-@contextmanager
-def single_threaded_caller():
-    """Run the calling thread's own torch ops single-threaded (the block workers keep the cores busy), so that
-    the small serial steps between blocked passes never wait at an OpenMP barrier; restored on exit."""
-    global _WORKERS
-    before, saved = torch.get_num_threads(), _WORKERS
-    _WORKERS = saved or before
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-        _WORKERS = saved
-
-
-def run_blocks(fn, nblocks: int, workers: int | None = None) -> list:
-    """``[fn(j) for j in range(nblocks)]`` on worker threads (single-threaded torch each); results in order.
-    Workers: ``torch.get_num_threads()`` (of the caller, before :func:`single_threaded_caller`), at most 8."""
-    workers = max(1, min(workers or _WORKERS or torch.get_num_threads(), nblocks, 8))
-    if nblocks == 0:
-        return []
-    results = [None] * nblocks
-    counter = itertools.count()
-
-    def worker():
-        while (j := next(counter)) < nblocks:
-            results[j] = fn(j)
-
-    futures = [_pool(workers).submit(worker) for _ in range(workers)]
-    for f in futures:
-        f.result()
-    return results
-
-
-# --- exact top-k thresholds --------------------------------------------------------------------------------
-
-@dataclass
-class Cut:
-    """Input i keeps |x| > t, plus the entries equal to t up to flat index ``tie_end`` (exclusive)."""
-
-    t: float
-    tie_end: int  # entries == t at flat index < tie_end are kept; numel keeps all, 0 none
-
-
-def _abs_bits(x: Tensor, out: Tensor) -> Tensor:
-    """|x|'s bit pattern as int32 (monotone in |x| for float32)."""
-    return torch.bitwise_and(x.view(torch.int32), 0x7FFFFFFF, out=out.view(torch.int32))
-
-
-def topk_cuts(src: Deltas, ks: list[int], workers: int | None = None) -> list[Cut | None]:
-    """Per input, the :class:`Cut` that keeps exactly its ``k`` largest |dW_i| (ties in index order).
-
-    Radix select: pass 1 histograms the high 15 bits of |x| to find the bucket holding the k-th largest;
-    pass 2 histograms the low 16 bits inside it, which fixes the value t exactly; pass 3 (only when more
-    entries equal t than are needed) finds the flat index where the kept ties end. ``None``: keep all.
-    """
-    n = src.n
-    live = [i for i in range(n) if src.inputs[i] is not None and 0 < ks[i] < src.numel]
-
-    def from_top(h: Tensor, k: int) -> tuple[int, int]:
-        """Bin b holding the k-th largest, and the count in bins above it."""
-        above = h.flip(0).cumsum(0)  # above[m] = entries in the top m + 1 bins
-        m = min(int(torch.searchsorted(above, torch.tensor(k))), h.numel() - 1)
-        return h.numel() - 1 - m, int(above[m - 1]) if m > 0 else 0
-
-    h1 = _histograms(src, live, lambda i, bits: bits.bitwise_right_shift_(16), _HI, workers)
-    buckets, above1 = {}, {}
-    for i in live:
-        buckets[i], above1[i] = from_top(h1[i], ks[i])
-    # pass 2: bin 0 = below the bucket, 1 + low bits inside it, _LO + 1 = above it
-    h2 = _histograms(src, live, lambda i, bits: bits.sub_((buckets[i] << 16) - 1).clamp_(0, _LO + 1), _LO + 2,
-                     workers)
-    cuts: list[Cut | None] = [None] * n
-    ties = {}  # input -> (bits of t, how many entries equal to t to keep)
-    for i in range(n):
-        if src.inputs[i] is None or ks[i] >= src.numel:
-            continue
-        if ks[i] <= 0:
-            cuts[i] = Cut(float("inf"), 0)
-            continue
-        inside = h2[i][1:_LO + 1]
-        b, above2 = from_top(inside, ks[i] - above1[i])
-        bits = (buckets[i] << 16) | b
-        t = float(torch.tensor(bits, dtype=torch.int32).view(torch.float32))
-        need = ks[i] - above1[i] - above2  # entries equal to t to keep, 1 <= need <= count
-        cuts[i] = Cut(t, src.numel)
-        if need < int(inside[b]):
-            ties[i] = (bits, need)
-    if ties:
-        _tie_ends(src, ties, cuts, workers)
-    return cuts
-
-
-def _scan(src: Deltas, live: list[int], per_block, workers: int | None) -> list[dict]:
-    """``per_block(i, bits)`` for each input in ``live`` and each block (bits: int32 |x| of the block,
-    a scratch buffer it may overwrite), on the worker threads; one {input: result} per block, in order."""
-    def block(j):
-        r0, r1 = src.span(j)
-        base_f = src.base_block(r0, r1, _scratch.get("base", r1 - r0, src.cols)) if src.base is not None else None
-        out = {}
-        for i in live:
-            x = src.get(i, r0, r1, _scratch.get(("x", 0), r1 - r0, src.cols), base_f)
-            out[i] = per_block(i, _abs_bits(x, _scratch.get("bits", r1 - r0, src.cols)))
-        return out
-
-    return run_blocks(block, src.nblocks, workers)
-
-
-def _histograms(src: Deltas, live: list[int], bin_of, size: int, workers: int | None) -> dict[int, Tensor]:
-    """Per input, the histogram (``size`` bins) of ``bin_of(i, bits)`` over the tensor; each worker thread
-    accumulates its own, summed at the end."""
-    local, parts = threading.local(), []
-
-    def per_block(i, bits):
-        acc = getattr(local, "acc", None)
-        if acc is None:
-            acc = local.acc = {k: torch.zeros(size, dtype=torch.int64) for k in live}
-            parts.append(acc)
-        acc[i].add_(torch.bincount(bin_of(i, bits).reshape(-1), minlength=size))
-
-    _scan(src, live, per_block, workers)
-    return {i: sum(p[i] for p in parts) for i in live}
-
-
-def _tie_ends(src: Deltas, ties: dict, cuts: list, workers: int | None) -> None:
-    """Set each tied input's ``tie_end``: the flat index just past its ``need``-th entry equal to t."""
-    def count(i, bits):
-        return int(torch.eq(bits, ties[i][0]).sum())
-
-    counts = _scan(src, list(ties), count, workers)
-    for i, (tbits, need) in ties.items():
-        seen = 0
-        for j, c in enumerate(counts):
-            if seen + c[i] >= need:  # the block where the kept ties end
-                r0, r1 = src.span(j)
-                base_f = src.base_block(r0, r1, torch.empty(r1 - r0, src.cols)) if src.base is not None else None
-                x = src.get(i, r0, r1, torch.empty(r1 - r0, src.cols), base_f)
-                eq = _abs_bits(x, torch.empty(r1 - r0, src.cols)).eq_(tbits).reshape(-1)
-                cuts[i].tie_end = r0 * src.cols + int(torch.nonzero(eq)[need - seen - 1]) + 1
-                break
-            seen += c[i]
 
 
 def _below(t: float) -> float:
