@@ -73,7 +73,8 @@ def run_child(cmd: list[str], log: Path) -> dict:
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{cmd[0]} failed; see {log}")
-    return {"seconds": seconds, "peak_rss_gb": usage.ru_maxrss / 1024**2}
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_gb": usage.ru_maxrss / 1024**2,
+            "load_1min": os.getloadavg()[0]}
 
 
 def read_floor(folders: list[Path]) -> float:

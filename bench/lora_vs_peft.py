@@ -4,7 +4,7 @@ Three seeded random LoRA adapters (r=16) on one Llama-2-7B decoder layer's shape
 intermediate 11008; q k v o gate up down), merged back to a rank-16 adapter with PEFT's ``svd``,
 ``ties_svd``, ``dare_ties_svd`` and ``magnitude_prune_svd`` and peftmerge's twins (task_arithmetic /
 ties / dare_ties / magnitude_prune with ``--rank 16``). Each run is its own child process: wall time of
-the merge call, peak RSS of the process (``wait4``), and the relative Frobenius error of the output
+the merge call, peak RSS of the process (``wait4``), and the relative Frobenius error (in float64) of the output
 dW = B A against the exact merged dense dW of that same run (for DARE each tool's own random masks:
 PEFT's dense result is captured from ``peft.utils.merge_utils``, peftmerge reports its own).
 
@@ -71,6 +71,8 @@ def make_adapters(work: Path, modules: list[str], rank: int) -> list[Path]:
 
 
 def _rel(dw, target) -> float:
+    # float64: a float32 norm over 16.7M entries is off by ~1e-3 relative, more than the gap being compared
+    dw, target = dw.double(), target.double()
     return float((dw - target).norm() / target.norm())
 
 
@@ -123,6 +125,7 @@ def run_child(argv: list[str]) -> dict:
         raise SystemExit(f"worker {argv} failed")
     result = json.loads(out.decode().strip().splitlines()[-1])
     result["peak_rss_gb"] = usage.ru_maxrss / 1024**2
+    result["load_1min"] = os.getloadavg()[0]
     return result
 
 

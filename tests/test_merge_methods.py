@@ -10,7 +10,7 @@ import torch
 from peft.utils import merge_utils
 
 from peftmerge.errors import PeftmergeError
-from peftmerge.merge import ops, registry
+from peftmerge.merge import blocked, ops, registry
 
 N, SHAPE = 3, (24, 40)
 
@@ -53,12 +53,23 @@ def test_task_arithmetic_and_cat_equal_weighted_sum(deltas):
 
 @pytest.mark.parametrize("name,peft_fn", [("dare_linear", "dare_linear"), ("dare_ties", "dare_ties")])
 @pytest.mark.parametrize("density", [0.1, 0.5])
-def test_dare_equals_peft_with_same_mask(deltas, name, peft_fn, density):
-    # Same seed, same draw order: PEFT draws from the global generator, we from a seeded one.
+def test_dare_equals_peft_with_same_mask(deltas, name, peft_fn, density, monkeypatch):
+    # PEFT draws its masks with torch.bernoulli on the global generator; ours come from per-block seeded
+    # generators (ops.bernoulli_mask draws the engine's stream). Hand PEFT our masks, in its draw order.
+    masks = iter(ops.bernoulli_mask(deltas, density, torch.Generator().manual_seed(7)).float())
+    monkeypatch.setattr(merge_utils.torch, "bernoulli", lambda probs: next(masks))
     ours = run(name, deltas, generator=torch.Generator().manual_seed(7), density=density)
-    torch.manual_seed(7)
     ref = getattr(merge_utils, peft_fn)(list(deltas), WEIGHTS, density)
     torch.testing.assert_close(ours, ref)
+
+
+def test_dare_masks_do_not_depend_on_threads():
+    x = torch.randn(2, 300, 700)  # several row blocks
+    m = registry.get("dare_ties")
+    params = m.resolve({"density": 0.3}, 2)
+    outs = [blocked.merge(m.sparse, blocked.Deltas.stacked(x), torch.ones(2), params, seed=11, workers=w)
+            for w in (1, 2, 3)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_dare_keeps_expected_fraction_and_is_unbiased():

@@ -35,7 +35,7 @@ from ..io.adapter import LoraAdapter
 from ..io.checkpoint import Checkpoint, is_checkpoint
 from ..io.hub import resolve
 from ..io.model_writer import ShardedWriter, Slot, copy_model_files, parse_size
-from . import ops, registry
+from . import blocked, ops, registry
 from .combine import _module_generator, _sha256  # one seeding rule for adapters and models
 from .plan import open_inputs
 from .recipe import Recipe
@@ -156,28 +156,48 @@ def _read(name: str, base: Checkpoint, sources: list[Source], changed: bool, ws:
     return w0, raws
 
 
+def _inputs(name: str, sources: list[Source], raws: list) -> list:
+    """What :class:`blocked.Deltas` takes: each input's full tensor (``theta``), LoRA task vector, or None."""
+    out = []
+    for src, raw in zip(sources, raws):
+        if src.checkpoint is not None:
+            out.append(("theta", raw))
+        elif name in src.targets:
+            out.append(("delta", src.task_vector(name, None, raw)))
+        else:
+            out.append(None)
+    return out
+
+
+def _read_after(write, *args):
+    if write is not None:
+        write.exception()  # wait; a failed write is raised by the main loop
+    return _read(*args)
+
+
 def merge_tensor(name: str, w0_raw: torch.Tensor, raws: list, sources: list[Source], method: registry.Method,
-                 weights: torch.Tensor, params: dict, thresholds, ws: Workspace) -> torch.Tensor:
-    """W0 + merged task vectors of one tensor, in float32 (may be a workspace buffer)."""
-    w0 = ws.get("w0", w0_raw.shape).copy_(w0_raw)
+                 weights: torch.Tensor, params: dict, thresholds, ws: Workspace,
+                 dtype: torch.dtype | None = None, slot: int = 0) -> torch.Tensor:
+    """W0 + merged task vectors of one tensor, computed in float32 and written in ``dtype`` (default: W0's)
+    into workspace buffer ``slot``; checked finite. Linear and sparse methods run row-blocked from the raw
+    inputs (:mod:`blocked`); others on the stacked float32 task vectors."""
+    out = ws.get(("cast", slot), w0_raw.shape, dtype or w0_raw.dtype)
+    src = blocked.Deltas(_inputs(name, sources, raws), w0_raw, tuple(w0_raw.shape))
+    ranges: list = []  # (min, max) of each block of the output: NaN and overflow show there
     module = name.removesuffix(".weight")
-    if method.linear:  # W0 + sum_i c_i dW_i = W0 (1 - sum_full c_i) + sum_full c_i theta_i + sum_lora c_i dW_i
-        coeffs = method.coefficients(weights, params).tolist()
-        full = sum(c for c, src in zip(coeffs, sources) if src.checkpoint is not None)
-        out, tmp = ws.get("out", w0.shape).copy_(w0), ws.get("tmp", w0.shape)
-        if full != 0.0:  # one input at a time, no stack: two passes per input instead of three
-            out.mul_(1.0 - full)
-        for c, src, raw in zip(coeffs, sources, raws):
-            if c == 0.0:
-                continue
-            if src.checkpoint is not None:
-                out.add_(tmp.copy_(raw), alpha=c)
-            elif name in src.targets:
-                out.add_(src.task_vector(name, w0, raw), alpha=c)
-        return out
-    deltas = stacked(name, w0, raws, sources, ws.get("stack", (len(sources), *w0.shape)))
-    ctx = registry.Context(module, _module_generator(params.get("seed", 0), module), thresholds)
-    return method.merge(deltas, weights, params, ctx).add_(w0)
+    gen = _module_generator(params.get("seed", 0), module)
+    if method.linear:  # W0 + sum_i c_i dW_i
+        blocked.linear(src, method.coefficients(weights, params).tolist(), out, ranges=ranges)
+    elif method.sparse is not None:
+        blocked.merge(method.sparse, src, weights, params, seed=blocked.mask_seed(gen), thresholds=thresholds,
+                      out=out, ranges=ranges)
+    else:
+        w0 = ws.get("w0", w0_raw.shape).copy_(w0_raw)
+        deltas = stacked(name, w0, raws, sources, ws.get("stack", (len(sources), *w0.shape)))
+        out.copy_(method.merge(deltas, weights, params, registry.Context(module, gen, thresholds)).add_(w0))
+        ranges = [tuple(map(float, torch.aminmax(out)))] if out.numel() else []
+    _check_finite(name, ranges, raws, sources, out.dtype)
+    return out
 
 
 def stacked(name: str, w0: torch.Tensor, raws: list, sources: list[Source], out: torch.Tensor | None = None):
@@ -193,13 +213,11 @@ def stacked(name: str, w0: torch.Tensor, raws: list, sources: list[Source], out:
     return deltas
 
 
-def _check_finite(name: str, out: torch.Tensor, raws: list, sources: list[Source], dtype: torch.dtype) -> None:
-    """One fast pass (min and max propagate NaN); the slow search for the culprit only on failure."""
-    if out.numel() == 0:
-        return
-    lo, hi = torch.aminmax(out)
+def _check_finite(name: str, ranges: list, raws: list, sources: list[Source], dtype: torch.dtype) -> None:
+    """From the output's per-block (min, max) (which propagate NaN; overflow in ``dtype`` shows as inf);
+    the slow search for the culprit only on failure."""
     limit = torch.finfo(dtype).max
-    if math.isfinite(lo) and math.isfinite(hi) and max(-float(lo), float(hi)) <= limit:
+    if all(math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= limit for lo, hi in ranges):
         return
     for src, raw in zip(sources, raws):
         if raw is not None and not torch.isfinite(raw).all():
@@ -246,37 +264,43 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
     bar = tqdm(total=sum(s.nbytes for s in slots), unit="B", unit_scale=True, desc=f"merge ({method.name})",
                disable=not progress)
     pool = ThreadPoolExecutor(max_workers=1)  # reads the next tensor while this one is merged
+    io = ThreadPoolExecutor(max_workers=1)  # writes the last merged tensor while this one is merged
     try:
-        with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
+        with atomic.atomic_dir(out, overwrite=overwrite) as tmp, blocked.single_threaded_caller():
             writer = ShardedWriter(tmp, slots, size)
+            written = None  # the write in flight
             try:
                 pending = pool.submit(_read, names[0], ckpt, sources, changed[names[0]], ws, 0)
                 for k, slot in enumerate(slots):
                     w0, raws = pending.result()
-                    if k + 1 < len(names):  # double buffered: the next read fills the other buffer set
-                        pending = pool.submit(_read, names[k + 1], ckpt, sources, changed[names[k + 1]], ws,
-                                              (k + 1) % 2)
+                    if k + 1 < len(names):  # double buffered: the next read fills the other buffer set, once
+                        # the write of tensor k - 1 (which may be that buffer set's own base tensor) is done
+                        pending = pool.submit(_read_after, written, names[k + 1], ckpt, sources,
+                                              changed[names[k + 1]], ws, (k + 1) % 2)
                     if changed[slot.name]:
-                        merged = merge_tensor(slot.name, w0, raws, sources, method, weights_t, params, thresholds, ws)
-                        _check_finite(slot.name, merged, raws, sources, slot.dtype)
-                        result = ws.get("cast", merged.shape, slot.dtype).copy_(merged)
-                        del merged
+                        result = merge_tensor(slot.name, w0, raws, sources, method, weights_t, params, thresholds,
+                                              ws, slot.dtype, k % 2)
                     elif w0.dtype != slot.dtype:
-                        result = w0.to(slot.dtype)
+                        result = ws.get(("cast", k % 2), w0.shape, slot.dtype).copy_(w0)
                     else:
                         result = w0
-                    writer.write(slot.name, result)
+                    if written is not None:
+                        written.result()
+                    written = io.submit(writer.write, slot.name, result)
                     del w0, raws, result
                     bar.update(slot.nbytes)
                     bar.set_postfix_str(f"{k + 1}/{len(slots)} tensors", refresh=False)
+                written.result()
                 writer.close()
             finally:
+                io.shutdown(wait=True, cancel_futures=True)  # nothing writes into OUT's temp folder after this
                 writer.abort()
             report = _report(recipe, method, params, weights, base, sources, changed, writer, slots, dtype, start)
             copy_model_files(base_path, tmp, dtype)
             _write_metadata(tmp, report, base)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        io.shutdown(wait=True, cancel_futures=True)
         bar.close()
         ckpt.close()
         for s in sources:

@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import blocked
+
 
 def _per_input(value: float | Sequence[float], n: int) -> list[float]:
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * n
@@ -77,10 +79,20 @@ def _top_k(mags: Tensor, k: int, out: Tensor) -> None:
 
 
 def bernoulli_mask(deltas: Tensor, density: float | Sequence[float], generator: torch.Generator | None) -> Tensor:
-    """DARE's random drop: keep each entry independently with probability ``density`` (= 1 - p)."""
-    n = deltas.shape[0]
-    return torch.stack([torch.bernoulli(torch.full_like(deltas[i], d), generator=generator).bool()
-                        for i, d in enumerate(_per_input(density, n))])
+    """DARE's random drop: keep each entry independently with probability ``density`` (= 1 - p).
+
+    The stream is the blocked engine's: per input i and block j of rows, ``rand < density`` from a
+    generator seeded with :func:`blocked.block_seed` of the module's seed (the first draw of ``generator``).
+    """
+    src = blocked.Deltas.stacked(deltas)
+    seed = blocked.mask_seed(generator)
+    mask = torch.empty(deltas.shape[0], src.rows, src.cols, dtype=torch.bool)
+    for i, d in enumerate(_per_input(density, deltas.shape[0])):
+        for j in range(src.nblocks):
+            r0, r1 = src.span(j)
+            u = torch.rand(r1 - r0, src.cols, generator=torch.Generator().manual_seed(blocked.block_seed(seed, i, j)))
+            mask[i, r0:r1] = u < d
+    return mask.reshape(deltas.shape)
 
 
 def breadcrumbs_mask(deltas: Tensor, density: float | Sequence[float], gamma: float) -> Tensor:
@@ -89,14 +101,16 @@ def breadcrumbs_mask(deltas: Tensor, density: float | Sequence[float], gamma: fl
     Rows are the last dimension, as in the official code (rezazzr/breadcrumbs, ``TaskVectorMiddleKeep``):
     ``int(d * gamma)`` largest entries go, then the ``int(d * density)`` largest of the rest stay. A row
     too short for ``gamma`` (``d * gamma < 1``) loses no outlier; it is never zeroed whole for that.
+    Entries tied in magnitude rank by index (the lower index counts as larger).
     """
     n, d = deltas.shape[0], deltas.shape[-1]
     mask = torch.zeros_like(deltas, dtype=torch.bool)
     n_top = int(d * gamma)
     for i, dens in enumerate(_per_input(density, n)):
         n_keep = min(max(int(d * dens), 1), d - n_top)
-        idx = torch.topk(deltas[i].abs(), n_top + n_keep, dim=-1, sorted=True).indices[..., n_top:]
-        mask[i].scatter_(-1, idx, True)
+        mags = deltas[i].abs().reshape(-1, d)
+        order = torch.sort(mags, dim=-1, descending=True, stable=True).indices  # stable: ties by index
+        mask[i].view(-1, d).scatter_(-1, order[:, n_top:n_top + n_keep], True)
     return mask
 
 

@@ -6,7 +6,9 @@ A method is a pure function over one module's stacked task vectors::
 
 registered by name with its parameters (defaults = the paper's) and the paper it implements.
 A *linear* method instead gives per-input coefficients ``c_i`` (merged = sum_i c_i dW_i); those merge
-exactly in factor space, without ever forming a dense ``dW``.
+exactly in factor space, without ever forming a dense ``dW``. A *sparse* method (``sparse=Sparse(...)``:
+sparsifier x consensus) is computed by the row-blocked engine :mod:`peftmerge.merge.blocked`; its ``fn``
+stays the readable composition of :mod:`peftmerge.merge.ops` that the tests hold the engine equal to.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import PeftmergeError
+from . import blocked
+from .blocked import Sparse
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class Method:
     coefficients: Callable | None = None  # linear methods: (weights, params) -> (n,)
     aliases: tuple[str, ...] = ()
     exact_concat: bool = False  # `cat`: never truncated
+    sparse: Sparse | None = None  # computed by the blocked engine (``fn`` is the reference composition)
 
     @property
     def linear(self) -> bool:
@@ -100,7 +105,11 @@ class Method:
         if self.linear:
             c = self.coefficients(weights, params).to(deltas.dtype)
             return torch.tensordot(c, deltas, dims=1)
-        return self.fn(deltas, weights, params, ctx or Context())
+        ctx = ctx or Context()
+        if self.sparse is not None:
+            return blocked.merge(self.sparse, blocked.Deltas.stacked(deltas.float()), weights, params,
+                                 seed=blocked.mask_seed(ctx.generator), thresholds=ctx.thresholds)
+        return self.fn(deltas, weights, params, ctx)
 
     def resolve(self, given: dict, n: int) -> dict:
         """Defaults filled in, values checked; an unknown parameter is an error naming the valid ones."""
@@ -120,8 +129,10 @@ _ALIASES: dict[str, str] = {}
 
 
 def register(name: str, *, paper: str, params: tuple[Param, ...] = (), linear: bool = False,
-             aliases: tuple[str, ...] = (), exact_concat: bool = False):
-    """Decorator: register ``fn`` (or, with ``linear=True``, a coefficient function) under ``name``."""
+             aliases: tuple[str, ...] = (), exact_concat: bool = False, sparse: Sparse | None = None):
+    """Decorator: register ``fn`` (or, with ``linear=True``, a coefficient function) under ``name``.
+
+    With ``sparse``, merges run on the blocked engine and ``fn`` is the reference it must equal."""
 
     def wrap(fn: Callable) -> Callable:
         import sys
@@ -129,7 +140,7 @@ def register(name: str, *, paper: str, params: tuple[Param, ...] = (), linear: b
         doc = (sys.modules[fn.__module__].__doc__ or fn.__doc__ or "").strip()
         method = Method(name=name, paper=paper, doc=doc, params=tuple(params),
                         fn=None if linear else fn, coefficients=fn if linear else None,
-                        aliases=tuple(aliases), exact_concat=exact_concat)
+                        aliases=tuple(aliases), exact_concat=exact_concat, sparse=sparse)
         _REGISTRY[name] = method
         for a in aliases:
             _ALIASES[a] = name

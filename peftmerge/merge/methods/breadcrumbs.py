@@ -9,6 +9,7 @@ Defaults: density 0.1 (the paper's best keeps ~10% after dropping the top 1%), g
 """
 
 from .. import ops
+from ..blocked import Sparse
 from ..registry import DENSITY, GAMMA, LAMBDA, SIGN, register
 
 
@@ -16,12 +17,14 @@ def _crumbs(deltas, params):
     return deltas * ops.breadcrumbs_mask(deltas, params["density"], params["gamma"])
 
 
-@register("breadcrumbs", paper="https://arxiv.org/abs/2312.06795", params=(LAMBDA, DENSITY(0.1), GAMMA))
+@register("breadcrumbs", paper="https://arxiv.org/abs/2312.06795", params=(LAMBDA, DENSITY(0.1), GAMMA),
+          sparse=Sparse("rows", "sum"))
 def breadcrumbs(deltas, weights, params, ctx):
     return params["lambda"] * ops.consensus(_crumbs(deltas, params), weights, "sum")
 
 
 @register("breadcrumbs_ties", paper="https://arxiv.org/abs/2312.06795",
-          params=(LAMBDA, DENSITY(0.1), GAMMA, SIGN))
+          params=(LAMBDA, DENSITY(0.1), GAMMA, SIGN),
+          sparse=Sparse("rows", "ties"))
 def breadcrumbs_ties(deltas, weights, params, ctx):
     return params["lambda"] * ops.consensus(_crumbs(deltas, params), weights, "ties", params["sign"])

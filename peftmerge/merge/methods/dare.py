@@ -12,6 +12,7 @@ Defaults: the paper's drop rate p = 0.9 (density 0.1), lambda 1, sign total.
 import torch
 
 from .. import ops
+from ..blocked import Sparse
 from ..registry import DENSITY, LAMBDA, SEED, SIGN, register
 
 
@@ -22,11 +23,13 @@ def _drop_and_rescale(deltas, params, ctx):
     return ops.weighted(deltas * keep, 1.0 / per_input)
 
 
-@register("dare_linear", paper="https://arxiv.org/abs/2311.03099", params=(LAMBDA, DENSITY(0.1), SEED))
+@register("dare_linear", paper="https://arxiv.org/abs/2311.03099", params=(LAMBDA, DENSITY(0.1), SEED),
+          sparse=Sparse("random", "sum"))
 def dare_linear(deltas, weights, params, ctx):
     return params["lambda"] * ops.consensus(_drop_and_rescale(deltas, params, ctx), weights, "sum")
 
 
-@register("dare_ties", paper="https://arxiv.org/abs/2311.03099", params=(LAMBDA, DENSITY(0.1), SIGN, SEED))
+@register("dare_ties", paper="https://arxiv.org/abs/2311.03099", params=(LAMBDA, DENSITY(0.1), SIGN, SEED),
+          sparse=Sparse("random", "ties"))
 def dare_ties(deltas, weights, params, ctx):
     return params["lambda"] * ops.consensus(_drop_and_rescale(deltas, params, ctx), weights, "ties", params["sign"])

@@ -6,11 +6,13 @@ Defaults: density 0.2, lambda 1; ``granularity=global`` trims over the whole ada
 """
 
 from .. import ops
+from ..blocked import Sparse
 from ..registry import DENSITY, GRANULARITY, LAMBDA, register
 
 
 @register("magnitude_prune", paper="https://arxiv.org/abs/2306.01708 (trim step)",
-          params=(LAMBDA, DENSITY(0.2), GRANULARITY))
+          params=(LAMBDA, DENSITY(0.2), GRANULARITY),
+          sparse=Sparse("magnitude", "sum"))
 def magnitude_prune(deltas, weights, params, ctx):
     pruned = deltas * ops.magnitude_mask(deltas, params["density"], ctx.thresholds)
     return params["lambda"] * ops.consensus(pruned, weights, "sum")

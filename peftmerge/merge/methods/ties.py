@@ -10,10 +10,12 @@ weights 1 this is the paper's equation. Defaults: density 0.2 (top-20%), lambda 
 """
 
 from .. import ops
+from ..blocked import Sparse
 from ..registry import DENSITY, GRANULARITY, LAMBDA, SIGN, register
 
 
-@register("ties", paper="https://arxiv.org/abs/2306.01708", params=(LAMBDA, DENSITY(0.2), SIGN, GRANULARITY))
+@register("ties", paper="https://arxiv.org/abs/2306.01708", params=(LAMBDA, DENSITY(0.2), SIGN, GRANULARITY),
+          sparse=Sparse("magnitude", "ties"))
 def ties(deltas, weights, params, ctx):
     trimmed = deltas * ops.magnitude_mask(deltas, params["density"], ctx.thresholds)
     return params["lambda"] * ops.consensus(trimmed, weights, "ties", params["sign"])

@@ -1,0 +1,134 @@
+"""Blocks of rows and the worker threads that process them (the plumbing of :mod:`peftmerge.merge.blocked`).
+
+A tensor is viewed as (rows, cols) (cols = its last dimension) and cut into blocks of whole rows of about
+``BLOCK`` elements, fixed by its shape alone, so anything drawn per block (DARE masks) does not depend on
+how many threads run. Blocks go to ``torch.get_num_threads()`` worker threads, each running torch
+single-threaded with its own reused scratch buffers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+BLOCK = 1 << 16  # elements per block: a few float32 buffers of this size stay in a 2 MB L2 cache
+
+
+def _per_input(value, n: int) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * n
+
+
+# --- task vectors, block by block --------------------------------------------------------------------------
+
+class Deltas:
+    """The n task vectors of one tensor, viewed as (rows, cols) and read by row block.
+
+    Each input is ``("delta", dW)`` (a float task vector), ``("theta", theta_i)`` (a full checkpoint's tensor:
+    dW = theta_i - ``base``) or ``None`` (zero). ``base`` (theta_0, any float dtype) is needed for thetas.
+    """
+
+    def __init__(self, inputs: list, base: Tensor | None, shape: tuple[int, ...]):
+        self.inputs, self.shape = inputs, tuple(shape)
+        numel = 1
+        for s in shape:
+            numel *= s
+        self.cols = shape[-1] if len(shape) >= 2 else max(numel, 1)
+        self.rows = numel // self.cols if numel else 0
+        self.numel = numel
+        self.base = None if base is None else base.reshape(self.rows, self.cols)
+        self._flat = [None if x is None else (x[0], x[1].reshape(self.rows, self.cols)) for x in inputs]
+        self.step = max(1, BLOCK // max(self.cols, 1))  # rows per block
+        self.nblocks = -(-self.rows // self.step) if self.rows else 0
+
+    @classmethod
+    def stacked(cls, deltas: Tensor) -> "Deltas":
+        """From (n, *shape) dense task vectors."""
+        return cls([("delta", d) for d in deltas], None, tuple(deltas.shape[1:]))
+
+    @property
+    def n(self) -> int:
+        return len(self.inputs)
+
+    def span(self, j: int) -> tuple[int, int]:
+        return j * self.step, min((j + 1) * self.step, self.rows)
+
+    def base_block(self, r0: int, r1: int, out: Tensor) -> Tensor:
+        return out.copy_(self.base[r0:r1])
+
+    def get(self, i: int, r0: int, r1: int, out: Tensor, base_f: Tensor | None) -> Tensor | None:
+        """Input i's float32 rows [r0, r1): a read-only view, or ``out`` filled; None if the input is zero."""
+        x = self._flat[i]
+        if x is None:
+            return None
+        kind, t = x
+        if kind == "delta":
+            blk = t[r0:r1]
+            return blk if blk.dtype == torch.float32 else out.copy_(blk)
+        return torch.sub(out.copy_(t[r0:r1]), base_f, out=out)  # theta_i - theta_0 in float32 (exact for bf16)
+
+
+class _Scratch(threading.local):
+    def __init__(self):
+        self.bufs: dict = {}
+
+    def get(self, key, rows: int, cols: int) -> Tensor:
+        buf = self.bufs.get(key)
+        if buf is None or buf.numel() < rows * cols:
+            buf = self.bufs[key] = torch.empty(max(rows * cols, BLOCK))
+        return buf[:rows * cols].view(rows, cols)
+
+
+_scratch = _Scratch()
+_pools: dict[int, ThreadPoolExecutor] = {}
+_lock = threading.Lock()
+_WORKERS: int | None = None  # set by single_threaded_caller
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="peftmerge-block",
+                                                 initializer=torch.set_num_threads, initargs=(1,))
+        return _pools[workers]
+
+
+@contextmanager
+def single_threaded_caller():
+    """Run the calling thread's own torch ops single-threaded (the block workers keep the cores busy), so that
+    the small serial steps between blocked passes never wait at an OpenMP barrier; restored on exit."""
+    global _WORKERS
+    before, saved = torch.get_num_threads(), _WORKERS
+    _WORKERS = saved or before
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        _WORKERS = saved
+
+
+def run_blocks(fn, nblocks: int, workers: int | None = None) -> list:
+    """``[fn(j) for j in range(nblocks)]`` on worker threads (single-threaded torch each); results in order.
+    Workers: ``torch.get_num_threads()`` (of the caller, before :func:`single_threaded_caller`), at most 8."""
+    workers = max(1, min(workers or _WORKERS or torch.get_num_threads(), nblocks, 8))
+    if nblocks == 0:
+        return []
+    results = [None] * nblocks
+    counter = itertools.count()
+
+    def worker():
+        while (j := next(counter)) < nblocks:
+            results[j] = fn(j)
+
+    futures = [_pool(workers).submit(worker) for _ in range(workers)]
+    for f in futures:
+        f.result()
+    return results
+
+
+# --- exact top-k thresholds --------------------------------------------------------------------------------
