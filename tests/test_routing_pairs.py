@@ -95,3 +95,22 @@ def test_classification_prompt_is_the_pair_and_templates_still_fill():
     assert _prompt(rec, None) == ("a cat", "the dog")
     assert _prompt(rec, "T: {text} / {text_pair}") == "T: a cat / the dog"
     assert _prompt({"instruction": "do", "input": "it"}, None) == "do\nit"
+
+
+def test_pairs_reach_the_tokenizer_as_pairs_only_when_it_has_a_separator(tmp_path, monkeypatch):
+    from routing_util import save_base, tokenizer
+    from transformers import AutoModelForCausalLM
+
+    import peftmerge.routing.embed as embed_module
+
+    seen = []
+    real = embed_module.encode
+    monkeypatch.setattr(embed_module, "encode", lambda tok, qs, n=None: seen.append(qs) or real(tok, qs, n))
+    bert, bert_tok = bert_and_tokenizer()
+    Embedder(bert, bert_tok, layer=0)([("the cat", "a dog"), "big"])
+    assert seen[-1] == [("the cat", "a dog"), "big"]  # BERT: [SEP] and token types
+    base = save_base(tmp_path / "base")
+    llama, tok = AutoModelForCausalLM.from_pretrained(str(base)).eval(), tokenizer()
+    assert tok.sep_token is None
+    Embedder(llama, tok, layer=1)([("cat dog", "red blue"), "one"])
+    assert seen[-1] == ["cat dog\nred blue", "one"]  # a decoder LM would glue the pair: joined by a newline

@@ -2,7 +2,8 @@
 
 A query record (one JSON object per line) becomes a query the same way everywhere: ``text`` (+
 ``text_pair``: the pair ``(text, text_pair)``, encoded as a pair as the classifiers were trained, with
-the tokenizer's separator and token types), else ``instruction`` (+ ``input``), else ``input`` / ``query``
+the tokenizer's separator and token types; a tokenizer without a separator token embeds it joined by a
+newline), else ``instruction`` (+ ``input``), else ``input`` / ``query``
 / ``prompt``. Its embedding is the mean over non-padding tokens of one hidden state (``layer``: 0 = token
 embeddings, -1 = last) of the base model or of a sentence-embedding model. Layers above ``layer`` are not
 run.
@@ -134,6 +135,8 @@ class Embedder:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
 
     def __call__(self, queries: list) -> torch.Tensor:
+        if self.tokenizer.sep_token is None:  # no pair encoding (decoder LMs glue the two texts): join by a newline
+            queries = [query_text(q) for q in queries]
         out = []
         for i in range(0, len(queries), self.batch_size):
             enc = encode(self.tokenizer, list(queries[i:i + self.batch_size]), self.max_length)
