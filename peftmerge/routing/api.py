@@ -85,14 +85,24 @@ def route_queries(router: Router, texts: list, routed=None, tokenizer=None, embe
     return decide(scores, confidence, p["top_k"], p["temperature"], p.get("abstain"))
 
 
-def _prompt(rec: dict, template: str | None) -> str | tuple[str, str]:
-    """What the model reads: the template filled in, else the query itself (a pair stays a pair)."""
+class _Fields(dict):
+    def __missing__(self, key):  # a field the record lacks formats as empty
+        return ""
+
+
+def _prompt(rec: dict, template: str | None, info=None) -> str | tuple[str, str]:
+    """What the model reads: the adapter's training template filled in (``{task}``, ``{labels}`` and the
+    record's fields, as ``peftmerge train`` fills it), else the query itself (a pair stays a pair)."""
     if template:
-        text = record_text(rec)
+        fields = _Fields({k: "" if v is None else str(v) for k, v in rec.items()})
+        fields.setdefault("text", record_text(rec))
+        if info is not None:
+            fields["task"] = info.task
+            fields["labels"] = fields["choices"] = ", ".join(info.labels or [])
         try:
-            return template.format(**{**rec, "text": rec.get("text", text)})
-        except (KeyError, IndexError, ValueError):
-            return text
+            return template.split("{label}")[0].format_map(fields)
+        except (IndexError, ValueError):
+            return record_text(rec)
     query = record_query(rec)
     return query if rec.get("text") is not None else query_text(query)
 
@@ -139,7 +149,8 @@ def _answer(router: Router, records: list[dict], routed, tokenizer, embed, mode:
                          "abstained": not c})
         if route_only:
             continue
-        prompts = [_prompt(r, router.adapters[c[0][0]].template if c else None) for r, c in zip(batch, chosen)]
+        infos = [router.adapters[c[0][0]] if c else None for c in chosen]
+        prompts = [_prompt(r, i.template if i else None, i) for r, i in zip(batch, infos)]
         enc = encode(tokenizer, prompts)
         plan = routed.arrow_plan(router.params["top_k"], router.params["temperature"]) if mode == "arrow" else None
         dec = None if mode == "arrow" else decision
@@ -188,11 +199,57 @@ def _as_label(text: str, labels: list[str] | None) -> str:
     return answer
 
 
+class _Fixed:
+    """The routed model with one decision for every row (or Arrow's per-token plan), called like a model."""
+
+    def __init__(self, routed, router: Router, mode: str, adapter: int | None):
+        self.routed, self.router, self.mode, self.adapter = routed, router, mode, adapter
+
+    def __call__(self, input_ids, attention_mask=None):
+        n = input_ids.shape[0]
+        if self.mode == "arrow":
+            plan = self.routed.arrow_plan(self.router.params["top_k"], self.router.params["temperature"])
+            return self.routed(input_ids, attention_mask, plan=plan)
+        none = self.adapter is None
+        dec = Decision(torch.full((n, 1), 0 if none else self.adapter), torch.full((n, 1), 0.0 if none else 1.0),
+                       torch.full((n,), none), torch.ones(n))
+        return self.routed(input_ids, attention_mask, decision=dec, mode="select")
+
+
+def _label_words_routed(router: Router, task, routed, tokenizer, embed, mode: str, batch_size: int,
+                        progress: bool) -> list[str]:
+    """Label-word tasks on text-to-text adapters: each query is answered by its routed adapter as that
+    adapter was trained and as ``peftmerge eval --adapter`` scores it: the adapter's template (its task
+    name and label words) and constrained scoring of its label words (abstaining rows: the base model on
+    the task's own prompt). A misrouted query thus answers from another task's label set."""
+    from dataclasses import replace
+
+    from ..evaluate.predict import predict_label_words
+
+    decision = route_queries(router, [record_query(r) for r in task.rows], routed, tokenizer, embed)
+    top = [None if a else int(i) for i, a in zip(decision.indices[:, 0], decision.abstained)]
+    out: list[str | None] = [None] * len(task.rows)
+    for e in sorted(set(top), key=lambda v: -1 if v is None else v):
+        rows = [j for j, t in enumerate(top) if t == e]
+        info = router.adapters[e] if e is not None else None
+        sub = replace(task, rows=[task.rows[j] for j in rows])
+        if info is not None and info.labels:
+            sub = replace(sub, labels=list(info.labels), template=info.template, meta={**task.meta, "task": info.task})
+        preds = predict_label_words(_Fixed(routed, router, mode, e), tokenizer, sub, batch_size=batch_size,
+                                    progress=progress)
+        for j, p in zip(rows, preds):
+            out[j] = p
+    return out
+
+
 def predict_for_eval(router_dir, base: str | None, task, *, batch_size: int = 8, max_length: int | None = None,
                      progress: bool = True) -> list[str]:
     """``peftmerge eval --router``: the routed answer (label word or text) for each row of ``task``."""
     router = _as_router(router_dir)
     routed, tokenizer, embed, mode = _open(router, base, None)
+    if task.labels and router.adapters[0].shape == "text2text":
+        tokenizer.padding_side = "right"
+        return _label_words_routed(router, task, routed, tokenizer, embed, mode, batch_size, progress)
     rows = _answer(router, task.rows, routed, tokenizer, embed, mode, batch_size=batch_size, progress=progress,
                    max_new_tokens=8 if task.labels else 128)
     if task.labels:
