@@ -92,8 +92,13 @@ def test_samples_and_examples_keep_pairs(tmp_path):
 
 def test_classification_prompt_is_the_pair_and_templates_still_fill():
     rec = {"text": "a cat", "text_pair": "the dog", "label": "x"}
+    from peftmerge.routing.router import AdapterInfo
+
     assert _prompt(rec, None) == ("a cat", "the dog")
-    assert _prompt(rec, "T: {text} / {text_pair}") == "T: a cat / the dog"
+    assert _prompt(rec, AdapterInfo("t", "t", "classify", None, None)) == ("a cat", "the dog")
+    assert _prompt(rec, AdapterInfo("t", "t", "text2text", None, "T: {text} / {text_pair}")) == "T: a cat / the dog"
+    info = AdapterInfo("nli", "t", "text2text", ["yes", "no"], "Task: {task}. One of: {labels}.\n{text}\nAnswer:")
+    assert _prompt(rec, info) == "Task: nli. One of: yes, no.\na cat\nAnswer:"
     assert _prompt({"instruction": "do", "input": "it"}, None) == "do\nit"
 
 

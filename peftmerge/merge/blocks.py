@@ -20,6 +20,7 @@ BLOCK = 1 << 16  # elements per block: a few float32 buffers of this size stay i
 
 
 def _per_input(value, n: int) -> list[float]:
+    """A per-input parameter (one value, or one per input) as n floats."""
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * n
 
 

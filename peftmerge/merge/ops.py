@@ -13,10 +13,7 @@ import torch
 from torch import Tensor
 
 from . import blocked
-
-
-def _per_input(value: float | Sequence[float], n: int) -> list[float]:
-    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * n
+from .blocks import _per_input
 
 
 def _kth_largest(x: Tensor, k: int) -> Tensor:

@@ -85,24 +85,14 @@ def route_queries(router: Router, texts: list, routed=None, tokenizer=None, embe
     return decide(scores, confidence, p["top_k"], p["temperature"], p.get("abstain"))
 
 
-class _Fields(dict):
-    def __missing__(self, key):  # a field the record lacks formats as empty
-        return ""
+def _prompt(rec: dict, info=None) -> str | tuple[str, str]:
+    """What the model reads: the routed adapter's training template filled in exactly as ``peftmerge eval``
+    fills it (``{task}``, ``{labels}`` and the record's fields), else the query itself (a pair stays a pair)."""
+    if info is not None and info.template:
+        from ..evaluate.data import Task
+        from ..evaluate.prompts import prompt_of
 
-
-def _prompt(rec: dict, template: str | None, info=None) -> str | tuple[str, str]:
-    """What the model reads: the adapter's training template filled in (``{task}``, ``{labels}`` and the
-    record's fields, as ``peftmerge train`` fills it), else the query itself (a pair stays a pair)."""
-    if template:
-        fields = _Fields({k: "" if v is None else str(v) for k, v in rec.items()})
-        fields.setdefault("text", record_text(rec))
-        if info is not None:
-            fields["task"] = info.task
-            fields["labels"] = fields["choices"] = ", ".join(info.labels or [])
-        try:
-            return template.split("{label}")[0].format_map(fields)
-        except (IndexError, ValueError):
-            return record_text(rec)
+        return prompt_of(Task(info.task, Path(info.path), [rec], info.labels, info.template, {"task": info.task}), rec)
     query = record_query(rec)
     return query if rec.get("text") is not None else query_text(query)
 
@@ -149,8 +139,7 @@ def _answer(router: Router, records: list[dict], routed, tokenizer, embed, mode:
                          "abstained": not c})
         if route_only:
             continue
-        infos = [router.adapters[c[0][0]] if c else None for c in chosen]
-        prompts = [_prompt(r, i.template if i else None, i) for r, i in zip(batch, infos)]
+        prompts = [_prompt(r, router.adapters[c[0][0]] if c else None) for r, c in zip(batch, chosen)]
         enc = encode(tokenizer, prompts)
         plan = routed.arrow_plan(router.params["top_k"], router.params["temperature"]) if mode == "arrow" else None
         dec = None if mode == "arrow" else decision
@@ -248,7 +237,6 @@ def predict_for_eval(router_dir, base: str | None, task, *, batch_size: int = 8,
     router = _as_router(router_dir)
     routed, tokenizer, embed, mode = _open(router, base, None)
     if task.labels and router.adapters[0].shape == "text2text":
-        tokenizer.padding_side = "right"
         return _label_words_routed(router, task, routed, tokenizer, embed, mode, batch_size, progress)
     rows = _answer(router, task.rows, routed, tokenizer, embed, mode, batch_size=batch_size, progress=progress,
                    max_new_tokens=8 if task.labels else 128)

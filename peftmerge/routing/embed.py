@@ -3,10 +3,10 @@
 A query record (one JSON object per line) becomes a query the same way everywhere: ``text`` (+
 ``text_pair``: the pair ``(text, text_pair)``, encoded as a pair as the classifiers were trained, with
 the tokenizer's separator and token types; a tokenizer without a separator token embeds it joined by a
-newline), else ``instruction`` (+ ``input``), else ``input`` / ``query``
-/ ``prompt``. Its embedding is the mean over non-padding tokens of one hidden state (``layer``: 0 = token
-embeddings, -1 = last) of the base model or of a sentence-embedding model. Layers above ``layer`` are not
-run.
+newline), else ``instruction`` (+ ``input``), else ``input`` / ``query`` / ``prompt``. Its embedding is
+the mean over non-padding tokens of one hidden state (``layer``: 0 = the first layer's input, i.e. token +
+position + token-type embeddings; -1 = last) of the base model or of a sentence-embedding model. Layers
+above ``layer`` are not run.
 """
 
 from __future__ import annotations
