@@ -1,7 +1,8 @@
 """Benchmark: one mixed batch through routed adapters, against the base model and PEFT, in the same run.
 
 A SmolLM2-135M-shaped Llama (its LlamaConfig sizes, random weights, float32) and 8 random r=16 LoRA
-adapters on q,k,v,o,gate,up,down. One batch of 32 queries x 64 tokens; row b is routed to adapter b % 8
+adapters on ``--targets``: ``qv`` (q_proj, v_proj: PEFT's default target modules for Llama, and the setting
+the issue's reference figures fit: one PEFT adapter 1.04x the base) or ``all`` (q,k,v,o,gate,up,down). One batch of 32 queries x 64 tokens; row b is routed to adapter b % 8
 (4 rows each). Each variant runs ``--rounds`` times, interleaved round-robin with the others (so load
 from other processes hits all alike); the table gives the median and the ratio to the base median:
 
@@ -11,7 +12,8 @@ from other processes hits all alike); the table gives the median and the ratio t
   ``arrow`` top-3 per token;
 - the router's decision for the 32 queries (embedding + scoring) as % of the routed select forward.
 
-    python bench/routing.py --rounds 3            # 1 thread, process CPU time (default)
+    python bench/routing.py --rounds 3            # 1 thread, process CPU time, q_proj + v_proj (default)
+    python bench/routing.py --rounds 3 --targets all  # adapters on all 7 projections
     python bench/routing.py --rounds 3 --threads 2  # wall-clock time on 2 threads
 """
 
@@ -32,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = {"qv": ("q_proj", "v_proj"),
+           "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 
 
 def smollm2_config():
@@ -44,14 +47,14 @@ def smollm2_config():
                        eos_token_id=2)
 
 
-def write_adapters(model, folder: Path, n: int, r: int) -> list[Path]:
-    """``n`` random LoRA adapters (PEFT format) on every TARGETS Linear of ``model``."""
+def write_adapters(model, folder: Path, n: int, r: int, targets: tuple[str, ...]) -> list[Path]:
+    """``n`` random LoRA adapters (PEFT format) on every ``targets`` Linear of ``model``."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(0)
     shapes = {name: m.weight.shape for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in TARGETS}
+              if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets}
     out = []
     for i in range(n):
         state = {}
@@ -61,7 +64,7 @@ def write_adapters(model, folder: Path, n: int, r: int) -> list[Path]:
         path = folder / f"task{i}"
         path.mkdir(parents=True)
         save_file(state, str(path / "adapter_model.safetensors"))
-        LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS), task_type="CAUSAL_LM",
+        LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), task_type="CAUSAL_LM",
                    base_model_name_or_path="smollm2-135m-shaped").save_pretrained(str(path))
         out.append(path)
     return out
@@ -74,6 +77,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--targets", choices=sorted(TARGETS), default="qv",
+                    help="qv: q_proj + v_proj (PEFT's default for Llama); all: the 7 projections")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; with 1 the figures are process CPU seconds, robust to other load on "
                          "a shared machine (with more, wall-clock seconds)")
@@ -100,7 +105,7 @@ def main() -> None:
     base = LlamaForCausalLM(smollm2_config()).eval()
     n, b, t = args.adapters, args.batch, args.tokens
     tmp = tempfile.TemporaryDirectory(prefix="peftmerge-bench-")
-    paths = write_adapters(base, Path(tmp.name), n, args.rank)
+    paths = write_adapters(base, Path(tmp.name), n, args.rank, TARGETS[args.targets])
     adapters = [load_adapter(p) for p in paths]
     names = [f"task{i}" for i in range(n)]
 
@@ -181,7 +186,7 @@ def main() -> None:
     ref, sel = med["base model alone"], med["peftmerge select (top-1 per row)"]
     unit = "process CPU s" if args.threads == 1 else "wall s"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads ({unit}), {args.rounds} rounds; batch {b} x {t} "
-          f"tokens, {n} adapters r={args.rank}; select vs PEFT mixed batch max |logit diff| = {check:.2e}\n")
+          f"tokens, {n} adapters r={args.rank} on {args.targets}; select vs PEFT mixed batch max |logit diff| = {check:.2e}\n")
     print(f"| variant | median ({unit}) | min | x base | % of select forward |")
     print("|---|---|---|---|---|")
     for k in variants:
