@@ -146,3 +146,16 @@ def test_classification_uses_the_routed_task_head(tmp_path):
             want = model(input_ids=ids).logits
             rows = [1, 2] if e == 0 else [0, 3]
             torch.testing.assert_close(got[rows], want[rows], rtol=1e-4, atol=1e-5)
+
+
+def test_rows_are_restored_before_the_lm_head_so_labels_line_up(ads):
+    """Rows run sorted by adapter and are put back at the LM head's input: logits and the loss against
+    ``labels`` (given in the caller's order) refer to the caller's rows, and no hook is left behind."""
+    routed = routed_model(ads)
+    rows = [[(2, 1.0)], [(0, 1.0)], [(1, 1.0)], [(0, 1.0)], [(2, 1.0)], [(1, 1.0)]]
+    with torch.no_grad():
+        out = routed(IDS, decision=decision(rows), mode="select", labels=IDS)
+    want = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]),
+                                             IDS[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+    assert not routed.model.get_output_embeddings()._forward_pre_hooks
