@@ -75,6 +75,31 @@ def test_a_pair_embeds_differently_from_its_joined_text():
     assert not torch.allclose(pair, joined)  # separator and segment-B token types are seen
 
 
+@pytest.mark.parametrize("layer", [0, 2])
+def test_segments_pool_each_part_of_a_pair_and_zero_for_a_single_text(layer):
+    model, tok = bert_and_tokenizer()
+    joint = Embedder(model, tok, layer=layer)
+    seg = Embedder(model, tok, layer=layer, pairs="segments")
+    got = seg([("the cat sat", "a dog ran"), "big park"])
+    d = joint(["big park"]).shape[1]
+    assert got.shape == (2, 2 * d)
+    torch.testing.assert_close(got[:, :d], joint(["the cat sat", "big park"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0, d:], joint(["a dog ran"])[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[1, d:], torch.zeros(d))
+
+
+def test_new_routers_embed_pairs_by_segments_and_old_ones_jointly():
+    from peftmerge.routing.api import _pairs
+    from peftmerge.routing.registry import get
+
+    assert get("probe").resolve({})["pairs"] == "segments" == get("centroid").resolve({})["pairs"]
+
+    class Old:
+        params = {"layer": 0}  # a router.json written before the parameter existed
+
+    assert _pairs(Old()) == "joint"
+
+
 def test_samples_and_examples_keep_pairs(tmp_path):
     rows = [{"text": f"t{i}", "text_pair": f"p{i}", "label": "x"} for i in range(5)]
     samples = sample_inputs(rows, "labelled", 3, seed=0)

@@ -89,7 +89,7 @@ def test_router_round_trip_and_move(setup, tmp_path):
     for k in router.tensors:
         assert torch.equal(loaded.tensors[k], router.tensors[k])
     base, tok = load_base(str(d / "base"))
-    embed = load_embedder(None, base, tok, router.params["layer"])
+    embed = load_embedder(None, base, tok, router.params["layer"], router.params["pairs"])
     texts = [record_text(json.loads(line)) for line in open(held_out["numbers"])][:10]
     a, b = route_queries(router, texts, embed=embed), route_queries(loaded, texts, embed=embed)
     assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)

@@ -21,6 +21,11 @@ from .registry import BuildContext
 from .router import Router, load_router
 
 
+def _pairs(router) -> str:
+    """How the router embeds sentence pairs (routers built before the ``pairs`` parameter: ``joint``)."""
+    return router.params.get("pairs", "joint")
+
+
 def route_build(adapters: list, out, strategy: str = "centroid", *, top_k: int | None = None,
                 temperature: float | None = None, abstain: float | None = None, layer: int | None = None,
                 examples: dict[str, str] | None = None, general: list | None = None, embedder: str | None = None,
@@ -47,7 +52,7 @@ def route_build(adapters: list, out, strategy: str = "centroid", *, top_k: int |
                 raise PeftmergeError(f"adapter {task!r} has no example inputs; add samples to its peftmerge.json "
                                      f"or pass --examples {task}=FILE.jsonl")
         base_model, tokenizer = (None, None) if embedder else load_base(base)
-        ctx.embed = load_embedder(embedder, base_model, tokenizer, resolved["layer"])
+        ctx.embed = load_embedder(embedder, base_model, tokenizer, resolved["layer"], resolved["pairs"])
     elif examples:
         raise PeftmergeError("the arrow router is data-free; --examples applies to centroid and probe")
     tensors = spec.build(ctx, resolved)
@@ -79,7 +84,8 @@ def route_queries(router: Router, texts: list, routed=None, tokenizer=None, embe
         return Decision(idx, top / top.sum(1, keepdim=True).clamp(min=1e-12),
                         torch.zeros(len(texts), dtype=torch.bool), top[:, 0])
     if embed is None:
-        embed = load_embedder(router.embedder, routed.model if routed else None, tokenizer, router.params["layer"])
+        embed = load_embedder(router.embedder, routed.model if routed else None, tokenizer, router.params["layer"],
+                              _pairs(router))
     scores, confidence = router.scores(embed(texts))
     p = router.params
     return decide(scores, confidence, p["top_k"], p["temperature"], p.get("abstain"))
@@ -120,7 +126,7 @@ def _open(router: Router, model: str | None, mode: str | None):
     routed, tokenizer = open_routed(router, model)
     tokenizer.padding_side = "right" if router.adapters[0].shape == "classify" else "left"
     embed = None if router.spec.per_token else load_embedder(router.embedder, routed.model, tokenizer,
-                                                             router.params["layer"])
+                                                             router.params["layer"], _pairs(router))
     return routed, tokenizer, embed, mode
 
 
@@ -260,10 +266,11 @@ def route_eval(router, data: dict[str, str], *, model: str | None = None, limit:
     else:
         routed = None
         if router.embedder:
-            tokenizer, embed = None, load_embedder(router.embedder, layer=router.params["layer"])
+            tokenizer, embed = None, load_embedder(router.embedder, layer=router.params["layer"],
+                                                   pairs=_pairs(router))
         else:
             base, tokenizer = load_base(model or router.base_model)
-            embed = load_embedder(None, base, tokenizer, router.params["layer"])
+            embed = load_embedder(None, base, tokenizer, router.params["layer"], _pairs(router))
     report = {"strategy": router.strategy, "tasks": {}, "confusion": {}}
     correct = total = 0
     for task, texts in tqdm(queries.items(), disable=not progress, desc="route eval"):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PeftmergeError
-from .registry import ABSTAIN, LAYER, TEMPERATURE, TOP_K, BuildContext, register
+from .registry import ABSTAIN, LAYER, PAIRS, TEMPERATURE, TOP_K, BuildContext, register
 
 
 def centroid_scores(tensors: dict[str, torch.Tensor], emb: torch.Tensor, params: dict):
@@ -33,7 +33,7 @@ def check_examples(ctx: BuildContext, minimum: int = 1) -> None:
                                  f">= {minimum}); add samples to its peftmerge.json or pass --examples {task}=FILE.jsonl")
 
 
-@register("centroid", paper="https://arxiv.org/abs/2402.09997", params=(TOP_K(1), TEMPERATURE(0.1), ABSTAIN, LAYER),
+@register("centroid", paper="https://arxiv.org/abs/2402.09997", params=(TOP_K(1), TEMPERATURE(0.1), ABSTAIN, LAYER, PAIRS),
           score=centroid_scores)
 def build_centroid(ctx: BuildContext, params: dict) -> dict[str, torch.Tensor]:
     """``centroids`` (E, d): mean sample embedding per adapter (centred); ``center`` (d,)."""

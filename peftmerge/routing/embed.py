@@ -128,13 +128,27 @@ class Embedder:
     """``embed(queries) -> (n, d)``: pooled hidden states of ``model`` at ``layer``, in batches; a query is a
     string or a ``(text, text_pair)`` pair."""
 
-    def __init__(self, model, tokenizer, layer: int = -1, batch_size: int = 16, max_length: int = 256):
+    def __init__(self, model, tokenizer, layer: int = -1, batch_size: int = 16, max_length: int = 256,
+                 pairs: str = "joint"):
         self.model, self.tokenizer, self.layer = model, tokenizer, int(layer)
-        self.batch_size, self.max_length = batch_size, max_length
+        self.batch_size, self.max_length, self.pairs = batch_size, max_length, pairs
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
 
     def __call__(self, queries: list) -> torch.Tensor:
+        """(n, d) with ``pairs="joint"``; (n, 2d) with ``"segments"``: [pooled text; pooled text_pair], the
+        second half zero for a single text, so a pair's two parts (e.g. RTE's premise and hypothesis) and
+        the fact that it is a pair stay visible instead of averaging into one mean."""
+        if self.pairs == "segments":
+            first = self._embed([q if isinstance(q, str) else q[0] for q in queries])
+            second = torch.zeros_like(first)
+            at = [i for i, q in enumerate(queries) if not isinstance(q, str)]
+            if at:
+                second[at] = self._embed([queries[i][1] for i in at])
+            return torch.cat([first, second], dim=1)
+        return self._embed(queries)
+
+    def _embed(self, queries: list) -> torch.Tensor:
         if self.tokenizer.sep_token is None:  # no pair encoding (decoder LMs glue the two texts): join by a newline
             queries = [query_text(q) for q in queries]
         out = []

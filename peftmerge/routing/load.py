@@ -96,10 +96,10 @@ def load_base(path: str, classify: bool = False, num_labels: int = 2):
     return model, tokenizer
 
 
-def load_embedder(path: str | None, base=None, base_tokenizer=None, layer: int = -1) -> Embedder:
+def load_embedder(path: str | None, base=None, base_tokenizer=None, layer: int = -1, pairs: str = "joint") -> Embedder:
     """The query embedder: a sentence-embedding model folder, or the base model."""
     if path is None:
-        return Embedder(base, base_tokenizer, layer)
+        return Embedder(base, base_tokenizer, layer, pairs=pairs)
     from transformers import AutoModel, AutoTokenizer
 
     try:
@@ -107,7 +107,7 @@ def load_embedder(path: str | None, base=None, base_tokenizer=None, layer: int =
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError):
         raise PeftmergeError(f"{path}: cannot load the embedding model; pass a local model folder") from None
-    return Embedder(model, tokenizer, layer)
+    return Embedder(model, tokenizer, layer, pairs=pairs)
 
 
 def head_tensors(adapter: LoraAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 
 from ..merge.registry import Param
 from .centroid import check_examples
-from .registry import ABSTAIN, TEMPERATURE, TOP_K, BuildContext, register
+from .registry import ABSTAIN, PAIRS, TEMPERATURE, TOP_K, BuildContext, register
 
 PARAMS = (TOP_K(1), TEMPERATURE(1.0), ABSTAIN,
           Param("layer", 0, "hidden state pooled for the query embedding (0 = the first layer's input: token, "
-                "position and token-type embeddings; -1 = last)"),
+                "position and token-type embeddings; -1 = last)"), PAIRS,
           Param("hidden", 256, "hidden units of the MLP (0 = logistic regression)", low=0),
           Param("steps", 500, "full-batch Adam steps", low=1),
           Param("lr", 0.003, "Adam learning rate", low=0.0, low_open=True),

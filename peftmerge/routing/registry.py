@@ -27,6 +27,8 @@ TEMPERATURE = lambda default: Param("temperature", default, "softmax temperature
                                     low=0.0, low_open=True)
 ABSTAIN = Param("abstain", None, "confidence under which the query gets the base model (off when unset)")
 LAYER = Param("layer", -1, "hidden state pooled for the query embedding (0 = token embeddings, -1 = last)")
+PAIRS = Param("pairs", "segments", "a sentence pair's embedding: 'segments' = [pooled text; pooled text_pair] (a "
+              "single text: [pooled text; 0]), 'joint' = the pair pooled as one sequence", choices=("segments", "joint"))
 
 
 @dataclass
