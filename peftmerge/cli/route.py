@@ -44,16 +44,19 @@ def route_command():
 @click.option("--model", default=None, help="Base model path (default: the adapters' base model).")
 @click.option("--hidden", type=int, default=None, help="Probe: MLP hidden units (0 = logistic regression).")
 @click.option("--steps", type=int, default=None, help="Probe: training steps.")
+@click.option("--pairs", type=click.Choice(["segments", "joint"]), default=None,
+              help="Centroid/probe: embed a sentence pair as [text; text_pair] (segments, the default) or as one "
+                   "sequence (joint).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @debug_option
 def build_command(adapters, out, strategy, top_k, temperature, abstain, layer, examples, max_examples, general,
-                  embedder, model, hidden, steps, overwrite):
+                  embedder, model, hidden, steps, pairs, overwrite):
     """Build a router over ADAPTER... (PEFT LoRA adapter folders) into OUT."""
     from ..routing.api import route_build
 
     router = route_build(list(adapters), out, strategy, top_k=top_k, temperature=temperature, abstain=abstain,
                          layer=layer, examples=parse_pairs(examples, "--examples"), general=list(general),
-                         embedder=embedder, model=model, params={"hidden": hidden, "steps": steps},
+                         embedder=embedder, model=model, params={"hidden": hidden, "steps": steps, "pairs": pairs},
                          max_examples=max_examples, overwrite=overwrite)
     click.echo(f"{strategy} router over {len(router.adapters)} adapters ({', '.join(router.tasks)}) "
                f"written to {out}; params {json.dumps(router.params)}")
