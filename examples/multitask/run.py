@@ -180,16 +180,20 @@ def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
     # 3. routers (when this build has them)
     if run(["route", "--help"], log, allow_fail=True):
         train = {t: DATA / t / "train.jsonl" for t in TASKS}  # the query routers learn from task inputs
-        for strategy in ("arrow", "centroid", "probe"):
-            router = w / "routers" / strategy
+        variants = {s: [] for s in ("arrow", "centroid", "probe")}
+        if family == "minilm":  # MiniLM's tokenizer is uncased; SmolLM2's cased token embeddings tell sst2 from cola
+            variants["probe-smol"] = ["--embedder", base_model("smollm2", work), "--layer", "0"]
+        for name, extra in variants.items():
+            strategy = name.split("-")[0]
+            router = w / "routers" / name
             data = [] if strategy == "arrow" else [*pairs("--examples", train), "--max-examples",
                                                    spec["router_examples"][strategy]]
-            if run(["route", "build", *ins, "--strategy", strategy, *data, "-o", router, "--overwrite"], log,
+            if run(["route", "build", *ins, "--strategy", strategy, *data, *extra, "-o", router, "--overwrite"], log,
                    allow_fail=True):
                 run(["route", "eval", "--router", router, *pairs("--data", test), "--limit", spec["eval_limit"],
-                     "-o", res / f"route-{strategy}.json"], log, allow_fail=True)
-                out = res / f"router-{strategy}.json"
-                if run(["eval", *common, "--router", router, "--name", f"router:{strategy}", *pairs("--data", test),
+                     "-o", res / f"route-{name}.json"], log, allow_fail=True)
+                out = res / f"router-{name}.json"
+                if run(["eval", *common, "--router", router, "--name", f"router:{name}", *pairs("--data", test),
                         "--reference-results", first, "-o", out], log, allow_fail=True):
                     files.append(out)
 
