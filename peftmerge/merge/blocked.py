@@ -124,7 +124,7 @@ def _sparsify(spec: Sparse, x: Tensor, i: int, r0: int, j: int, src: Deltas, par
 
 
 def _merge_block(spec: Sparse, src: Deltas, j: int, weights: list[float], lam: float, params: dict, state: dict,
-                 out: Tensor, check: bool = False) -> tuple[float, float] | None:
+                 out: Tensor, check: bool = False, visit=None) -> tuple[float, float] | None:
     r0, r1 = src.span(j)
     rows, cols = r1 - r0, src.cols
     base_f = src.base_block(r0, r1, _scratch.get("base", rows, cols)) if src.base is not None else None
@@ -149,6 +149,8 @@ def _merge_block(spec: Sparse, src: Deltas, j: int, weights: list[float], lam: f
         target.copy_(acc.mul_(lam))
     else:  # theta_0 + lambda * merged, cast to the output dtype on the copy
         target.copy_(torch.add(base_f, acc, alpha=lam, out=acc))
+    if visit is not None:  # while the block is in cache
+        visit(j, r0, r1, target)
     return _range(target) if check else None
 
 
@@ -185,10 +187,12 @@ def _ties_block(xs, weights, sign: str, acc: Tensor, s: Tensor, count: Tensor, t
 # --- the merge -----------------------------------------------------------------------------------------------
 
 def merge(spec: Sparse, src: Deltas, weights, params: dict, *, seed: int = 0, thresholds: Tensor | None = None,
-          out: Tensor | None = None, workers: int | None = None, ranges: list | None = None) -> Tensor:
+          out: Tensor | None = None, workers: int | None = None, ranges: list | None = None, visit=None) -> Tensor:
     """``lambda * consensus(sparsify(dW_1..n))`` of one tensor; with ``src.base`` and ``out`` given, writes
     ``theta_0 + that`` into ``out`` (any dtype, the tensor's shape) and returns it.
 
+    ``visit(j, r0, r1, rows)``: called on a worker thread with each block's finished output rows [r0, r1)
+    (a (r1 - r0, cols) view of ``out``), while they are in cache (e.g. to multiply them by a block of vectors).
     ``thresholds`` (per input, from :func:`ops.global_thresholds`): trim to |x| >= t_i instead of top-k.
     ``seed``: DARE's mask seed for this tensor (see :func:`block_seed`). ``ranges``: a list that gets the
     (min, max) of each block of ``out`` (NaN propagates), for a finiteness check without another pass.
@@ -206,7 +210,7 @@ def merge(spec: Sparse, src: Deltas, weights, params: dict, *, seed: int = 0, th
             state["cuts"] = topk_cuts(src, ks, workers)
     lam = float(params.get("lambda", 1.0))
     out = torch.empty(src.shape) if out is None else out
-    blocks = run_blocks(lambda j: _merge_block(spec, src, j, w, lam, params, state, out, ranges is not None),
+    blocks = run_blocks(lambda j: _merge_block(spec, src, j, w, lam, params, state, out, ranges is not None, visit),
                         src.nblocks, workers)
     if ranges is not None:
         ranges.extend(blocks)

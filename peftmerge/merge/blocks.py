@@ -30,7 +30,9 @@ class Deltas:
     """The n task vectors of one tensor, viewed as (rows, cols) and read by row block.
 
     Each input is ``("delta", dW)`` (a float task vector), ``("theta", theta_i)`` (a full checkpoint's tensor:
-    dW = theta_i - ``base``) or ``None`` (zero). ``base`` (theta_0, any float dtype) is needed for thetas.
+    dW = theta_i - ``base``), ``("factors", (B, A))`` (a LoRA task vector dW = B @ A, float32, formed block by
+    block as ``B[r0:r1] @ A`` and never whole) or ``None`` (zero). ``base`` (theta_0, any float dtype) is
+    needed for thetas.
     """
 
     def __init__(self, inputs: list, base: Tensor | None, shape: tuple[int, ...]):
@@ -42,7 +44,8 @@ class Deltas:
         self.rows = numel // self.cols if numel else 0
         self.numel = numel
         self.base = None if base is None else base.reshape(self.rows, self.cols)
-        self._flat = [None if x is None else (x[0], x[1].reshape(self.rows, self.cols)) for x in inputs]
+        self._flat = [None if x is None else x if x[0] == "factors" else (x[0], x[1].reshape(self.rows, self.cols))
+                      for x in inputs]
         self.step = max(1, BLOCK // max(self.cols, 1))  # rows per block
         self.nblocks = -(-self.rows // self.step) if self.rows else 0
 
@@ -67,10 +70,24 @@ class Deltas:
         if x is None:
             return None
         kind, t = x
+        if kind == "factors":  # the same rows as (B @ A)[r0:r1]: each entry is one dot product over the rank
+            return torch.mm(t[0][r0:r1], t[1], out=out)
         if kind == "delta":
             blk = t[r0:r1]
             return blk if blk.dtype == torch.float32 else out.copy_(blk)
         return torch.sub(out.copy_(t[r0:r1]), base_f, out=out)  # theta_i - theta_0 in float32 (exact for bf16)
+
+
+    def sample(self, i: int, idx: Tensor) -> Tensor:
+        """Input i's entries at flat indices ``idx`` (float32; for factors computed as dot products, which may
+        differ from the blocked products in the last bit: for estimates only)."""
+        kind, t = self._flat[i]
+        if kind == "factors":
+            b, a = t
+            rows, cols = b.index_select(0, idx // self.cols), a.T.contiguous().index_select(0, idx % self.cols)
+            return torch.bmm(rows.unsqueeze(1), cols.unsqueeze(2)).view(-1)
+        vals = t.reshape(-1)[idx].float()
+        return vals - self.base.reshape(-1)[idx].float() if kind == "theta" else vals
 
 
 class _Scratch(threading.local):
