@@ -21,6 +21,7 @@ computed differently for speed:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,7 @@ class Sparse:
     consensus: str
 
 
+@functools.lru_cache(maxsize=256)
 def _below(t: float) -> float:
     """The largest float32 below ``t``: hardshrink keeps |x| > _below(t), i.e. |x| >= t."""
     return float(torch.nextafter(torch.tensor(t), torch.tensor(float("-inf"))))

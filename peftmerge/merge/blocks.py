@@ -83,9 +83,13 @@ class Deltas:
         differ from the blocked products in the last bit: for estimates only)."""
         kind, t = self._flat[i]
         if kind == "factors":
-            b, a = t
-            rows, cols = b.index_select(0, idx // self.cols), a.T.contiguous().index_select(0, idx % self.cols)
-            return torch.bmm(rows.unsqueeze(1), cols.unsqueeze(2)).view(-1)
+            b, at = t[0], t[1].T.contiguous()
+            out = torch.empty(idx.numel())
+            for c in range(0, idx.numel(), 1 << 13):  # small chunks: the gathered rows stay in cache
+                part = idx[c:c + (1 << 13)]
+                rows, cols = b.index_select(0, part // self.cols), at.index_select(0, part % self.cols)
+                torch.bmm(rows.unsqueeze(1), cols.unsqueeze(2), out=out[c:c + part.numel()].view(-1, 1, 1))
+            return out
         vals = t.reshape(-1)[idx].float()
         return vals - self.base.reshape(-1)[idx].float() if kind == "theta" else vals
 

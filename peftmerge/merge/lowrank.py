@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .blocks import run_blocks
+
 
 def _split(u: Tensor, s: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
     root = s.sqrt()
@@ -104,7 +106,7 @@ def warm_krylov(m: Tensor, v0: Tensor, rank: int, *, y0: Tensor | None = None, n
     norm_sq = float(torch.dot(m.reshape(-1), m.reshape(-1))) if norm_sq is None else norm_sq
     if norm_sq == 0.0:
         return torch.zeros(k, d_in, dtype=m.dtype), torch.zeros(d_out, k, dtype=m.dtype), 0.0
-    v, y = v0, (m @ v0 if y0 is None else y0)
+    v, y = v0, (products(m, v0) if y0 is None else y0)
     errs = []
     while True:
         lam, coef = torch.linalg.eigh(y.T.double() @ y.double())  # Ritz values^2, ascending
@@ -112,8 +114,8 @@ def warm_krylov(m: Tensor, v0: Tensor, rank: int, *, y0: Tensor | None = None, n
         if _converged(errs, tol) or v.shape[1] + w > max_width:
             break
         top = y @ coef[:, -w:].to(y.dtype)  # the top-w left Ritz vectors, unnormalised
-        z = _extend(v, m.T @ top)
-        v, y = torch.cat([v, z], dim=1), torch.cat([y, m @ z], dim=1)
+        z = _extend(v, products(m, top, transpose=True))
+        v, y = torch.cat([v, z], dim=1), torch.cat([y, products(m, z)], dim=1)
     if not _converged(errs, tol):  # the basis would cover much of m: the exact SVD costs about as much
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return (*_split(u[:, :k], s[:k], vh[:k]), _lost(s[:k], norm_sq))
@@ -121,6 +123,20 @@ def warm_krylov(m: Tensor, v0: Tensor, rank: int, *, y0: Tensor | None = None, n
     u, s, wh = torch.linalg.svd(r)
     a, b = _split(q @ u[:, :k], s[:k], wh[:k] @ v.T)
     return a, b, _lost(s[:k], norm_sq)
+
+
+def products(m: Tensor, x: Tensor, transpose: bool = False, chunk: int = 512) -> Tensor:
+    """``m @ x`` (or ``m.T @ x``) by blocks of ``chunk`` rows of m on the block worker threads (each torch
+    single-threaded, :func:`blocks.run_blocks`): on shared cores a threaded GEMM waits at a barrier for
+    whichever thread was descheduled; blocks taken from a queue keep both cores busy instead."""
+    rows = m.shape[0]
+    spans = [(r, min(r + chunk, rows)) for r in range(0, rows, chunk)]
+    if not transpose:
+        out = torch.empty(rows, x.shape[1], dtype=m.dtype)
+        run_blocks(lambda j: torch.mm(m[spans[j][0]:spans[j][1]], x, out=out[spans[j][0]:spans[j][1]]), len(spans))
+        return out
+    parts = run_blocks(lambda j: m[spans[j][0]:spans[j][1]].T @ x[spans[j][0]:spans[j][1]], len(spans))
+    return torch.stack(parts).sum(dim=0) if len(parts) > 1 else parts[0]
 
 
 def _lost(s: Tensor, norm_sq: float) -> float:

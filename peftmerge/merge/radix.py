@@ -86,26 +86,28 @@ def band_cuts(src: Deltas, ks: list[int], workers: int | None = None) -> tuple[l
         r0, r1 = src.span(j)
         rows = r1 - r0
         base_f = src.base_block(r0, r1, _scratch.get("base", rows, src.cols)) if src.base is not None else None
-        mags, over, inside = (_scratch.get(key, rows, src.cols) for key in ("mags", "over", "inside"))
-        out = {}
+        over, inside, union = (_scratch.get(key, rows, src.cols) for key in ("over", "inside", "union"))
+        above, mags = {}, {}
         for i in live:
             x = src.get(i, r0, r1, _scratch.get(("x", 0), rows, src.cols), base_f)
-            torch.abs(x, out=mags)
-            above = int(torch.gt(mags, brackets[i][1], out=over).sum(dtype=_acc(over)))  # float 0/1: faster than bool
-            band = torch.gt(mags, below[i], out=inside).sub_(over).bool()  # lo <= |x| <= hi
-            out[i] = (above, mags[band])
-        return out
+            a = mags[i] = torch.abs(x, out=_scratch.get(("mags", i), rows, src.cols))
+            above[i] = int(torch.gt(a, brackets[i][1], out=over).sum(dtype=_acc(over)))  # float 0/1: faster than bool
+            band = torch.gt(a, below[i], out=inside).sub_(over)  # 1 where lo <= |x| <= hi
+            union.copy_(band) if i == live[0] else union.add_(band)
+        at = union.view(-1).bool().nonzero().squeeze(1)  # one scan for all inputs: where any is in its band
+        return {i: (above[i], mags[i].view(-1)[at]) for i in live}  # a superset of i's band, filtered below
 
     parts = run_blocks(block, src.nblocks, workers)
     missed = []
     for i in live:
         above = sum(p[i][0] for p in parts)
         need = ks[i] - above  # the k-th largest is the need-th largest inside the band
-        sizes = [p[i][1].numel() for p in parts]
-        if not 1 <= need <= sum(sizes):
+        lo, hi = brackets[i]
+        band = torch.cat([p[i][1] for p in parts])
+        band = band[(band >= lo) & (band <= hi)]
+        if not 1 <= need <= band.numel():
             missed.append(i)
             continue
-        band = torch.cat([p[i][1] for p in parts])
         t = float(torch.kthvalue(band, band.numel() - need + 1).values)
         keep_ties = need - int(torch.gt(band, t).sum())  # entries equal to t to keep, >= 1
         cuts[i] = Cut(t, src.numel)

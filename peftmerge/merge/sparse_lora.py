@@ -49,11 +49,13 @@ def merge_to_rank(spec: blocked.Sparse, factors: list, shape: tuple[int, int], w
 
     def visit(j: int, r0: int, r1: int, rows: Tensor) -> None:
         torch.mm(rows, v0, out=y0[r0:r1])
-        squares[j] = float(rows.square().sum(dim=1, dtype=torch.float64).sum())
+        flat = rows.reshape(-1)
+        squares[j] = float(torch.dot(flat, flat))
 
-    blocked.merge(spec, src, weights, params, seed=seed, thresholds=thresholds, out=merged, visit=visit)
-    norm_sq = sum(squares)
-    a, b, err = lowrank.warm_krylov(merged, v0, rank, y0=y0, norm_sq=norm_sq)
+    with blocked.single_threaded_caller():  # the block workers use the cores; the caller's small steps wait
+        blocked.merge(spec, src, weights, params, seed=seed, thresholds=thresholds, out=merged, visit=visit)
+        norm_sq = sum(squares)
+        a, b, err = lowrank.warm_krylov(merged, v0, rank, y0=y0, norm_sq=norm_sq)
     if 0.0 < err < exact_below:
         err = float(torch.linalg.vector_norm(merged - b @ a, dtype=torch.float64)) / norm_sq ** 0.5
     return a, b, err
