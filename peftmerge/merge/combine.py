@@ -104,6 +104,14 @@ def merge_dense(merged: torch.Tensor, rank: int, generator: torch.Generator):
     return a, b, float((merged - b @ a).norm()) / norm
 
 
+def merge_sparse(m: registry.Method, adapters, plan, weights, params: dict, rank: int, generator, thresholds=None):
+    """A sparse method's merge of this module's LoRA inputs refactorized to ``rank``, straight from their
+    factors (:func:`sparse_lora.merge_to_rank`); returns (A, B, relative error)."""
+    factors = [adapters[i].scaled_factors(plan.name)[::-1] if i in plan.present else None
+               for i in range(len(adapters))]
+    return sparse_lora.merge_to_rank(m.sparse, factors, plan.shape, weights, params, rank, generator, thresholds)
+
+
 def _refuse_checkpoints(inputs) -> None:
     from ..io.checkpoint import is_checkpoint
 
@@ -202,10 +210,7 @@ def combine(
             gen = _module_generator(params.get("seed", 0), plan.name)
             target = min(recipe.rank or sum(plan.ranks(adapters)), *plan.shape)
             if m.sparse is not None:  # the blocked engine from the factors, warm-started Krylov SVD
-                factors = [adapters[i].scaled_factors(plan.name)[::-1] if i in plan.present else None
-                           for i in range(n)]
-                a, b, err = sparse_lora.merge_to_rank(m.sparse, factors, plan.shape, weights_t, params, target, gen,
-                                                      thresholds)
+                a, b, err = merge_sparse(m, adapters, plan, weights_t, params, target, gen, thresholds)
             else:
                 ctx = registry.Context(plan.name, gen, thresholds)
                 merged = m.merge(stacked_deltas(adapters, plan), weights_t, params, ctx)
