@@ -136,7 +136,9 @@ def _merge_block(spec: Sparse, src: Deltas, j: int, weights: list[float], lam: f
         x = src.get(i, r0, r1, buf, base_f)
         if x is not None:
             xs.append((i, _sparsify(spec, x, i, r0, j, src, params, state, buf, _scratch.get(("r", i), rows, cols))))
-    acc = _scratch.get("acc", rows, cols)
+    target = out.view(src.rows, cols)[r0:r1]
+    direct = base_f is None and lam == 1.0 and target.dtype == torch.float32  # the result goes straight to out
+    acc = target if direct else _scratch.get("acc", rows, cols)
     if not xs:
         acc.zero_()
     elif spec.consensus == "sum":
@@ -145,9 +147,11 @@ def _merge_block(spec: Sparse, src: Deltas, j: int, weights: list[float], lam: f
             acc.add_(x, alpha=weights[i])
     else:
         _ties_block(xs, weights, params.get("sign", "total"), acc, _scratch.get("sign", rows, cols),
-                    _scratch.get("count", rows, cols), _scratch.get("tmp", rows, cols))
-    target = out.view(src.rows, cols)[r0:r1]
-    if base_f is None:  # the merged task vector itself
+                    _scratch.get("count", rows, cols), _scratch.get("tmp", rows, cols),
+                    _scratch.get("sum", rows, cols))
+    if direct:
+        pass
+    elif base_f is None:  # the merged task vector itself
         target.copy_(acc.mul_(lam))
     else:  # theta_0 + lambda * merged, cast to the output dtype on the copy
         target.copy_(torch.add(base_f, acc, alpha=lam, out=acc))
@@ -161,12 +165,11 @@ def _range(x: Tensor) -> tuple[float, float] | None:
     return float(lo), float(hi)
 
 
-def _ties_block(xs, weights, sign: str, acc: Tensor, s: Tensor, count: Tensor, tmp: Tensor) -> None:
-    """TIES' elect + disjoint mean on one block, in float arithmetic (see :func:`ops.elect_sign`).
+def _ties_block(xs, weights, sign: str, out: Tensor, s: Tensor, count: Tensor, tmp: Tensor, acc: Tensor) -> None:
+    """TIES' elect + disjoint mean on one block, in float arithmetic (see :func:`ops.elect_sign`), into ``out``.
 
     s = +1 where the vote sum_i x_i (or sum_i sign x_i) is >= 0, else -1; e_i = relu(s x_i) is |x_i| where
     x_i agrees with s and 0 elsewhere (zeros never agree), so the mean is s * sum_i w_i e_i / #{e_i > 0}.
-    The inputs' buffers are overwritten.
     """
     if sign == "total":
         torch.add(xs[0][1], xs[1][1], out=s) if len(xs) > 1 else s.copy_(xs[0][1])
@@ -176,14 +179,18 @@ def _ties_block(xs, weights, sign: str, acc: Tensor, s: Tensor, count: Tensor, t
         torch.sign(xs[0][1], out=s)
         for _, x in xs[1:]:
             s.add_(torch.sign(x, out=tmp))
-    torch.ge(s, 0, out=s).mul_(2.0).sub_(1.0)
-    acc.zero_()
-    count.zero_()
-    for i, x in xs:
-        e = torch.mul(x, s, out=tmp).clamp_(min=0)
-        acc.add_(e, alpha=weights[i])
-        count.add_(torch.gt(e, 0, out=e))
-    acc.mul_(s).div_(count.clamp_(min=1.0))
+    # +-1 with the vote's sign; a vote of +0.0 (a sum that cancels exactly) gives +1 as ``>= 0`` does, and
+    # a vote of -0.0 only arises where every input is zero, where the mean is 0 either way
+    torch.copysign(_scratch.ones(*s.shape), s, out=s)
+    for n, (i, x) in enumerate(xs):
+        e = torch.mul(x, s, out=tmp).relu_()
+        if n == 0:
+            torch.mul(e, weights[i], out=acc)
+            torch.gt(e, 0, out=count)
+        else:
+            acc.add_(e, alpha=weights[i])
+            count.add_(torch.gt(e, 0, out=e))
+    torch.div(acc.mul_(s), count.clamp_(min=1.0), out=out)
 
 
 # --- the merge -----------------------------------------------------------------------------------------------

@@ -104,6 +104,13 @@ class _Scratch(threading.local):
             buf = self.bufs[key] = torch.empty(max(rows * cols, BLOCK))
         return buf[:rows * cols].view(rows, cols)
 
+    def ones(self, rows: int, cols: int) -> Tensor:
+        """A (rows, cols) view of ones, filled once per buffer (callers must not write to it)."""
+        buf = self.bufs.get("ones")
+        if buf is None or buf.numel() < rows * cols:
+            buf = self.bufs["ones"] = torch.ones(max(rows * cols, BLOCK))
+        return buf[:rows * cols].view(rows, cols)
+
 
 _scratch = _Scratch()
 _pools: dict[int, ThreadPoolExecutor] = {}
