@@ -25,7 +25,7 @@ from ..errors import PeftmergeError
 from ..io import atomic
 from ..io.adapter import LoraAdapter
 from ..io.hub import describe_input
-from . import lowrank, ops, registry, sparse_lora
+from . import blocked, lowrank, ops, registry, sparse_lora
 from .plan import ModulePlan, open_inputs, plan_modules
 from .recipe import Recipe, load_recipe
 
@@ -107,9 +107,11 @@ def merge_dense(merged: torch.Tensor, rank: int, generator: torch.Generator):
 def merge_sparse(m: registry.Method, adapters, plan, weights, params: dict, rank: int, generator, thresholds=None):
     """A sparse method's merge of this module's LoRA inputs refactorized to ``rank``, straight from their
     factors (:func:`sparse_lora.merge_to_rank`); returns (A, B, relative error)."""
-    factors = [adapters[i].scaled_factors(plan.name)[::-1] if i in plan.present else None
-               for i in range(len(adapters))]
-    return sparse_lora.merge_to_rank(m.sparse, factors, plan.shape, weights, params, rank, generator, thresholds)
+    with blocked.single_threaded_caller():  # small reads and checks: no OpenMP barrier on shared cores
+        factors = [adapters[i].scaled_factors(plan.name)[::-1] if i in plan.present else None
+                   for i in range(len(adapters))]
+        return sparse_lora.merge_to_rank(m.sparse, factors, plan.shape, weights, params, rank, generator,
+                                         thresholds)
 
 
 def _refuse_checkpoints(inputs) -> None:

@@ -40,6 +40,12 @@ def merge_to_rank(spec: blocked.Sparse, factors: list, shape: tuple[int, int], w
     directly (the subtraction ||M||^2 - ||BA||^2 loses their digits). ``out``: where to write M (float32,
     ``shape``), e.g. to look at it; by default a temporary.
     """
+    # the block workers use the cores; the caller's own small steps run single-threaded, never at a barrier
+    with blocked.single_threaded_caller():
+        return _merge_to_rank(spec, factors, shape, weights, params, rank, generator, thresholds, exact_below, out)
+
+
+def _merge_to_rank(spec, factors, shape, weights, params, rank, generator, thresholds, exact_below, out):
     seed = blocked.mask_seed(generator)
     present = [f for f in factors if f is not None]
     v0 = lowrank.start_block([a for _, a in present], rank, generator=generator)
@@ -54,10 +60,9 @@ def merge_to_rank(spec: blocked.Sparse, factors: list, shape: tuple[int, int], w
         # block drifts by ~1e-5 relative, which is 1e-6 on the reported error
         squares[j] = float(rows.square().sum(dim=1).double().sum())
 
-    with blocked.single_threaded_caller():  # the block workers use the cores; the caller's small steps wait
-        blocked.merge(spec, src, weights, params, seed=seed, thresholds=thresholds, out=merged, visit=visit)
-        norm_sq = sum(squares)
-        a, b, err = lowrank.warm_krylov(merged, v0, rank, y0=y0, norm_sq=norm_sq)
+    blocked.merge(spec, src, weights, params, seed=seed, thresholds=thresholds, out=merged, visit=visit)
+    norm_sq = sum(squares)
+    a, b, err = lowrank.warm_krylov(merged, v0, rank, y0=y0, norm_sq=norm_sq)
     if 0.0 < err < exact_below:
         err = float(torch.linalg.vector_norm(merged - b @ a, dtype=torch.float64)) / norm_sq ** 0.5
     return a, b, err
