@@ -137,6 +137,17 @@ def _merge_block(spec: Sparse, src: Deltas, j: int, weights: list[float], lam: f
         if x is not None:
             xs.append((i, _sparsify(spec, x, i, r0, j, src, params, state, buf, _scratch.get(("r", i), rows, cols))))
     target = out.view(src.rows, cols)[r0:r1]
+    combine_block(spec, xs, weights, lam, params, target, base_f)
+    if visit is not None:  # while the block is in cache
+        visit(j, r0, r1, target)
+    return _range(target) if check else None
+
+
+def combine_block(spec: Sparse, xs: list, weights: list[float], lam: float, params: dict, target: Tensor,
+                  base_f: Tensor | None = None) -> None:
+    """``target`` = (base_f +) lambda * consensus of the sparsified inputs ``xs`` ([(input, values)], all of
+    ``target``'s shape, float32; their buffers may be overwritten)."""
+    rows, cols = target.shape
     direct = base_f is None and lam == 1.0 and target.dtype == torch.float32  # the result goes straight to out
     acc = target if direct else _scratch.get("acc", rows, cols)
     if not xs:
@@ -150,14 +161,11 @@ def _merge_block(spec: Sparse, src: Deltas, j: int, weights: list[float], lam: f
                     _scratch.get("count", rows, cols), _scratch.get("tmp", rows, cols),
                     _scratch.get("sum", rows, cols))
     if direct:
-        pass
-    elif base_f is None:  # the merged task vector itself
+        return
+    if base_f is None:  # the merged task vector itself
         target.copy_(acc.mul_(lam))
     else:  # theta_0 + lambda * merged, cast to the output dtype on the copy
         target.copy_(torch.add(base_f, acc, alpha=lam, out=acc))
-    if visit is not None:  # while the block is in cache
-        visit(j, r0, r1, target)
-    return _range(target) if check else None
 
 
 def _range(x: Tensor) -> tuple[float, float] | None:
