@@ -103,7 +103,9 @@ def test_warm_krylov_from_a_poor_start_still_converges_or_falls_back_to_the_exac
     s = torch.linalg.svdvals(m.double())
     optimal = float(s[8:].square().sum().sqrt() / s.square().sum().sqrt())
     assert float((m.double() - b.double() @ a.double()).norm() / m.double().norm()) <= optimal + 1e-6
-    assert err == pytest.approx(optimal, abs=1e-6)
+    # sqrt(1 - e / ||m||^2) from float32 products: ~1e-7 / (2 err) off for small errors (merge_to_rank
+    # recomputes those from m - BA)
+    assert err == pytest.approx(optimal, abs=1e-5)
 
 
 def test_products_on_the_block_workers_equal_the_plain_ones():

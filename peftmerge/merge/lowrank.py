@@ -103,7 +103,7 @@ def warm_krylov(m: Tensor, v0: Tensor, rank: int, *, y0: Tensor | None = None, n
     k = min(rank, d_out, d_in)
     w = min(k + oversample, v0.shape[1])
     max_width = max_width if max_width is not None else min(d_out, d_in) // 2
-    norm_sq = float(torch.dot(m.reshape(-1), m.reshape(-1))) if norm_sq is None else norm_sq
+    norm_sq = float(m.square().sum(dim=-1).double().sum()) if norm_sq is None else norm_sq  # row sums: accurate
     if norm_sq == 0.0:
         return torch.zeros(k, d_in, dtype=m.dtype), torch.zeros(d_out, k, dtype=m.dtype), 0.0
     v, y = v0, (products(m, v0) if y0 is None else y0)
