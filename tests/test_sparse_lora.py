@@ -61,7 +61,7 @@ def test_a_missed_bracket_falls_back_to_radix(monkeypatch):
                                         ("breadcrumbs", {"density": 0.2, "gamma": 0.05})])
 @pytest.mark.parametrize("tied", [False, True])
 def test_merge_from_factors_equals_the_reference_and_the_optimal_truncation(name, given, tied):
-    shape = (320, 260)
+    shape = (1100, 260)  # several blocks of 2 x BLOCK elements (504 rows)
     fac = _factors(*shape, tied=tied)
     m = registry.get(name)
     params = m.resolve(given, 3)
