@@ -118,7 +118,12 @@ def _sparsify(spec: Sparse, x: Tensor, i: int, r0: int, j: int, src: Deltas, par
         return _trim(x, state["cuts"][i], r0, src.cols, out)
     if spec.sparsify == "random":
         d = state["density"][i]
-        return x if d >= 1.0 else _drop(x, d, block_seed(state["seed"], i, j), spare)
+        if d >= 1.0:
+            return x
+        ms = src.mask_step  # masks are drawn per block of BLOCK elements, whatever the block size here
+        for s0 in range(0, x.shape[0], ms):
+            _drop(x[s0:s0 + ms], d, block_seed(state["seed"], i, (r0 + s0) // ms), spare[s0:s0 + ms])
+        return spare
     if spec.sparsify == "rows":
         mask = crumbs_mask(x.abs(), state["density"][i], params["gamma"])
         return torch.mul(x, mask, out=out)

@@ -32,7 +32,7 @@ class Deltas:
     Each input is ``("delta", dW)`` (a float task vector), ``("theta", theta_i)`` (a full checkpoint's tensor:
     dW = theta_i - ``base``), ``("factors", (B, A))`` (a LoRA task vector dW = B @ A, float32, formed block by
     block as ``B[r0:r1] @ A`` and never whole) or ``None`` (zero). ``base`` (theta_0, any float dtype) is
-    needed for thetas. ``block``: elements per block (DARE's masks are drawn per block of the default size).
+    needed for thetas. ``block``: elements per block (rounded to whole blocks of DARE's masks, drawn per ``BLOCK``).
     """
 
     def __init__(self, inputs: list, base: Tensor | None, shape: tuple[int, ...], block: int = BLOCK):
@@ -46,7 +46,8 @@ class Deltas:
         self.base = None if base is None else base.reshape(self.rows, self.cols)
         self._flat = [None if x is None else x if x[0] == "factors" else (x[0], x[1].reshape(self.rows, self.cols))
                       for x in inputs]
-        self.step = max(1, block // max(self.cols, 1))  # rows per block
+        self.mask_step = max(1, BLOCK // max(self.cols, 1))  # rows per block of DARE's masks
+        self.step = max(self.mask_step, block // max(self.cols, 1) // self.mask_step * self.mask_step)
         self.nblocks = -(-self.rows // self.step) if self.rows else 0
 
     @classmethod
