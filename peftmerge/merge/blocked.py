@@ -21,6 +21,7 @@ computed differently for speed:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,7 @@ class Sparse:
     consensus: str
 
 
+@functools.lru_cache(maxsize=256)
 def _below(t: float) -> float:
     """The largest float32 below ``t``: hardshrink keeps |x| > _below(t), i.e. |x| >= t."""
     return float(torch.nextafter(torch.tensor(t), torch.tensor(float("-inf"))))
@@ -116,7 +118,12 @@ def _sparsify(spec: Sparse, x: Tensor, i: int, r0: int, j: int, src: Deltas, par
         return _trim(x, state["cuts"][i], r0, src.cols, out)
     if spec.sparsify == "random":
         d = state["density"][i]
-        return x if d >= 1.0 else _drop(x, d, block_seed(state["seed"], i, j), spare)
+        if d >= 1.0:
+            return x
+        ms = src.mask_step  # masks are drawn per block of BLOCK elements, whatever the block size here
+        for s0 in range(0, x.shape[0], ms):
+            _drop(x[s0:s0 + ms], d, block_seed(state["seed"], i, (r0 + s0) // ms), spare[s0:s0 + ms])
+        return spare
     if spec.sparsify == "rows":
         mask = crumbs_mask(x.abs(), state["density"][i], params["gamma"])
         return torch.mul(x, mask, out=out)
@@ -124,7 +131,7 @@ def _sparsify(spec: Sparse, x: Tensor, i: int, r0: int, j: int, src: Deltas, par
 
 
 def _merge_block(spec: Sparse, src: Deltas, j: int, weights: list[float], lam: float, params: dict, state: dict,
-                 out: Tensor, check: bool = False) -> tuple[float, float] | None:
+                 out: Tensor, check: bool = False, visit=None) -> tuple[float, float] | None:
     r0, r1 = src.span(j)
     rows, cols = r1 - r0, src.cols
     base_f = src.base_block(r0, r1, _scratch.get("base", rows, cols)) if src.base is not None else None
@@ -134,7 +141,20 @@ def _merge_block(spec: Sparse, src: Deltas, j: int, weights: list[float], lam: f
         x = src.get(i, r0, r1, buf, base_f)
         if x is not None:
             xs.append((i, _sparsify(spec, x, i, r0, j, src, params, state, buf, _scratch.get(("r", i), rows, cols))))
-    acc = _scratch.get("acc", rows, cols)
+    target = out.view(src.rows, cols)[r0:r1]
+    combine_block(spec, xs, weights, lam, params, target, base_f)
+    if visit is not None:  # while the block is in cache
+        visit(j, r0, r1, target)
+    return _range(target) if check else None
+
+
+def combine_block(spec: Sparse, xs: list, weights: list[float], lam: float, params: dict, target: Tensor,
+                  base_f: Tensor | None = None) -> None:
+    """``target`` = (base_f +) lambda * consensus of the sparsified inputs ``xs`` ([(input, values)], all of
+    ``target``'s shape, float32; their buffers may be overwritten)."""
+    rows, cols = target.shape
+    direct = base_f is None and lam == 1.0 and target.dtype == torch.float32  # the result goes straight to out
+    acc = target if direct else _scratch.get("acc", rows, cols)
     if not xs:
         acc.zero_()
     elif spec.consensus == "sum":
@@ -143,13 +163,14 @@ def _merge_block(spec: Sparse, src: Deltas, j: int, weights: list[float], lam: f
             acc.add_(x, alpha=weights[i])
     else:
         _ties_block(xs, weights, params.get("sign", "total"), acc, _scratch.get("sign", rows, cols),
-                    _scratch.get("count", rows, cols), _scratch.get("tmp", rows, cols))
-    target = out.view(src.rows, cols)[r0:r1]
+                    _scratch.get("count", rows, cols), _scratch.get("tmp", rows, cols),
+                    _scratch.get("sum", rows, cols))
+    if direct:
+        return
     if base_f is None:  # the merged task vector itself
         target.copy_(acc.mul_(lam))
     else:  # theta_0 + lambda * merged, cast to the output dtype on the copy
         target.copy_(torch.add(base_f, acc, alpha=lam, out=acc))
-    return _range(target) if check else None
 
 
 def _range(x: Tensor) -> tuple[float, float] | None:
@@ -157,12 +178,11 @@ def _range(x: Tensor) -> tuple[float, float] | None:
     return float(lo), float(hi)
 
 
-def _ties_block(xs, weights, sign: str, acc: Tensor, s: Tensor, count: Tensor, tmp: Tensor) -> None:
-    """TIES' elect + disjoint mean on one block, in float arithmetic (see :func:`ops.elect_sign`).
+def _ties_block(xs, weights, sign: str, out: Tensor, s: Tensor, count: Tensor, tmp: Tensor, acc: Tensor) -> None:
+    """TIES' elect + disjoint mean on one block, in float arithmetic (see :func:`ops.elect_sign`), into ``out``.
 
     s = +1 where the vote sum_i x_i (or sum_i sign x_i) is >= 0, else -1; e_i = relu(s x_i) is |x_i| where
     x_i agrees with s and 0 elsewhere (zeros never agree), so the mean is s * sum_i w_i e_i / #{e_i > 0}.
-    The inputs' buffers are overwritten.
     """
     if sign == "total":
         torch.add(xs[0][1], xs[1][1], out=s) if len(xs) > 1 else s.copy_(xs[0][1])
@@ -172,23 +192,29 @@ def _ties_block(xs, weights, sign: str, acc: Tensor, s: Tensor, count: Tensor, t
         torch.sign(xs[0][1], out=s)
         for _, x in xs[1:]:
             s.add_(torch.sign(x, out=tmp))
-    torch.ge(s, 0, out=s).mul_(2.0).sub_(1.0)
-    acc.zero_()
-    count.zero_()
-    for i, x in xs:
-        e = torch.mul(x, s, out=tmp).clamp_(min=0)
-        acc.add_(e, alpha=weights[i])
-        count.add_(torch.gt(e, 0, out=e))
-    acc.mul_(s).div_(count.clamp_(min=1.0))
+    # +-1 with the vote's sign; a vote of +0.0 (a sum that cancels exactly) gives +1 as ``>= 0`` does, and
+    # a vote of -0.0 only arises where every input is zero, where the mean is 0 either way
+    torch.copysign(_scratch.ones(*s.shape), s, out=s)
+    for n, (i, x) in enumerate(xs):
+        e = torch.mul(x, s, out=tmp).relu_()
+        if n == 0:
+            torch.mul(e, weights[i], out=acc)
+            torch.gt(e, 0, out=count)
+        else:
+            acc.add_(e, alpha=weights[i])
+            count.add_(torch.gt(e, 0, out=e))
+    torch.div(acc.mul_(s), count.clamp_(min=1.0), out=out)
 
 
 # --- the merge -----------------------------------------------------------------------------------------------
 
 def merge(spec: Sparse, src: Deltas, weights, params: dict, *, seed: int = 0, thresholds: Tensor | None = None,
-          out: Tensor | None = None, workers: int | None = None, ranges: list | None = None) -> Tensor:
+          out: Tensor | None = None, workers: int | None = None, ranges: list | None = None, visit=None) -> Tensor:
     """``lambda * consensus(sparsify(dW_1..n))`` of one tensor; with ``src.base`` and ``out`` given, writes
     ``theta_0 + that`` into ``out`` (any dtype, the tensor's shape) and returns it.
 
+    ``visit(j, r0, r1, rows)``: called on a worker thread with each block's finished output rows [r0, r1)
+    (a (r1 - r0, cols) view of ``out``), while they are in cache (e.g. to multiply them by a block of vectors).
     ``thresholds`` (per input, from :func:`ops.global_thresholds`): trim to |x| >= t_i instead of top-k.
     ``seed``: DARE's mask seed for this tensor (see :func:`block_seed`). ``ranges``: a list that gets the
     (min, max) of each block of ``out`` (NaN propagates), for a finiteness check without another pass.
@@ -206,7 +232,7 @@ def merge(spec: Sparse, src: Deltas, weights, params: dict, *, seed: int = 0, th
             state["cuts"] = topk_cuts(src, ks, workers)
     lam = float(params.get("lambda", 1.0))
     out = torch.empty(src.shape) if out is None else out
-    blocks = run_blocks(lambda j: _merge_block(spec, src, j, w, lam, params, state, out, ranges is not None),
+    blocks = run_blocks(lambda j: _merge_block(spec, src, j, w, lam, params, state, out, ranges is not None, visit),
                         src.nblocks, workers)
     if ranges is not None:
         ranges.extend(blocks)

@@ -30,10 +30,12 @@ class Deltas:
     """The n task vectors of one tensor, viewed as (rows, cols) and read by row block.
 
     Each input is ``("delta", dW)`` (a float task vector), ``("theta", theta_i)`` (a full checkpoint's tensor:
-    dW = theta_i - ``base``) or ``None`` (zero). ``base`` (theta_0, any float dtype) is needed for thetas.
+    dW = theta_i - ``base``), ``("factors", (B, A))`` (a LoRA task vector dW = B @ A, float32, formed block by
+    block as ``B[r0:r1] @ A`` and never whole) or ``None`` (zero). ``base`` (theta_0, any float dtype) is
+    needed for thetas. ``block``: elements per block (rounded to whole blocks of DARE's masks, drawn per ``BLOCK``).
     """
 
-    def __init__(self, inputs: list, base: Tensor | None, shape: tuple[int, ...]):
+    def __init__(self, inputs: list, base: Tensor | None, shape: tuple[int, ...], block: int = BLOCK):
         self.inputs, self.shape = inputs, tuple(shape)
         numel = 1
         for s in shape:
@@ -42,8 +44,10 @@ class Deltas:
         self.rows = numel // self.cols if numel else 0
         self.numel = numel
         self.base = None if base is None else base.reshape(self.rows, self.cols)
-        self._flat = [None if x is None else (x[0], x[1].reshape(self.rows, self.cols)) for x in inputs]
-        self.step = max(1, BLOCK // max(self.cols, 1))  # rows per block
+        self._flat = [None if x is None else x if x[0] == "factors" else (x[0], x[1].reshape(self.rows, self.cols))
+                      for x in inputs]
+        self.mask_step = max(1, BLOCK // max(self.cols, 1))  # rows per block of DARE's masks
+        self.step = max(self.mask_step, block // max(self.cols, 1) // self.mask_step * self.mask_step)
         self.nblocks = -(-self.rows // self.step) if self.rows else 0
 
     @classmethod
@@ -67,10 +71,28 @@ class Deltas:
         if x is None:
             return None
         kind, t = x
+        if kind == "factors":  # the same rows as (B @ A)[r0:r1]: each entry is one dot product over the rank
+            return torch.mm(t[0][r0:r1], t[1], out=out)
         if kind == "delta":
             blk = t[r0:r1]
             return blk if blk.dtype == torch.float32 else out.copy_(blk)
         return torch.sub(out.copy_(t[r0:r1]), base_f, out=out)  # theta_i - theta_0 in float32 (exact for bf16)
+
+
+    def sample(self, i: int, idx: Tensor) -> Tensor:
+        """Input i's entries at flat indices ``idx`` (float32; for factors computed as dot products, which may
+        differ from the blocked products in the last bit: for estimates only)."""
+        kind, t = self._flat[i]
+        if kind == "factors":
+            b, at = t[0], t[1].T.contiguous()
+            out = torch.empty(idx.numel())
+            for c in range(0, idx.numel(), 1 << 13):  # small chunks: the gathered rows stay in cache
+                part = idx[c:c + (1 << 13)]
+                rows, cols = b.index_select(0, part // self.cols), at.index_select(0, part % self.cols)
+                torch.bmm(rows.unsqueeze(1), cols.unsqueeze(2), out=out[c:c + part.numel()].view(-1, 1, 1))
+            return out
+        vals = t.reshape(-1)[idx].float()
+        return vals - self.base.reshape(-1)[idx].float() if kind == "theta" else vals
 
 
 class _Scratch(threading.local):
@@ -81,6 +103,13 @@ class _Scratch(threading.local):
         buf = self.bufs.get(key)
         if buf is None or buf.numel() < rows * cols:
             buf = self.bufs[key] = torch.empty(max(rows * cols, BLOCK))
+        return buf[:rows * cols].view(rows, cols)
+
+    def ones(self, rows: int, cols: int) -> Tensor:
+        """A (rows, cols) view of ones, filled once per buffer (callers must not write to it)."""
+        buf = self.bufs.get("ones")
+        if buf is None or buf.numel() < rows * cols:
+            buf = self.bufs["ones"] = torch.ones(max(rows * cols, BLOCK))
         return buf[:rows * cols].view(rows, cols)
 
 

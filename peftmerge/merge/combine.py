@@ -4,8 +4,10 @@ For each module the inputs' task vectors dW_i = s_i B_i A_i are merged with the 
 
 - linear methods (task_arithmetic, cat) stay in factor space: B = [c_1 s_1 B_1, ...], A = [A_1; ...]
   is exact; a smaller ``rank`` truncates it optimally through QR + SVD of the small core;
-- the others form the dense dW_i of this module only, merge, and refactorize to ``rank`` (default: the
-  sum of the input ranks) with a seeded randomized SVD; the report gives each module's relative error.
+- the sparse ones (TIES, DARE, magnitude prune, breadcrumbs) merge this module's dW_i block by block from
+  the factors and refactorize to ``rank`` (default: the sum of the input ranks) by a block Krylov SVD
+  started from the inputs' factors (:mod:`peftmerge.merge.sparse_lora`); the others (PCB) form the dense
+  dW_i of this module and use a seeded randomized SVD. The report gives each module's relative error.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..errors import PeftmergeError
 from ..io import atomic
 from ..io.adapter import LoraAdapter
 from ..io.hub import describe_input
-from . import lowrank, ops, registry
+from . import blocked, lowrank, ops, registry, sparse_lora
 from .plan import ModulePlan, open_inputs, plan_modules
 from .recipe import Recipe, load_recipe
 
@@ -100,6 +102,16 @@ def merge_dense(merged: torch.Tensor, rank: int, generator: torch.Generator):
     if lost > 1e-4:
         return a, b, lost ** 0.5
     return a, b, float((merged - b @ a).norm()) / norm
+
+
+def merge_sparse(m: registry.Method, adapters, plan, weights, params: dict, rank: int, generator, thresholds=None):
+    """A sparse method's merge of this module's LoRA inputs refactorized to ``rank``, straight from their
+    factors (:func:`sparse_lora.merge_to_rank`); returns (A, B, relative error)."""
+    with blocked.single_threaded_caller():  # small reads and checks: no OpenMP barrier on shared cores
+        factors = [adapters[i].scaled_factors(plan.name)[::-1] if i in plan.present else None
+                   for i in range(len(adapters))]
+        return sparse_lora.merge_to_rank(m.sparse, factors, plan.shape, weights, params, rank, generator,
+                                         thresholds)
 
 
 def _refuse_checkpoints(inputs) -> None:
@@ -198,10 +210,13 @@ def combine(
             a, b, err = merge_linear(adapters, plan, m.coefficients(weights_t, params), recipe.rank)
         else:
             gen = _module_generator(params.get("seed", 0), plan.name)
-            ctx = registry.Context(plan.name, gen, thresholds)
-            merged = m.merge(stacked_deltas(adapters, plan), weights_t, params, ctx)
             target = min(recipe.rank or sum(plan.ranks(adapters)), *plan.shape)
-            a, b, err = merge_dense(merged, target, gen)
+            if m.sparse is not None:  # the blocked engine from the factors, warm-started Krylov SVD
+                a, b, err = merge_sparse(m, adapters, plan, weights_t, params, target, gen, thresholds)
+            else:
+                ctx = registry.Context(plan.name, gen, thresholds)
+                merged = m.merge(stacked_deltas(adapters, plan), weights_t, params, ctx)
+                a, b, err = merge_dense(merged, target, gen)
         tensors[plan.name] = (plan.kind, a.to(out_dtype).contiguous(), b.to(out_dtype).contiguous())
         rows.append({"module": plan.name, "inputs": [adapters[i].task for i in plan.present],
                      "rank_in": plan.ranks(adapters), "rank_out": a.shape[0], "relative_error": err,

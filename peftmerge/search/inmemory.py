@@ -2,8 +2,9 @@
 
 For each module, the inputs' task vectors are stacked once (cached when they fit ``cache_bytes``); a
 candidate's merged dW comes from the registry's ``Method.merge`` and, for non-linear methods, the same
-seeded rank-r refactorization as :func:`peftmerge.merge.combine.combine`, so the model evaluated is the
-adapter ``combine`` would write. Patching sets W = W0 + dW on the base model's weights in place.
+seeded rank-r refactorization as :func:`peftmerge.merge.combine.combine` (sparse methods: the same
+:func:`peftmerge.merge.combine.merge_sparse` from the factors), so the model evaluated is the adapter
+``combine`` would write. Patching sets W = W0 + dW on the base model's weights in place.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from ..errors import PeftmergeError
 from ..io.adapter import PREFIX, LoraAdapter
 from ..merge import ops, registry
-from ..merge.combine import _module_generator, merge_dense, stacked_deltas
+from ..merge.combine import _module_generator, merge_dense, merge_sparse, stacked_deltas
 from ..merge.plan import ModulePlan
 
 
@@ -47,9 +48,12 @@ class InMemoryMerge:
                 out[plan.name] = m.merge(deltas, w, params)
                 continue
             gen = _module_generator(params.get("seed", 0), plan.name)
-            merged = m.merge(deltas, w, params, registry.Context(plan.name, gen, thresholds))
             target = min(self.rank or sum(plan.ranks(self.adapters)), *plan.shape)
-            a, b, _ = merge_dense(merged, target, gen)
+            if m.sparse is not None:  # as combine: from the factors
+                a, b, _ = merge_sparse(m, self.adapters, plan, w, params, target, gen, thresholds)
+            else:
+                merged = m.merge(deltas, w, params, registry.Context(plan.name, gen, thresholds))
+                a, b, _ = merge_dense(merged, target, gen)
             out[plan.name] = b @ a
         return out
 
