@@ -94,8 +94,12 @@ def test_input_order_does_not_matter_and_other_tensors_are_averaged(full_rank, n
 
 @pytest.mark.parametrize("name", ["tsv", "iso_c"])
 def test_lora_merge_is_the_method_on_the_dense_task_vectors_exactly(tmp_path, name):
+    """LoRA inputs take the factor-space path (never a dense dW): same dW as the dense definition, output
+    rank = the sum of the input ranks (each input keeps its 4 nonzero directions)."""
     paths = [make_adapter(tmp_path / f"a{i}", seed=i + 1, r=4, alpha=8) for i in range(3)]
-    combine([str(p) for p in paths], method=name, out=tmp_path / "out", progress=False)
+    assert registry.get(name).factored is not None
+    report = combine([str(p) for p in paths], method=name, out=tmp_path / "out", progress=False)
+    assert {row["rank_out"] for row in report["per_module"]} == {12}
     ins = [load_adapter(p) for p in paths]
     out = load_adapter(tmp_path / "out")
     for module in out.modules:

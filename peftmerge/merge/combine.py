@@ -104,6 +104,20 @@ def merge_dense(merged: torch.Tensor, rank: int, generator: torch.Generator):
     return a, b, float((merged - b @ a).norm()) / norm
 
 
+def merge_factored(m: registry.Method, adapters, plan, weights, params: dict, rank: int):
+    """An SVD-based method (TSV, Iso-C) on this module's LoRA inputs, exactly in factor space (no dense dW),
+    truncated optimally where ``rank`` is below its output rank; returns (A, B, relative error)."""
+    factors = []
+    for i in plan.present:
+        a, b = adapters[i].scaled_factors(plan.name)
+        factors.append((b * weights[i], a))
+    b, a = m.factored(factors, len(adapters), plan.shape, params)
+    if rank >= b.shape[1]:
+        return a, b, 0.0
+    a_k, b_k, s = lowrank.truncate_factors(b, a, rank)
+    return a_k, b_k, float((s[rank:].square().sum() / s.square().sum().clamp(min=1e-30)).sqrt())
+
+
 def merge_sparse(m: registry.Method, adapters, plan, weights, params: dict, rank: int, generator, thresholds=None):
     """A sparse method's merge of this module's LoRA inputs refactorized to ``rank``, straight from their
     factors (:func:`sparse_lora.merge_to_rank`); returns (A, B, relative error)."""
@@ -213,6 +227,8 @@ def combine(
             target = min(recipe.rank or sum(plan.ranks(adapters)), *plan.shape)
             if m.sparse is not None:  # the blocked engine from the factors, warm-started Krylov SVD
                 a, b, err = merge_sparse(m, adapters, plan, weights_t, params, target, gen, thresholds)
+            elif m.factored is not None:  # SVDs of the factors, never a dense dW
+                a, b, err = merge_factored(m, adapters, plan, weights_t, params, target)
             else:
                 ctx = registry.Context(plan.name, gen, thresholds)
                 merged = m.merge(stacked_deltas(adapters, plan), weights_t, params, ctx)

@@ -95,6 +95,7 @@ class Method:
     aliases: tuple[str, ...] = ()
     exact_concat: bool = False  # `cat`: never truncated
     sparse: Sparse | None = None  # computed by the blocked engine (``fn`` is the reference composition)
+    factored: Callable | None = None  # SVD-based methods on LoRA inputs: (factors, n, shape, params) -> (B, A)
 
     @property
     def linear(self) -> bool:
@@ -129,10 +130,13 @@ _ALIASES: dict[str, str] = {}
 
 
 def register(name: str, *, paper: str, params: tuple[Param, ...] = (), linear: bool = False,
-             aliases: tuple[str, ...] = (), exact_concat: bool = False, sparse: Sparse | None = None):
+             aliases: tuple[str, ...] = (), exact_concat: bool = False, sparse: Sparse | None = None,
+             factored: Callable | None = None):
     """Decorator: register ``fn`` (or, with ``linear=True``, a coefficient function) under ``name``.
 
-    With ``sparse``, merges run on the blocked engine and ``fn`` is the reference it must equal."""
+    With ``sparse``, merges run on the blocked engine and ``fn`` is the reference it must equal. With
+    ``factored``, LoRA inputs merge exactly in factor space: ``factored([(w_i s_i B_i, A_i), ...], n, shape,
+    params) -> (B, A)``, equal to ``fn`` on the dense task vectors (``fn`` still serves full models)."""
 
     def wrap(fn: Callable) -> Callable:
         import sys
@@ -140,7 +144,7 @@ def register(name: str, *, paper: str, params: tuple[Param, ...] = (), linear: b
         doc = (sys.modules[fn.__module__].__doc__ or fn.__doc__ or "").strip()
         method = Method(name=name, paper=paper, doc=doc, params=tuple(params),
                         fn=None if linear else fn, coefficients=fn if linear else None,
-                        aliases=tuple(aliases), exact_concat=exact_concat, sparse=sparse)
+                        aliases=tuple(aliases), exact_concat=exact_concat, sparse=sparse, factored=factored)
         _REGISTRY[name] = method
         for a in aliases:
             _ALIASES[a] = name

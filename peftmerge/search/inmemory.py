@@ -14,7 +14,7 @@ import torch
 from ..errors import PeftmergeError
 from ..io.adapter import PREFIX, LoraAdapter
 from ..merge import ops, registry
-from ..merge.combine import _module_generator, merge_dense, merge_sparse, stacked_deltas
+from ..merge.combine import _module_generator, merge_dense, merge_factored, merge_sparse, stacked_deltas
 from ..merge.plan import ModulePlan
 
 
@@ -51,6 +51,8 @@ class InMemoryMerge:
             target = min(self.rank or sum(plan.ranks(self.adapters)), *plan.shape)
             if m.sparse is not None:  # as combine: from the factors
                 a, b, _ = merge_sparse(m, self.adapters, plan, w, params, target, gen, thresholds)
+            elif m.factored is not None:
+                a, b, _ = merge_factored(m, self.adapters, plan, w, params, target)
             else:
                 merged = m.merge(deltas, w, params, registry.Context(plan.name, gen, thresholds))
                 a, b, _ = merge_dense(merged, target, gen)

@@ -15,7 +15,9 @@ mean of the task vectors, as the paper does.
 LoRA reading: a rank-r task vector has only r nonzero singular values, so k is also capped at each
 input's numerical rank (singular values above 1e-6 of its largest). The paper's k counts directions of a
 full-rank matrix; zero-singular-value directions carry nothing and would only perturb the polar factor.
-With full-rank inputs this is exactly the paper's algorithm. Defaults: lambda 1 (the paper's alpha).
+With full-rank inputs this is exactly the paper's algorithm. LoRA inputs merge in factor space: each
+SVD from QR of B_i and A_i^T and the SVD of the small core, the polar factors of thin (d, sum k_i) matrices,
+output rank sum k_i; never a dense dW. Defaults: lambda 1 (the paper's alpha).
 """
 
 import torch
@@ -25,11 +27,24 @@ from ..registry import LAMBDA, register
 RTOL = 1e-6
 
 
-def top_triplets(m: torch.Tensor, k: int):
-    """The top-``k`` singular triplets of ``m`` with nonzero singular value (relative ``RTOL``)."""
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+def nonzero_top(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int):
+    """The top-``k`` triplets of an SVD with nonzero singular value (relative ``RTOL``)."""
     keep = min(k, int((s > RTOL * s[0]).sum())) if s.numel() and s[0] > 0 else 0
     return u[:, :keep], s[:keep], vh[:keep]
+
+
+def top_triplets(m: torch.Tensor, k: int):
+    """The top-``k`` singular triplets of dense ``m`` with nonzero singular value."""
+    return nonzero_top(*torch.linalg.svd(m, full_matrices=False), k)
+
+
+def factor_svd(b: torch.Tensor, a: torch.Tensor):
+    """SVD ``(U, S, Vh)`` of ``b @ a`` from its factors (b: (d_out, r), a: (r, d_in)), in float64:
+    b = Q_b R_b, a^T = Q_a R_a, R_b R_a^T = u S vh  =>  b a = (Q_b u) S (vh Q_a^T)."""
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double().T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    return qb @ u, s, vh @ qa.T
 
 
 def polar(m: torch.Tensor) -> torch.Tensor:
@@ -38,17 +53,29 @@ def polar(m: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-@register("tsv", paper="https://arxiv.org/abs/2412.00081", params=(LAMBDA,), aliases=("tsv_merge",))
+def _tsv(parts: list, lam: float, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) = (lambda U_perp S, V_perp^T) from each input's kept triplets."""
+    parts = [p for p in parts if p[1].numel()]
+    if not parts:
+        return torch.zeros(shape[0], 1), torch.zeros(1, shape[1])
+    u = polar(torch.cat([p[0] for p in parts], dim=1))
+    vh = polar(torch.cat([p[2] for p in parts], dim=0))
+    return lam * u * torch.cat([p[1] for p in parts]), vh
+
+
+def tsv_factored(factors: list, n: int, shape, params: dict):
+    """TSV-Merge of LoRA inputs ``[(w_i s_i B_i, A_i), ...]`` (``n`` inputs in all) in factor space."""
+    k = max(1, min(shape) // n)
+    b, a = _tsv([nonzero_top(*factor_svd(b, a), k) for b, a in factors], params["lambda"], shape)
+    return b.float(), a.float()
+
+
+@register("tsv", paper="https://arxiv.org/abs/2412.00081", params=(LAMBDA,), aliases=("tsv_merge",),
+          factored=tsv_factored)
 def tsv(deltas, weights, params, ctx):
     scaled = deltas.double() * weights.double().view(-1, *[1] * (deltas.dim() - 1))
     if deltas.dim() != 3:
         return (params["lambda"] * scaled.mean(0)).to(deltas.dtype)
     k = max(1, min(deltas.shape[1:]) // deltas.shape[0])
-    parts = [top_triplets(d, k) for d in scaled]
-    parts = [p for p in parts if p[1].numel()]
-    if not parts:
-        return torch.zeros_like(deltas[0])
-    u = polar(torch.cat([p[0] for p in parts], dim=1))
-    vh = polar(torch.cat([p[2] for p in parts], dim=0))
-    s = torch.cat([p[1] for p in parts])
-    return (params["lambda"] * (u * s) @ vh).to(deltas.dtype)
+    b, a = _tsv([top_triplets(d, k) for d in scaled], params["lambda"], deltas.shape[1:])
+    return (b @ a).to(deltas.dtype)
