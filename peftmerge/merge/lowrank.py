@@ -17,19 +17,25 @@ def _split(u: Tensor, s: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
     return root[:, None] * vh, u * root[None, :]
 
 
+def factor_svd(b: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``(U, S, Vh)`` of ``b @ a`` without forming it (b: (d_out, R), a: (R, d_in)):
+    b = Q_b R_b, a^T = Q_a R_a, R_b R_a^T = u S vh  =>  b a = (Q_b u) S (vh Q_a^T). Cost O((d_out + d_in) R^2)."""
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    return qb @ u, s, vh @ qa.T
+
+
 def truncate_factors(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """Best rank-``rank`` approximation (Eckart-Young) of ``b @ a`` without forming it.
 
     Returns ``(A, B, s)`` with ``s`` all singular values of ``b @ a`` (for the truncation error).
 
-    b: (d_out, R), a: (R, d_in). QR of b and a^T, SVD of the small (R x R) core R_b R_a^T:
-    b @ a = Q_b (R_b R_a^T) Q_a^T = (Q_b U) S (Q_a V)^T. Cost O((d_out + d_in) R^2 + R^3).
+    b: (d_out, R), a: (R, d_in); :func:`factor_svd`, then keep the top ``rank``.
     """
-    qb, rb = torch.linalg.qr(b)  # (d_out, m), (m, R)
-    qa, ra = torch.linalg.qr(a.T)  # (d_in, m'), (m', R)
-    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    u, s, vh = factor_svd(b, a)
     k = min(rank, s.numel())
-    a_out, b_out = _split(qb @ u[:, :k], s[:k], vh[:k] @ qa.T)
+    a_out, b_out = _split(u[:, :k], s[:k], vh[:k])
     return a_out, b_out, s
 
 

@@ -17,8 +17,9 @@ Defaults: lambda 1 (the paper tunes its alpha on validation data; see ``peftmerg
 
 import torch
 
+from ..lowrank import factor_svd
 from ..registry import LAMBDA, register
-from .tsv import factor_svd, nonzero_top
+from .tsv import nonzero_top
 
 
 def _iso(u, s, vh, lam: float, shape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +34,7 @@ def iso_c_factored(factors: list, n: int, shape, params: dict):
     """Iso-C of LoRA inputs ``[(w_i s_i B_i, A_i), ...]``: the sum B_cat A_cat's SVD from its factors."""
     b = torch.cat([b for b, _ in factors], dim=1)
     a = torch.cat([a for _, a in factors], dim=0)
-    b, a = _iso(*factor_svd(b, a), params["lambda"], shape)
+    b, a = _iso(*factor_svd(b.double(), a.double()), params["lambda"], shape)
     return b.float(), a.float()
 
 

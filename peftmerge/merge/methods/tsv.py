@@ -22,6 +22,7 @@ output rank sum k_i; never a dense dW. Defaults: lambda 1 (the paper's alpha).
 
 import torch
 
+from ..lowrank import factor_svd
 from ..registry import LAMBDA, register
 
 RTOL = 1e-6
@@ -36,15 +37,6 @@ def nonzero_top(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int):
 def top_triplets(m: torch.Tensor, k: int):
     """The top-``k`` singular triplets of dense ``m`` with nonzero singular value."""
     return nonzero_top(*torch.linalg.svd(m, full_matrices=False), k)
-
-
-def factor_svd(b: torch.Tensor, a: torch.Tensor):
-    """SVD ``(U, S, Vh)`` of ``b @ a`` from its factors (b: (d_out, r), a: (r, d_in)), in float64:
-    b = Q_b R_b, a^T = Q_a R_a, R_b R_a^T = u S vh  =>  b a = (Q_b u) S (vh Q_a^T)."""
-    qb, rb = torch.linalg.qr(b.double())
-    qa, ra = torch.linalg.qr(a.double().T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
-    return qb @ u, s, vh @ qa.T
 
 
 def polar(m: torch.Tensor) -> torch.Tensor:
@@ -66,7 +58,8 @@ def _tsv(parts: list, lam: float, shape) -> tuple[torch.Tensor, torch.Tensor]:
 def tsv_factored(factors: list, n: int, shape, params: dict):
     """TSV-Merge of LoRA inputs ``[(w_i s_i B_i, A_i), ...]`` (``n`` inputs in all) in factor space."""
     k = max(1, min(shape) // n)
-    b, a = _tsv([nonzero_top(*factor_svd(b, a), k) for b, a in factors], params["lambda"], shape)
+    parts = [nonzero_top(*factor_svd(b.double(), a.double()), k) for b, a in factors]
+    b, a = _tsv(parts, params["lambda"], shape)
     return b.float(), a.float()
 
 
