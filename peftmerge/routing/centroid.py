@@ -33,8 +33,8 @@ def check_examples(ctx: BuildContext, minimum: int = 1) -> None:
                                  f">= {minimum}); add samples to its peftmerge.json or pass --examples {task}=FILE.jsonl")
 
 
-@register("centroid", paper="https://arxiv.org/abs/2402.09997", params=(TOP_K(1), TEMPERATURE(0.1), ABSTAIN, LAYER, PAIRS),
-          score=centroid_scores)
+@register("centroid", paper="https://arxiv.org/abs/2402.09997",
+          params=(TOP_K(1), TEMPERATURE(0.1), ABSTAIN, LAYER, PAIRS), score=centroid_scores)
 def build_centroid(ctx: BuildContext, params: dict) -> dict[str, torch.Tensor]:
     """``centroids`` (E, d): mean sample embedding per adapter (centred); ``center`` (d,)."""
     check_examples(ctx)
