@@ -40,12 +40,11 @@ class InMemoryMerge:
             thresholds = ops.global_thresholds(lambda: (self.deltas(p) for p in self.plans), n, params["density"])
         out = {}
         for plan in self.plans:
-            deltas = self.deltas(plan)
             if m.linear:  # exact: combine keeps every factor at the default rank
                 if self.rank is not None and self.rank < sum(plan.ranks(self.adapters)):
                     raise PeftmergeError("search with --rank below the sum of the input ranks supports "
                                          "non-linear methods only; drop --rank for linear methods")
-                out[plan.name] = m.merge(deltas, w, params)
+                out[plan.name] = m.merge(self.deltas(plan), w, params)
                 continue
             gen = _module_generator(params.get("seed", 0), plan.name)
             target = min(self.rank or sum(plan.ranks(self.adapters)), *plan.shape)
@@ -53,8 +52,8 @@ class InMemoryMerge:
                 a, b, _ = merge_sparse(m, self.adapters, plan, w, params, target, gen, thresholds)
             elif m.factored is not None:
                 a, b, _ = merge_factored(m, self.adapters, plan, w, params, target)
-            else:
-                merged = m.merge(deltas, w, params, registry.Context(plan.name, gen, thresholds))
+            else:  # the sparse and factored paths above never form the dense task vectors
+                merged = m.merge(self.deltas(plan), w, params, registry.Context(plan.name, gen, thresholds))
                 a, b, _ = merge_dense(merged, target, gen)
             out[plan.name] = b @ a
         return out
