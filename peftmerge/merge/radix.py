@@ -63,20 +63,26 @@ def _bracket(src: Deltas, i: int, k: int) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _trivial_cuts(src: Deltas, ks: list[int]) -> tuple[list[Cut | None], list[int]]:
+    """Cuts that need no pass (absent input or k >= numel: ``None``, keep all; k <= 0: keep nothing) and
+    the inputs that do need a threshold."""
+    cuts: list[Cut | None] = [None] * src.n
+    live = []
+    for i, k in enumerate(ks):
+        if src.inputs[i] is None or k >= src.numel:
+            continue
+        if k <= 0:
+            cuts[i] = Cut(float("inf"), 0)
+        else:
+            live.append(i)
+    return cuts, live
+
+
 def band_cuts(src: Deltas, ks: list[int], workers: int | None = None) -> tuple[list[Cut | None], list[int]]:
     """Cuts from one pass: per input, the count of |x| > hi and the values lo <= |x| <= hi (in index order)
     for its sample bracket [lo, hi]; the k-th largest is the (k - count)-th largest value inside. Returns the
     cuts and the inputs whose bracket missed (left ``None`` for :func:`radix_cuts`)."""
-    n = src.n
-    cuts: list[Cut | None] = [None] * n
-    live = []
-    for i in range(n):
-        if src.inputs[i] is None or ks[i] >= src.numel:
-            continue
-        if ks[i] <= 0:
-            cuts[i] = Cut(float("inf"), 0)
-            continue
-        live.append(i)
+    cuts, live = _trivial_cuts(src, ks)
     if not live:
         return cuts, []
     brackets = dict(zip(live, run_blocks(lambda j: _bracket(src, live[j], ks[live[j]]), len(live), workers)))
@@ -145,8 +151,7 @@ def radix_cuts(src: Deltas, ks: list[int], workers: int | None = None) -> list[C
     pass 2 histograms the low 16 bits inside it, which fixes the value t exactly; pass 3 (only when more
     entries equal t than are needed) finds the flat index where the kept ties end. ``None``: keep all.
     """
-    n = src.n
-    live = [i for i in range(n) if src.inputs[i] is not None and 0 < ks[i] < src.numel]
+    cuts, live = _trivial_cuts(src, ks)
 
     def from_top(h: Tensor, k: int) -> tuple[int, int]:
         """Bin b holding the k-th largest, and the count in bins above it."""
@@ -161,14 +166,8 @@ def radix_cuts(src: Deltas, ks: list[int], workers: int | None = None) -> list[C
     # pass 2: bin 0 = below the bucket, 1 + low bits inside it, _LO + 1 = above it
     h2 = _histograms(src, live, lambda i, bits: bits.sub_((buckets[i] << 16) - 1).clamp_(0, _LO + 1), _LO + 2,
                      workers)
-    cuts: list[Cut | None] = [None] * n
     ties = {}  # input -> (bits of t, how many entries equal to t to keep)
-    for i in range(n):
-        if src.inputs[i] is None or ks[i] >= src.numel:
-            continue
-        if ks[i] <= 0:
-            cuts[i] = Cut(float("inf"), 0)
-            continue
+    for i in live:
         inside = h2[i][1:_LO + 1]
         b, above2 = from_top(inside, ks[i] - above1[i])
         bits = (buckets[i] << 16) | b
