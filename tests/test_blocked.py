@@ -67,3 +67,37 @@ def test_linear_full_checkpoints_and_lora_deltas():
     out = torch.empty(300, 500)
     blocked.linear(blocked.Deltas([("theta", theta), ("delta", dw), None], base, (300, 500)), [0.5, 2.0, 3.0], out)
     torch.testing.assert_close(out, base + 0.5 * (theta - base) + 2.0 * dw, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_merge_returns_its_sum_of_squares_and_keeps_all_at_t_minus_one():
+    import numpy as np
+
+    from peftmerge.merge import fused
+
+    g = torch.Generator().manual_seed(3)
+    xs = torch.randn(3, 5000, generator=g)
+    w = np.array([0.5, 2.0, -1.0], dtype=np.float32)
+    out = np.empty(5000, dtype=np.float32)
+    keep_all = np.full(3, -1.0, dtype=np.float32), np.zeros(3, dtype=np.int64)
+    sq = fused.merge(xs.numpy(), *keep_all, 0, w, False, False, out)
+    torch.testing.assert_close(torch.from_numpy(out), (torch.from_numpy(w)[:, None] * xs).sum(0), atol=1e-6, rtol=1e-6)
+    assert sq == pytest.approx(float(torch.from_numpy(out).double().square().sum()), rel=1e-12)
+    # a threshold above every entry keeps none; ties at t are kept only before tie_end
+    sq = fused.merge(xs.numpy(), np.full(3, 99.0, dtype=np.float32), np.zeros(3, dtype=np.int64), 0, w, True, False, out)
+    assert sq == 0.0 and not out.any()
+    x = np.array([[0.5, -0.5, 0.5, 0.25]], dtype=np.float32)
+    out = np.empty(4, dtype=np.float32)
+    fused.merge(x, np.array([0.5], np.float32), np.array([12], np.int64), 10, np.ones(1, np.float32), False, False, out)
+    assert out.tolist() == [0.5, -0.5, 0.0, 0.0]  # positions 10, 11 are before tie_end 12; 12 is not
+
+
+def test_dare_stream_keeps_the_density_independently_per_input_and_seed():
+    deltas = torch.ones(3, 1000, 1000)
+    masks = ops.bernoulli_mask(deltas, [0.1, 0.5, 0.5], torch.Generator().manual_seed(0)).float()
+    for m, d in zip(masks, [0.1, 0.5, 0.5]):
+        assert abs(float(m.mean()) - d) < 4 * (d * (1 - d) / m.numel()) ** 0.5
+    # inputs 1 and 2 share a density but not a stream: they agree on half the entries, as independent draws do
+    assert abs(float((masks[1] == masks[2]).float().mean()) - 0.5) < 0.002
+    again = ops.bernoulli_mask(deltas, 0.5, torch.Generator().manual_seed(0))
+    other = ops.bernoulli_mask(deltas, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(again[1], masks[1].bool()) and abs(float((other[1] == again[1]).float().mean()) - 0.5) < 0.002

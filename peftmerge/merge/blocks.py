@@ -1,7 +1,7 @@
 """Blocks of rows and the worker threads that process them (the plumbing of :mod:`peftmerge.merge.blocked`).
 
 A tensor is viewed as (rows, cols) (cols = its last dimension) and cut into blocks of whole rows of about
-``BLOCK`` elements, fixed by its shape alone, so anything drawn per block (DARE masks) does not depend on
+``BLOCK`` elements, fixed by its shape alone, so nothing computed per block depends on
 how many threads run. Blocks go to ``torch.get_num_threads()`` worker threads, each running torch
 single-threaded with its own reused scratch buffers.
 """
@@ -32,7 +32,7 @@ class Deltas:
     Each input is ``("delta", dW)`` (a float task vector), ``("theta", theta_i)`` (a full checkpoint's tensor:
     dW = theta_i - ``base``), ``("factors", (B, A))`` (a LoRA task vector dW = B @ A, float32, formed block by
     block as ``B[r0:r1] @ A`` and never whole) or ``None`` (zero). ``base`` (theta_0, any float dtype) is
-    needed for thetas. ``block``: elements per block (rounded to whole blocks of DARE's masks, drawn per ``BLOCK``).
+    needed for thetas. ``block``: elements per block (whole rows, at least one).
     """
 
     def __init__(self, inputs: list, base: Tensor | None, shape: tuple[int, ...], block: int = BLOCK):
@@ -46,8 +46,7 @@ class Deltas:
         self.base = None if base is None else base.reshape(self.rows, self.cols)
         self._flat = [None if x is None else x if x[0] == "factors" else (x[0], x[1].reshape(self.rows, self.cols))
                       for x in inputs]
-        self.mask_step = max(1, BLOCK // max(self.cols, 1))  # rows per block of DARE's masks
-        self.step = max(self.mask_step, block // max(self.cols, 1) // self.mask_step * self.mask_step)
+        self.step = max(1, block // max(self.cols, 1))  # rows per block
         self.nblocks = -(-self.rows // self.step) if self.rows else 0
 
     @classmethod

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from . import blocked
+from . import blocked, fused
 from .blocks import _per_input
 
 
@@ -75,20 +76,28 @@ def _top_k(mags: Tensor, k: int, out: Tensor) -> None:
         out[torch.nonzero(mags == t).squeeze(1)[:need]] = True
 
 
+def splitmix64_uniform(key: int, n: int) -> np.ndarray:
+    """u_p for p = 0..n-1: the top 24 bits of SplitMix64 (Steele, Lea & Flood 2014, the ``mix64`` finalizer)
+    of key + (p + 1) * 0x9E3779B97F4A7C15, as float64 in [0, 1)."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + (np.arange(n, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(40)).astype(np.float64) / float(1 << 24)
+
+
 def bernoulli_mask(deltas: Tensor, density: float | Sequence[float], generator: torch.Generator | None) -> Tensor:
     """DARE's random drop: keep each entry independently with probability ``density`` (= 1 - p).
 
-    The stream is the blocked engine's: per input i and block j of rows, ``rand < density`` from a
-    generator seeded with :func:`blocked.block_seed` of the module's seed (the first draw of ``generator``).
+    The stream is the blocked engine's (:func:`fused.drop`): input i keeps flat entry p where
+    ``splitmix64_uniform(stream_key(seed, i))[p] < density``, seed the module's (the first draw of ``generator``).
     """
-    src = blocked.Deltas.stacked(deltas)
     seed = blocked.mask_seed(generator)
-    mask = torch.empty(deltas.shape[0], src.rows, src.cols, dtype=torch.bool)
-    for i, d in enumerate(_per_input(density, deltas.shape[0])):
-        for j in range(src.nblocks):
-            r0, r1 = src.span(j)
-            u = torch.rand(r1 - r0, src.cols, generator=torch.Generator().manual_seed(blocked.block_seed(seed, i, j)))
-            mask[i, r0:r1] = u < d
+    n, numel = deltas.shape[0], deltas[0].numel()
+    mask = torch.empty(n, numel, dtype=torch.bool)
+    for i, d in enumerate(_per_input(density, n)):
+        mask[i] = torch.from_numpy(splitmix64_uniform(fused.stream_key(seed, i), numel) < d)
     return mask.reshape(deltas.shape)
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from . import fused
 from .blocks import Deltas, _scratch, run_blocks
 
 _HI, _LO = 1 << 15, 1 << 16  # radix digits: high 15 bits of |x| (sign dropped), then the low 16
@@ -79,38 +81,33 @@ def _trivial_cuts(src: Deltas, ks: list[int]) -> tuple[list[Cut | None], list[in
 
 
 def band_cuts(src: Deltas, ks: list[int], workers: int | None = None) -> tuple[list[Cut | None], list[int]]:
-    """Cuts from one pass: per input, the count of |x| > hi and the values lo <= |x| <= hi (in index order)
-    for its sample bracket [lo, hi]; the k-th largest is the (k - count)-th largest value inside. Returns the
-    cuts and the inputs whose bracket missed (left ``None`` for :func:`radix_cuts`)."""
+    """Cuts from one pass (:func:`fused.band`): per input, the count of |x| > hi and the values lo <= |x| <= hi
+    (in index order) for its sample bracket [lo, hi]; the k-th largest is the (k - count)-th largest inside.
+    Returns the cuts and the inputs whose bracket missed (left ``None`` for :func:`radix_cuts`)."""
     cuts, live = _trivial_cuts(src, ks)
     if not live:
         return cuts, []
     brackets = dict(zip(live, run_blocks(lambda j: _bracket(src, live[j], ks[live[j]]), len(live), workers)))
-    below = {i: float(torch.nextafter(torch.tensor(lo), torch.tensor(-1.0))) for i, (lo, _) in brackets.items()}
 
     def block(j):
         r0, r1 = src.span(j)
         rows = r1 - r0
         base_f = src.base_block(r0, r1, _scratch.get("base", rows, src.cols)) if src.base is not None else None
-        over, inside, union = (_scratch.get(key, rows, src.cols) for key in ("over", "inside", "union"))
-        above, mags = {}, {}
+        buf = _scratch.get("band", 1, rows * src.cols + 1).view(-1).numpy()
+        found = {}
         for i in live:
             x = src.get(i, r0, r1, _scratch.get(("x", 0), rows, src.cols), base_f)
-            a = mags[i] = torch.abs(x, out=_scratch.get(("mags", i), rows, src.cols))
-            above[i] = int(torch.gt(a, brackets[i][1], out=over).sum(dtype=_acc(over)))  # float 0/1: faster than bool
-            band = torch.gt(a, below[i], out=inside).sub_(over)  # 1 where lo <= |x| <= hi
-            union.copy_(band) if i == live[0] else union.add_(band)
-        at = union.view(-1).bool().nonzero().squeeze(1)  # one scan for all inputs: where any is in its band
-        return {i: (above[i], mags[i].view(-1)[at]) for i in live}  # a superset of i's band, filtered below
+            lo, hi = brackets[i]
+            above, n = fused.band(x.reshape(-1).numpy(), np.float32(lo), np.float32(hi), buf)
+            found[i] = (above, torch.from_numpy(buf[:n].copy()))
+        return found
 
     parts = run_blocks(block, src.nblocks, workers)
     missed = []
     for i in live:
         above = sum(p[i][0] for p in parts)
         need = ks[i] - above  # the k-th largest is the need-th largest inside the band
-        lo, hi = brackets[i]
         band = torch.cat([p[i][1] for p in parts])
-        band = band[(band >= lo) & (band <= hi)]
         if not 1 <= need <= band.numel():
             missed.append(i)
             continue
@@ -121,11 +118,6 @@ def band_cuts(src: Deltas, ks: list[int], workers: int | None = None) -> tuple[l
             counts = [int(torch.eq(p[i][1], t).sum()) for p in parts]
             _set_tie_end(src, i, cuts[i], counts, keep_ties)
     return cuts, missed
-
-
-def _acc(x: Tensor) -> torch.dtype:
-    """A float dtype that sums ``x``'s 0/1 entries exactly."""
-    return torch.float32 if x.numel() < (1 << 24) else torch.float64
 
 
 def _set_tie_end(src: Deltas, i: int, cut: Cut, counts: list[int], need: int) -> None:

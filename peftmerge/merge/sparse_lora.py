@@ -49,18 +49,15 @@ def _merge_to_rank(spec, factors, shape, weights, params, rank, generator, thres
     seed = blocked.mask_seed(generator)
     present = [f for f in factors if f is not None]
     v0 = lowrank.start_block([a for _, a in present], rank, generator=generator)
-    # blocks of 2 x BLOCK elements halve the per-op overheads (~12% faster); DARE's masks are still drawn per
-    # BLOCK (two per block)
+    # blocks of 2 x BLOCK elements halve the per-block overheads (~12% faster)
     src = blocked.Deltas([None if f is None else ("factors", f) for f in factors], None, shape, 2 * blocked.BLOCK)
     merged = torch.empty(shape) if out is None else out
     y0 = torch.empty(shape[0], v0.shape[1])
     squares = [0.0] * src.nblocks
 
-    def visit(j: int, r0: int, r1: int, rows: Tensor) -> None:
+    def visit(j: int, r0: int, r1: int, rows: Tensor, sq: float) -> None:
         torch.mm(rows, v0, out=y0[r0:r1])
-        # float32 row sums (pairwise summation, ~1e-7 accurate) added in float64: a float32 dot over the
-        # block drifts by ~1e-5 relative, which is 1e-6 on the reported error
-        squares[j] = float(rows.square().sum(dim=1).double().sum())
+        squares[j] = sq  # accumulated in float64 by the merge kernel
 
     blocked.merge(spec, src, weights, params, seed=seed, thresholds=thresholds, out=merged, visit=visit)
     norm_sq = sum(squares)
