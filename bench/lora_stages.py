@@ -47,7 +47,7 @@ def main() -> None:
                 spent[label] = spent.get(label, 0.0) + time.process_time() - start
         setattr(module, name, wrapper)
 
-    timed(radix, "_bracket", "sample brackets")
+    timed(radix, "bracket", "sample brackets")
     timed(radix, "band_cuts", "top-k thresholds (incl. brackets)")
     timed(blocked, "merge", "merge pass (incl. thresholds, M @ V0, ||M||^2)")
     timed(lowrank, "products", "Krylov products with M")

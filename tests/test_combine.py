@@ -163,6 +163,20 @@ def test_dare_is_reproducible_with_seed(adapters, tmp_path):
     assert not all(torch.equal(x[k], z[k]) for k in x)
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_modules_on_parallel_threads_give_the_sequential_result(adapters, tmp_path, method):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one module at a time
+        combine(adapters, tmp_path / "one", method, rank=4, progress=False)
+        torch.set_num_threads(2)  # a module per thread
+        combine(adapters, tmp_path / "two", method, rank=4, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    one, two = (load_file(str(tmp_path / n / "adapter_model.safetensors")) for n in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
 def test_rank_pattern_alpha_pattern_and_rslora_scalings(tmp_path):
     a = make_adapter(tmp_path / "a", seed=1, r=4, alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 6})
     b = make_adapter(tmp_path / "b", seed=2, r=9, alpha=6, use_rslora=True)

@@ -5,7 +5,7 @@ radix select's, and the warm-started Krylov SVD reaches the exact SVD's truncati
 import pytest
 import torch
 
-from peftmerge.merge import blocked, lowrank, radix, registry, sparse_lora
+from peftmerge.merge import blocked, lowrank, radix, registry, sparse_lora, speculative
 from peftmerge.merge.blocks import Deltas
 
 W = torch.tensor([0.7, 1.3, 0.4])
@@ -50,7 +50,7 @@ def test_a_missed_bracket_falls_back_to_radix(monkeypatch):
     fac = _factors(200, 300, seed=3)
     src = Deltas([("factors", f) for f in fac], None, (200, 300))
     ks = [int(0.2 * src.numel)] * 3
-    monkeypatch.setattr(radix, "_bracket", lambda src, i, k: (1e6, 2e6) if i == 1 else (0.0, 1e9))
+    monkeypatch.setattr(radix, "bracket", lambda src, i, k: (1e6, 1.5e6, 2e6) if i == 1 else (0.0, 1.0, 1e9))
     cuts, missed = radix.band_cuts(src, ks)
     assert missed == [1]
     assert radix.topk_cuts(src, ks) == radix.radix_cuts(src, ks)
@@ -61,7 +61,7 @@ def test_a_missed_bracket_falls_back_to_radix(monkeypatch):
                                         ("breadcrumbs", {"density": 0.2, "gamma": 0.05})])
 @pytest.mark.parametrize("tied", [False, True])
 def test_merge_from_factors_equals_the_reference_and_the_optimal_truncation(name, given, tied):
-    shape = (1100, 260)  # several blocks of 2 x BLOCK elements (504 rows)
+    shape = (2100, 260)  # several blocks of 4 x BLOCK elements (1008 rows)
     fac = _factors(*shape, tied=tied)
     m = registry.get(name)
     params = m.resolve(given, 3)
@@ -113,3 +113,37 @@ def test_products_on_the_block_workers_equal_the_plain_ones():
     m, x, y = torch.randn(1100, 300, generator=g), torch.randn(300, 7, generator=g), torch.randn(1100, 7, generator=g)
     torch.testing.assert_close(lowrank.products(m, x), m @ x, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(lowrank.products(m, y, transpose=True), m.T @ y, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("ties,density", [(True, 0.2), (False, 0.3), (True, 0.61), (True, 1.0), (False, 0.0)])
+def test_one_pass_merge_equals_the_two_pass_merge(tied, ties, density):
+    shape = (900, 400)
+    fac = _factors(*shape, tied=tied)
+    src = Deltas([("factors", fac[0]), None, ("factors", fac[1]), ("factors", fac[2])], None, shape, 1 << 16)
+    w, lam = [0.7, 0.5, 1.3, 0.4], 0.8
+    spec = blocked.Sparse("magnitude", "ties" if ties else "sum")
+    two = blocked.merge(spec, src, w, {"density": density, "lambda": lam})
+    v0 = torch.linalg.qr(torch.randn(400, 12, generator=torch.Generator().manual_seed(1))).Q
+    one, y0 = torch.empty(shape), torch.empty(900, 12)
+    ks = [int(density * src.numel)] * 4
+    norm_sq = speculative.merge(src, ks, [lam * x for x in w], ties, False, one, v0, y0)
+    torch.testing.assert_close(one, two, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(y0, one @ v0, atol=1e-4, rtol=1e-5)
+    assert norm_sq == pytest.approx(float(two.double().square().sum()), rel=1e-6)
+    if tied and density == 0.2:  # the thresholds fall inside runs of equal magnitudes
+        assert any(c.tie_end < src.numel for c in radix.topk_cuts(src, ks) if c is not None)
+
+
+def test_one_pass_merge_with_a_missed_bracket_falls_back_to_two_passes(monkeypatch):
+    shape = (300, 200)
+    fac = _factors(*shape, seed=4)
+    m = registry.get("ties")
+    params = m.resolve({"density": 0.2}, 3)
+    ref = m.fn(torch.stack([b @ a for b, a in fac]), W, params, registry.Context("m"))
+    monkeypatch.setattr(radix, "bracket", lambda src, i, k: (1e6, 1.5e6, 2e6) if i == 1 else (0.0, 1.0, 1e9))
+    assert speculative.merge(Deltas([("factors", f) for f in fac], None, shape), [12_000] * 3, W.tolist(), True,
+                             False, torch.empty(shape), torch.eye(200, 8), torch.empty(300, 8)) is None
+    merged = torch.empty(shape)
+    sparse_lora.merge_to_rank(m.sparse, fac, shape, W, params, 4, torch.Generator().manual_seed(0), out=merged)
+    torch.testing.assert_close(merged, ref, atol=2e-5, rtol=1e-6)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
 import torch
@@ -115,7 +115,7 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 _pools: dict[int, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
-_WORKERS: int | None = None  # set by single_threaded_caller
+_local = threading.local()  # .workers: the block workers of this thread's merges (single_threaded_caller)
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
@@ -130,23 +130,23 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 def single_threaded_caller():
     """Run the calling thread's own torch ops single-threaded (the block workers keep the cores busy), so that
     the small serial steps between blocked passes never wait at an OpenMP barrier; restored on exit."""
-    global _WORKERS
-    before, saved = torch.get_num_threads(), _WORKERS
-    _WORKERS = saved or before
+    before, saved = torch.get_num_threads(), getattr(_local, "workers", None)
+    _local.workers = saved or before
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
-        _WORKERS = saved
+        _local.workers = saved
 
 
 def run_blocks(fn, nblocks: int, workers: int | None = None) -> list:
     """``[fn(j) for j in range(nblocks)]`` on worker threads (single-threaded torch each); results in order.
-    Workers: ``torch.get_num_threads()`` (of the caller, before :func:`single_threaded_caller`), at most 8."""
-    workers = max(1, min(workers or _WORKERS or torch.get_num_threads(), nblocks, 8))
-    if nblocks == 0:
-        return []
+    Workers: ``torch.get_num_threads()`` (of the caller, before :func:`single_threaded_caller`), at most 8;
+    one worker runs them in the calling thread."""
+    workers = max(1, min(workers or getattr(_local, "workers", None) or torch.get_num_threads(), nblocks, 8))
+    if workers == 1:
+        return [fn(j) for j in range(nblocks)]
     results = [None] * nblocks
     counter = itertools.count()
 
@@ -158,6 +158,32 @@ def run_blocks(fn, nblocks: int, workers: int | None = None) -> list:
     for f in futures:
         f.result()
     return results
+
+
+def _one_thread(fn, item):
+    _local.workers = 1
+    try:
+        return fn(item)
+    finally:
+        _local.workers = None
+
+
+def each_on_a_thread(fn, items: list, sizes: list[int], workers: int | None = None):
+    """Yield ``(k, fn(items[k]))`` as they finish, ``workers`` items at a time (default
+    ``torch.get_num_threads()``), each item on its own thread with torch and the block engine single-threaded:
+    for many small tensors (a LoRA adapter's modules), whole tensors in parallel beat blocks of one tensor in
+    parallel, which wait for each other at every serial step (thresholds, the Krylov SVD). Largest first."""
+    workers = max(1, min(workers or torch.get_num_threads(), len(items), 8))
+    if workers == 1:
+        for k, item in enumerate(items):
+            yield k, fn(item)
+        return
+    order = sorted(range(len(items)), key=lambda k: -sizes[k])
+    with ThreadPoolExecutor(workers, thread_name_prefix="peftmerge-tensor", initializer=torch.set_num_threads,
+                            initargs=(1,)) as pool:
+        futures = {pool.submit(_one_thread, fn, items[k]): k for k in order}
+        for f in as_completed(futures):
+            yield futures[f], f.result()
 
 
 # --- exact top-k thresholds --------------------------------------------------------------------------------

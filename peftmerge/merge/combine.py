@@ -25,7 +25,7 @@ from ..errors import PeftmergeError
 from ..io import atomic
 from ..io.adapter import LoraAdapter
 from ..io.hub import describe_input
-from . import blocked, lowrank, ops, registry, sparse_lora
+from . import blocked, blocks, lowrank, ops, registry, sparse_lora
 from .plan import ModulePlan, open_inputs, plan_modules
 from .recipe import Recipe, load_recipe
 
@@ -213,21 +213,30 @@ def combine(
                                            params["density"])
 
     start = time.perf_counter()
-    tensors, rows = {}, []
-    for plan in tqdm(plans, desc=f"merge ({m.name})", unit="module", disable=not progress):
+
+    def merge_module(plan):
         if m.linear:
-            a, b, err = merge_linear(adapters, plan, m.coefficients(weights_t, params), recipe.rank)
-        else:
-            gen = _module_generator(params.get("seed", 0), plan.name)
-            target = min(recipe.rank or sum(plan.ranks(adapters)), *plan.shape)
-            if m.sparse is not None:  # the blocked engine from the factors, warm-started Krylov SVD
-                a, b, err = merge_sparse(m, adapters, plan, weights_t, params, target, gen, thresholds)
-            elif m.factored is not None:  # SVDs of the factors, never a dense dW
-                a, b, err = merge_factored(m, adapters, plan, weights_t, params, target)
-            else:
-                ctx = registry.Context(plan.name, gen, thresholds)
-                merged = m.merge(stacked_deltas(adapters, plan), weights_t, params, ctx)
-                a, b, err = merge_dense(merged, target, gen)
+            return merge_linear(adapters, plan, m.coefficients(weights_t, params), recipe.rank)
+        gen = _module_generator(params.get("seed", 0), plan.name)
+        target = min(recipe.rank or sum(plan.ranks(adapters)), *plan.shape)
+        if m.sparse is not None:  # the blocked engine from the factors, warm-started Krylov SVD
+            return merge_sparse(m, adapters, plan, weights_t, params, target, gen, thresholds)
+        if m.factored is not None:  # SVDs of the factors, never a dense dW
+            return merge_factored(m, adapters, plan, weights_t, params, target)
+        ctx = registry.Context(plan.name, gen, thresholds)
+        return merge_dense(m.merge(stacked_deltas(adapters, plan), weights_t, params, ctx), target, gen)
+
+    # sparse merges: a module per core (each single-threaded) beats every core on one module at a time
+    workers = None if m.sparse is not None and not m.linear else 1
+    done: dict[int, tuple] = {}
+    sizes = [plan.shape[0] * plan.shape[1] for plan in plans]
+    with tqdm(total=len(plans), desc=f"merge ({m.name})", unit="module", disable=not progress) as bar:
+        for k, result in blocks.each_on_a_thread(merge_module, plans, sizes, workers):
+            done[k] = result
+            bar.update()
+    tensors, rows = {}, []
+    for k, plan in enumerate(plans):
+        a, b, err = done[k]
         tensors[plan.name] = (plan.kind, a.to(out_dtype).contiguous(), b.to(out_dtype).contiguous())
         rows.append({"module": plan.name, "inputs": [adapters[i].task for i in plan.present],
                      "rank_in": plan.ranks(adapters), "rank_out": a.shape[0], "relative_error": err,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import blocked, lowrank
+from . import blocked, blocks, lowrank, speculative
 
 
 def merge_to_rank(spec: blocked.Sparse, factors: list, shape: tuple[int, int], weights, params: dict, rank: int,
@@ -49,8 +49,8 @@ def _merge_to_rank(spec, factors, shape, weights, params, rank, generator, thres
     seed = blocked.mask_seed(generator)
     present = [f for f in factors if f is not None]
     v0 = lowrank.start_block([a for _, a in present], rank, generator=generator)
-    # blocks of 2 x BLOCK elements halve the per-block overheads (~12% faster)
-    src = blocked.Deltas([None if f is None else ("factors", f) for f in factors], None, shape, 2 * blocked.BLOCK)
+    # blocks of 4 x BLOCK elements: fewer per-block overheads (~10% faster than 1 x or 2 x; 8 x is no faster)
+    src = blocked.Deltas([None if f is None else ("factors", f) for f in factors], None, shape, 4 * blocked.BLOCK)
     merged = torch.empty(shape) if out is None else out
     y0 = torch.empty(shape[0], v0.shape[1])
     squares = [0.0] * src.nblocks
@@ -59,8 +59,16 @@ def _merge_to_rank(spec, factors, shape, weights, params, rank, generator, thres
         torch.mm(rows, v0, out=y0[r0:r1])
         squares[j] = sq  # accumulated in float64 by the merge kernel
 
-    blocked.merge(spec, src, weights, params, seed=seed, thresholds=thresholds, out=merged, visit=visit)
-    norm_sq = sum(squares)
+    norm_sq = None
+    if spec.sparsify == "magnitude" and thresholds is None:  # merge and select in one pass
+        w = weights.tolist() if isinstance(weights, Tensor) else [float(x) for x in weights]
+        lam = float(params.get("lambda", 1.0))
+        ks = [int(d * src.numel) for d in blocks._per_input(params["density"], src.n)]
+        norm_sq = speculative.merge(src, ks, [lam * x for x in w], spec.consensus == "ties",
+                                    params.get("sign", "total") != "total", merged, v0, y0)
+    if norm_sq is None:  # other merges, and a missed bracket (one time in ~10^6)
+        blocked.merge(spec, src, weights, params, seed=seed, thresholds=thresholds, out=merged, visit=visit)
+        norm_sq = sum(squares)
     a, b, err = lowrank.warm_krylov(merged, v0, rank, y0=y0, norm_sq=norm_sq)
     if 0.0 < err < exact_below:
         err = float(torch.linalg.vector_norm(merged - b @ a, dtype=torch.float64)) / norm_sq ** 0.5
