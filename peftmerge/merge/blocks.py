@@ -113,6 +113,11 @@ class _Scratch(threading.local):
 
 
 _scratch = _Scratch()
+
+
+def release(key) -> None:
+    """Free the calling thread's scratch buffer ``key`` (a large one kept across tensors of one merge)."""
+    _scratch.bufs.pop(key, None)
 _pools: dict[int, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
 _local = threading.local()  # .workers: the block workers of this thread's merges (single_threaded_caller)

@@ -234,6 +234,7 @@ def combine(
         for k, result in blocks.each_on_a_thread(merge_module, plans, sizes, workers):
             done[k] = result
             bar.update()
+    blocks.release("merged")  # this thread's M buffer (the module threads' go with them)
     tensors, rows = {}, []
     for k, plan in enumerate(plans):
         a, b, err = done[k]
