@@ -131,11 +131,12 @@ def speculate(xs, lo, hi, t0, w, ties, by_count, out, above, where):
         for j in range(m):
             f[j] = 0
         for i in range(n):
-            x, lo_i, hi_i = xs[i, c0:c0 + m], lo[i], hi[i]
-            _trim(x, t0[i], 0, 0, kept[i, :m])
+            x, k, lo_i, t0_i, hi_i = xs[i, c0:c0 + m], kept[i, :m], lo[i], t0[i], hi[i]
             up = 0
             for j in range(m):
-                mag = abs(x[j])
+                val = x[j]
+                mag = abs(val)
+                k[j] = val if mag > t0_i else _ZERO
                 up += mag > hi_i
                 f[j] |= (mag >= lo_i) & (mag <= hi_i)
             above[i] += up
