@@ -10,10 +10,12 @@ PEFT's dense result is captured from ``peft.utils.merge_utils``, peftmerge repor
 
 PEFT's full SVD takes minutes per layer on 2 cores, so by default both tools merge q_proj and
 down_proj only (one module of each shape); per-layer figures are extrapolated by element count
-(4 modules of q's size, 3 of down's). ``--modules all`` runs the whole layer.
+(4 modules of q's size, 3 of down's). ``--modules all`` runs the whole layer (no extrapolation: a
+one-module run multiplies the fixed costs of a ``combine`` call by 12, and cannot show modules merged in
+parallel). numba's kernels are loaded before the timed call, as the imports are (``kernel_load_seconds``).
 
     python bench/lora_vs_peft.py
-    python bench/lora_vs_peft.py --modules all --methods svd,ties_svd
+    python bench/lora_vs_peft.py --modules all --repeat 3      # the figures in docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -142,6 +144,8 @@ def main() -> None:
     p.add_argument("--density", type=float, default=0.2)
     p.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "peftmerge-bench" / "lora")
     p.add_argument("--skip-peft", action="store_true")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="peftmerge runs per method (fresh processes, interleaved with nothing); the median is reported")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--worker", choices=["peft", "peftmerge"], help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -163,7 +167,10 @@ def main() -> None:
     for method in args.methods.split(","):
         row = {"method": method, "peftmerge_method": TWINS[method]}
         for tool in ["peftmerge"] + ([] if args.skip_peft else ["peft"]):
-            row[tool] = run_child(["--worker", tool, "--method", method, *common])
+            runs = [run_child(["--worker", tool, "--method", method, *common])
+                    for _ in range(args.repeat if tool == "peftmerge" else 1)]
+            row[tool] = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # the median run
+            row[tool]["all_seconds"] = [r["seconds"] for r in runs]
             row[tool]["seconds_per_layer"] = row[tool]["seconds"] * per_layer
         if "peft" in row:
             row["speedup"] = row["peft"]["seconds"] / row["peftmerge"]["seconds"]
