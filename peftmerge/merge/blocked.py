@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import fused
 from .blocks import BLOCK, Deltas, _per_input, _scratch, run_blocks, single_threaded_caller  # noqa: F401
 from .radix import Cut, topk_cuts
 
@@ -86,6 +85,8 @@ def _sparsify(spec: Sparse, x: Tensor, i: int, r0: int, src: Deltas, params: dic
     """Input i's rows, sparsified in place: DARE's drop or Breadcrumbs' mask (TIES' trim is done by
     :func:`fused.merge`, from ``state["t"]``)."""
     if spec.sparsify == "random":
+        from . import fused  # numba: imported (~0.3 s) only by the merges that run its kernels
+
         if state["density"][i] < 1.0:
             fused.drop(x.view(-1).numpy(), state["density"][i], fused.stream_key(state["seed"], i), r0 * src.cols)
     elif spec.sparsify == "rows":
@@ -120,6 +121,8 @@ def combine_block(spec: Sparse, xs: Tensor, present: list[int], weights: list[fl
     """``target`` = (base_f +) lambda * consensus of the inputs ``present`` (``xs``: their float32 entries,
     one row each, already dropped or masked; TIES' trim from ``state``), by :func:`fused.merge`. Returns
     sum(target^2) when target is the merged task vector itself (no base), else None."""
+    from . import fused
+
     rows, cols = target.shape
     direct = base_f is None and lam == 1.0 and target.dtype == torch.float32  # the result goes straight to out
     acc = target if direct else _scratch.get("acc", rows, cols)

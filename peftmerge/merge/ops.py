@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import blocked, fused
+from . import blocked
 from .blocks import _per_input
 
 
@@ -93,6 +93,8 @@ def bernoulli_mask(deltas: Tensor, density: float | Sequence[float], generator: 
     The stream is the blocked engine's (:func:`fused.drop`): input i keeps flat entry p where
     ``splitmix64_uniform(stream_key(seed, i))[p] < density``, seed the module's (the first draw of ``generator``).
     """
+    from . import fused
+
     seed = blocked.mask_seed(generator)
     n, numel = deltas.shape[0], deltas[0].numel()
     mask = torch.empty(n, numel, dtype=torch.bool)

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import fused
 from .blocks import Deltas, _scratch, run_blocks
 
 _HI, _LO = 1 << 15, 1 << 16  # radix digits: high 15 bits of |x| (sign dropped), then the low 16
@@ -85,6 +84,8 @@ def band_cuts(src: Deltas, ks: list[int], workers: int | None = None) -> tuple[l
     """Cuts from one pass (:func:`fused.band`): per input, the count of |x| > hi and the values lo <= |x| <= hi
     (in index order) for its sample bracket [lo, hi]; the k-th largest is the (k - count)-th largest inside.
     Returns the cuts and the inputs whose bracket missed (left ``None`` for :func:`radix_cuts`)."""
+    from . import fused  # numba, imported by the merges that use it
+
     cuts, live = _trivial_cuts(src, ks)
     if not live:
         return cuts, []

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import fused, radix
+from . import radix
 from .blocks import Deltas, _scratch, run_blocks
 
 
@@ -31,6 +31,8 @@ def merge(src: Deltas, ks: list[int], weights: list[float], ties: bool, by_count
     """Write the trim-at-top-k merge (``ties``: TIES' consensus, else the weighted sum) of ``src``'s inputs
     into ``merged`` and ``merged @ v0`` into ``y0``; returns ||merged||_F^2, or None if a bracket missed
     (``merged`` and ``y0`` then hold nothing useful). ``weights``: per input, lambda folded in."""
+    from . import fused  # numba, imported by the merges that use it
+
     slots = [i for i in range(src.n) if src.inputs[i] is not None]  # the inputs in the kernel's rows
     lo, t0, hi = (np.empty(len(slots), np.float32) for _ in range(3))
     live = []
