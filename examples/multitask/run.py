@@ -44,7 +44,7 @@ FAMILIES = {
                           "--lr", "1e-3", "--epochs", "2", "--batch-size", "32",
                           "--max-length", "128", "--no-eval-before", "--max-eval-samples", "200"],
                    train_rows=8000, eval_limit=300, search_limit=150, subsets=True, icl=0, zero_shot=False,
-                   es_budget=8, methods=None, searches=("task_arithmetic+grid", "ties+grid", "ties+es", "pcb+es"),
+                   es_budget=8, methods=None, searches=("task_arithmetic+grid", "ties+grid", "ties+es", "pcb+es", "tsv+grid"),
                    router_examples={"centroid": 2000, "probe": 20000}),
     "smollm2": dict(shape="text2text", tasks=["sst2", "agnews", "rte", "cola"], train=["--r", "16", "--alpha", "32", "--target-modules", "q_proj,v_proj",
                                               "--lr", "5e-4", "--max-steps", "30", "--batch-size", "8",
@@ -158,7 +158,8 @@ def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
                 "ties+es": ["--method", "ties", "--strategy", "es", "--budget", "8" if quick else spec["es_budget"],
                             "--population", "8", "--seed", SEED],
                 "pcb+es": ["--method", "pcb", "--strategy", "es", "--budget", "8" if quick else spec["es_budget"],
-                           "--population", "8", "--seed", SEED]}
+                           "--population", "8", "--seed", SEED],
+                "tsv+grid": ["--method", "tsv", "--grid", "lambda=0.6,0.8,1.0,1.2,1.5"]}
     for name, opts in searches.items():
         if name not in spec["searches"]:
             continue
