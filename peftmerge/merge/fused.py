@@ -3,14 +3,14 @@
 In torch, TIES' trim, election and disjoint mean over one block are ~25 elementwise ops (each a pass over
 the block, with its dispatch), and the threshold pass four per input plus a ``nonzero`` scan. Here each is
 one numba-compiled loop nest: a block is taken in chunks of ``CHUNK`` entries whose scratch stays in L1,
-each step a branch-free loop that LLVM vectorizes (kept as separate functions: inlined into one loop nest,
-LLVM gives up on vectorizing them). ``nogil``: the block worker threads run them in parallel; ``cache``:
+each step a branch-free loop over 1-d views that LLVM vectorizes (indexing the 2-d arrays inside the inner
+loops stops it: 3x slower), sums of squares kept per lane (a float64 scalar sum is a serial chain of adds). ``nogil``: the block worker threads run them in parallel; ``cache``:
 compiled once per machine. The definitions are those of :mod:`peftmerge.merge.ops` (the tests hold them
 equal), in float32 like the torch chains they replace.
 
-Measured on one 4096 x 4096 module of three inputs, one thread: the TIES chain 20 ms against ~60 ms as
-torch ops, the threshold pass 13 ms per input against ~31 ms. The first call in a process costs ~0.5 s
-(numba loading its cache; ~1.5 s more the first time on a machine, compiling).
+Measured on one 4096 x 4096 module of three inputs, one thread: the TIES chain 20-28 ms against ~60 ms as
+torch ops, the threshold pass 13 ms per input against ~31 ms. The first call in a process costs ~0.4-0.6 s
+(numba loading its cache; ~2 s the first time on a machine, compiling); :func:`warm` pays it up front.
 """
 
 from __future__ import annotations
