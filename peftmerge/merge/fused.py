@@ -47,6 +47,14 @@ def _trim(x, t, tie_end, s0, k):
 
 
 @njit(nogil=True, cache=True)
+def _buffers(n):
+    """One chunk's scratch for :func:`_consensus`: the n trimmed inputs, vote, sum, count, per-lane squares."""
+    f32 = np.float32
+    return (np.empty((n, CHUNK), f32), np.empty(CHUNK, f32), np.empty(CHUNK, f32), np.empty(CHUNK, f32),
+            np.zeros(CHUNK, np.float64))
+
+
+@njit(nogil=True, cache=True)
 def _consensus(kept, m, w, ties, by_count, vote, acc, count, o, sq):
     """o[:m] = the consensus of the trimmed inputs kept[:, :m] (see :func:`merge`); adds o^2 to sq[:m]
     (lane by lane: a float64 scalar sum would be a serial chain of adds, 20 ms per 16.7M entries)."""
@@ -98,9 +106,7 @@ def merge(xs, t, tie_end, start, w, ties, by_count, out):
     (at least 1).
     """
     n, size = xs.shape
-    kept = np.empty((n, CHUNK), np.float32)
-    vote, acc, count = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32)
-    sq = np.zeros(CHUNK, np.float64)
+    kept, vote, acc, count, sq = _buffers(n)
     for c0 in range(0, size, CHUNK):
         m = min(CHUNK, size - c0)
         for i in range(n):
@@ -120,10 +126,8 @@ def speculate(xs, lo, hi, t0, w, ties, by_count, out, above, where):
     the number of |x_i| > hi[i]. Returns (sum(out^2) in float64, the number of positions written).
     """
     n, size = xs.shape
-    kept = np.empty((n, CHUNK), np.float32)
-    vote, acc, count = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32)
+    kept, vote, acc, count, sq = _buffers(n)
     inside = np.empty(CHUNK, np.int32)
-    sq = np.zeros(CHUNK, np.float64)
     found = 0
     for c0 in range(0, size, CHUNK):
         m = min(CHUNK, size - c0)
@@ -186,10 +190,8 @@ def patch(values, where, t, tie_end, w, ties, by_count, out, cols, v0, y0):
     into flat ``out`` where it changed, adds the change times row ``where % cols`` of ``v0`` to row
     ``where // cols`` of ``y0`` (= out @ v0), and returns the change in sum(out^2)."""
     n, size = values.shape
-    kept = np.empty((n, CHUNK), np.float32)
-    vote, acc, count = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32)
+    kept, vote, acc, count, sq = _buffers(n)
     new = np.empty(CHUNK, np.float32)
-    sq = np.zeros(CHUNK, np.float64)
     change = 0.0
     for c0 in range(0, size, CHUNK):
         m = min(CHUNK, size - c0)
