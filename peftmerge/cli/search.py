@@ -13,17 +13,23 @@ from .common import debug_option, parse_floats
 @click.option("--method", default=None, help="Merge method (default: ties); see `peftmerge methods`.")
 @click.option("--data", multiple=True, metavar="NAME=FILE", help="Validation split of a task (never test), repeatable.")
 @click.option("--model", default=None, help="Base model (default: the adapters' base_model_name_or_path).")
-@click.option("--strategy", type=click.Choice(["grid", "es"]), default="grid", show_default=True,
-              help="grid: one or two parameters; es: per-model weights by an evolution strategy.")
+@click.option("--strategy", type=click.Choice(["grid", "es", "layerwise"]), default="grid", show_default=True,
+              help="grid: one or two parameters; es: per-model weights by an evolution strategy; layerwise: "
+                   "task-arithmetic coefficients per input and layer learned on the validation labels.")
 @click.option("--grid", "grid", multiple=True, metavar="NAME=V1,V2,...",
               help="Grid values of lambda / density / gamma (default: lambda x density where the method has them).")
 @click.option("--budget", type=int, default=40, show_default=True, help="ES: number of merges evaluated.")
 @click.option("--population", type=int, default=8, show_default=True, help="ES: offspring per generation.")
 @click.option("--sigma", type=float, default=0.3, show_default=True, help="ES: initial step size.")
 @click.option("--l1", type=float, default=0.0, show_default=True, help="ES: L1 penalty on the weights (LoraHub).")
-@click.option("--seed", type=int, default=0, show_default=True, help="ES seed.")
+@click.option("--seed", type=int, default=0, show_default=True, help="ES seed / layerwise batch order.")
+@click.option("--epochs", type=int, default=4, show_default=True, help="layerwise: passes over the validation rows.")
+@click.option("--lr", type=float, default=0.05, show_default=True, help="layerwise: Adam learning rate.")
+@click.option("--by", type=click.Choice(["layer", "module"]), default="layer", show_default=True,
+              help="layerwise: one coefficient per input per transformer block, or per module.")
 @click.option("--weights", default=None, help="Per-input weights (grid: fixed; es: the start point).")
-@click.option("--lambda", "lam", type=float, default=None, help="Fixed lambda (when not searched).")
+@click.option("--lambda", "lam", type=float, default=None,
+              help="Fixed lambda (when not searched); layerwise: the start of every coefficient (default 0.3).")
 @click.option("--density", type=float, default=None, help="Fixed density (when not searched).")
 @click.option("--gamma", type=float, default=None, help="Fixed breadcrumbs gamma (when not searched).")
 @click.option("--sign", type=click.Choice(["total", "frequency"]), default=None, help="TIES sign election.")
@@ -36,8 +42,8 @@ from .common import debug_option, parse_floats
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
 @debug_option
-def search_command(inputs, out, method, data, model, strategy, grid, budget, population, sigma, l1, seed, weights,
-                   lam, density, gamma, sign, rank, limit, batch_size, max_length, alpha, force, overwrite, quiet):
+def search_command(inputs, out, method, data, model, strategy, grid, budget, population, sigma, l1, seed, epochs,
+                   lr, by, weights, lam, density, gamma, sign, rank, limit, batch_size, max_length, alpha, force, overwrite, quiet):
     """Tune lambda / density / per-model weights of a merge of INPUT... on validation splits; write the best."""
     from ..search import search
     from ..search.search import parse_grid
@@ -46,8 +52,12 @@ def search_command(inputs, out, method, data, model, strategy, grid, budget, pop
                budget=budget, population=population, sigma=sigma, l1=l1, seed=seed,
                weights=parse_floats(weights, "--weights"), lam=lam, density=density, gamma=gamma, sign=sign,
                rank=rank, limit=limit, batch_size=batch_size, max_length=max_length, alpha=alpha, force=force,
-               overwrite=overwrite, progress=not quiet)
-    if not quiet:
+               epochs=epochs, lr=lr, by=by, overwrite=overwrite, progress=not quiet)
+    if not quiet and strategy == "layerwise":
+        b = r["best"]
+        click.echo(f"{r['method']} (layerwise by {by}, {epochs} epochs): best validation score {b['score']:.4f} "
+                   f"at epoch {b['epoch']} ({len(r['groups'])} groups x {len(r['inputs'])} inputs); wrote {out}")
+    elif not quiet:
         b = r["best"]
         click.echo(f"{r['method']} ({r['strategy']}, {len(r['trace'])} merges): best validation score "
                    f"{b['score']:.4f} with params {b['params']} weights {b['weights']}; wrote {out}")

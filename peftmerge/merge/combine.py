@@ -132,6 +132,23 @@ def _refuse_checkpoints(inputs) -> None:
                                  "--base BASE (the model they were fine-tuned from) to write a full merged model")
 
 
+def _module_weights(given: dict | None, plans, n: int) -> dict[str, torch.Tensor]:
+    """``{module: weights}`` checked against the adapters' modules and the number of inputs."""
+    if not given:
+        return {}
+    known = {p.name for p in plans}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise PeftmergeError(f"module_weights names modules the adapters do not have: {unknown[:3]}; use module "
+                             f"names as the adapters give them (e.g. {sorted(known)[0]})")
+    out = {}
+    for name, ws in given.items():
+        if len(ws) != n:
+            raise PeftmergeError(f"module_weights[{name!r}] has {len(ws)} weights for {n} inputs; give one per input")
+        out[name] = torch.tensor([float(x) for x in ws], dtype=torch.float32)
+    return out
+
+
 def _resolve_recipe(inputs, method, weights, params, rank, dtype, config) -> Recipe:
     recipe = load_recipe(config) if config else Recipe(inputs=[])
     if config and inputs:
@@ -164,6 +181,7 @@ def combine(
     config: str | Path | None = None,
     base: str | Path | None = None,
     shard_size: str | int | None = None,
+    module_weights: dict[str, Sequence[float]] | None = None,
     overwrite: bool = False,
     force: bool = False,
     progress: bool = True,
@@ -192,6 +210,8 @@ def combine(
     out_dtype = _dtype(recipe.dtype)
     out = atomic.check_output(out, [Path(p) for p in recipe.inputs], overwrite)
     if base or recipe.base:
+        if module_weights:
+            raise PeftmergeError("module_weights apply to LoRA outputs only; drop --base (or module_weights)")
         from .full_model import combine_full
 
         return combine_full(recipe, m, params, w, base=base or recipe.base, out=out, shard_size=shard_size,
@@ -207,6 +227,7 @@ def combine(
         raise PeftmergeError(f"{m.name} is exact concatenation and takes no --rank; "
                              "use --method task_arithmetic --rank R to truncate")
     weights_t = torch.tensor(w, dtype=torch.float32)
+    weights_t_all, per_module = weights_t, _module_weights(module_weights, plans, n)
     thresholds = None
     if params.get("granularity") == "global":
         thresholds = ops.global_thresholds(lambda: (stacked_deltas(adapters, p) for p in plans), n,
@@ -215,6 +236,7 @@ def combine(
     start = time.perf_counter()
 
     def merge_module(plan):
+        weights_t = per_module.get(plan.name, weights_t_all)
         if m.linear:
             return merge_linear(adapters, plan, m.coefficients(weights_t, params), recipe.rank)
         gen = _module_generator(params.get("seed", 0), plan.name)
@@ -245,6 +267,7 @@ def combine(
     errors = [r["relative_error"] for r in rows]
     report = {
         "method": m.name, "params": params, "weights": w, "rank": recipe.rank, "dtype": str(out_dtype)[6:],
+        **({"module_weights": {k: v.tolist() for k, v in per_module.items()}} if per_module else {}),
         "inputs": [_describe(a) for a in adapters],
         "modules": len(rows), "relative_error_mean": sum(errors) / len(errors),
         "relative_error_max": max(errors), "seconds": round(time.perf_counter() - start, 3),

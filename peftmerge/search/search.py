@@ -5,7 +5,10 @@ Strategies (the objective is the mean over tasks of accuracy, or ROUGE-L for fre
 - ``grid``: every combination of one or two parameters (``lambda``, ``density``, ``gamma``), as the
   task-arithmetic and TIES papers choose lambda on validation data (Ilharco et al. 2023; Yadav et al. 2023);
 - ``es``: per-model weights by a seeded evolution strategy (:func:`.optim.evolve`), as LoraHub and PCB-Merging
-  search per-model coefficients (optional L1 penalty on the weights, LoraHub's regulariser).
+  search per-model coefficients (optional L1 penalty on the weights, LoraHub's regulariser);
+- ``layerwise``: one task-arithmetic coefficient per input and layer (or module), learned with Adam on the
+  validation cross-entropy (supervised AdaMerging, :mod:`.layerwise`); the validation score after every
+  epoch picks the written coefficients (epoch 0 = the start, lambda for every coefficient).
 
 Candidates are merged in memory and patched into a loaded model (:mod:`.inmemory`); the test split is never
 read (a data file named ``test*`` is refused). The best merge is written by :func:`peftmerge.combine` with
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from ..card import write_card
@@ -33,7 +37,7 @@ from ..io import atomic
 from ..merge import registry
 from ..merge.combine import combine
 from ..merge.plan import open_inputs, plan_modules
-from . import optim
+from . import layerwise, optim
 from .inmemory import InMemoryMerge, Patcher, load_head
 
 log = logging.getLogger(__name__)
@@ -125,7 +129,8 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
            lam: float | None = None, density=None, gamma: float | None = None, sign: str | None = None,
            granularity: str | None = None, rank: int | None = None, limit: int | None = 200, batch_size: int = 16,
            max_length: int = 256, max_new_tokens: int = 32, alpha: float | None = None, force: bool = False,
-           overwrite: bool = False, progress: bool = True) -> dict:
+           epochs: int = 4, lr: float = 0.05, by: str = "layer", overwrite: bool = False,
+           progress: bool = True) -> dict:
     """Tune ``method`` on validation ``data`` ({task: file} or NAME=FILE strings) and write the best merge."""
     m = registry.get(method or "ties")
     data = data if isinstance(data, dict) else parse_pairs(data, "--data")
@@ -133,8 +138,15 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
         raise PeftmergeError("no --data; give validation splits as NAME=FILE (e.g. --data sst2=sst2/validation.jsonl)")
     for path in data.values():
         refuse_test_split(path, "--data")
-    if strategy not in ("grid", "es"):
-        raise PeftmergeError(f"--strategy {strategy!r} is not one of grid, es")
+    if strategy not in ("grid", "es", "layerwise"):
+        raise PeftmergeError(f"--strategy {strategy!r} is not one of grid, es, layerwise")
+    if strategy == "layerwise":
+        if m.name != "task_arithmetic":
+            raise PeftmergeError(f"--strategy layerwise learns task-arithmetic coefficients; use --method "
+                                 f"task_arithmetic (not {m.name})")
+        if epochs < 1 or lr <= 0 or by not in ("layer", "module"):
+            raise PeftmergeError(f"layerwise needs --epochs >= 1, --lr > 0 and --by layer|module (got {epochs}, "
+                                 f"{lr}, {by!r})")
     if limit is not None and limit < 1:
         raise PeftmergeError(f"--limit {limit} must be >= 1")
     if budget < 1 or population < 2:
@@ -164,6 +176,11 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
         if a.task in data:
             individual.update(ev(merger.single(i), only=a.task))
 
+    if strategy == "layerwise":
+        return _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, base, w0,
+                          lam if lam is not None else 0.3, epochs=epochs, lr=lr, by=by, batch_size=batch_size,
+                          max_length=max_length, seed=seed, limit=limit, rank=rank, alpha=alpha, force=force,
+                          overwrite=overwrite, progress=progress)
     trace: list[dict] = []
     total = budget if strategy == "es" else int(np.prod([len(v) for v in axes.values()]))
     bar = tqdm(total=total, desc=f"search ({m.name}, {strategy})", unit="merge", disable=not progress)
@@ -178,8 +195,7 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
                "tasks": per_task, "seconds": {"merge": round(t1 - t0, 3),
                                               "evaluate": round(time.perf_counter() - t1, 3)}}
         if individual:
-            row["normalized"] = sum(per_task[t] / individual[t] for t in individual if individual[t] > 0) / \
-                max(1, sum(1 for t in individual if individual[t] > 0))
+            row["normalized"] = _normalized(per_task, individual)
         trace.append(row)
         bar.update(1)
         bar.set_postfix(best=f"{max(r['score'] for r in trace):.4f}")
@@ -216,6 +232,69 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
     return result
 
 
+def _normalized(per_task: dict, individual: dict) -> float | None:
+    ok = [t for t in individual if individual[t] > 0]
+    return sum(per_task[t] / individual[t] for t in ok) / len(ok) if ok else None
+
+
+def _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, base, w0, start, *, epochs, lr, by,
+               batch_size, max_length, seed, limit, rank, alpha, force, overwrite, progress) -> dict:
+    """Learn per-layer coefficients (:mod:`.layerwise`), keep the epoch with the best validation score."""
+    names = [p.name for p in plans]
+    group_of = layerwise.groups(names, by)
+    order = list(dict.fromkeys(group_of))
+    index = {n: order.index(g) for n, g in zip(names, group_of)}
+    deltas = {p.name: merger.deltas(p).float() for p in plans}
+    for model, _ in ev.models.values():
+        model.requires_grad_(False)  # only the coefficients learn
+    coef = (torch.tensor(w0, dtype=torch.float32)[:, None] * start).repeat(1, len(order)).requires_grad_(True)
+    optimizer = torch.optim.Adam([coef], lr=lr)
+    trace: list[dict] = []
+
+    def record(ep: int, loss: float | None, seconds: float) -> None:
+        t0 = time.perf_counter()
+        per_task = ev(layerwise.merged_deltas(coef.detach(), deltas, index))
+        trace.append({"epoch": ep, "loss": loss, "score": sum(per_task.values()) / len(per_task), "tasks": per_task,
+                      "normalized": _normalized(per_task, individual),
+                      "coefficients": [[round(float(x), 6) for x in row] for row in coef.detach()],
+                      "seconds": {"train": round(seconds, 3), "evaluate": round(time.perf_counter() - t0, 3)}})
+
+    bar = tqdm(total=epochs + 1, desc=f"search ({m.name}, layerwise by {by})", unit="epoch", disable=not progress)
+    record(0, None, 0.0)
+    bar.update(1)
+    for ep in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        loss = layerwise.epoch(ev, coef, deltas, index, optimizer, batch_size=batch_size, max_length=max_length,
+                               seed=seed + ep)
+        record(ep, loss, time.perf_counter() - t0)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", best=f"{max(r['score'] for r in trace):.4f}")
+    bar.close()
+    best = max(trace, key=lambda r: r["score"])  # the first of equal scores: the earliest epoch
+    module_weights = {n: [row[index[n]] for row in best["coefficients"]] for n in names}
+    result = {"method": m.name, "strategy": "layerwise", "base_model": base,
+              "objective": "mean over tasks of accuracy (ROUGE-L for free text); coefficients learned on the "
+                           "validation cross-entropy",
+              "data": {t.name: {"path": str(t.path), "rows": len(t.rows)} for t in tasks},
+              "individual": individual, "best": best, "trace": trace, "groups": order,
+              "inputs": [a.task for a in adapters],
+              "settings": {"epochs": epochs, "lr": lr, "by": by, "start": start, "seed": seed, "limit": limit,
+                           "batch_size": batch_size, "rank": rank, "grid": {}}}
+    with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
+        report = combine(list(inputs), tmp, m.name, lam=1.0, rank=rank, alpha=alpha, force=force,
+                         module_weights=module_weights, overwrite=True, progress=False)
+        result["merge"] = {k: report[k] for k in ("method", "params", "weights", "rank")}
+        (tmp / "search.json").write_text(json.dumps(result, indent=2))
+        plot_trace(result, tmp / "search_trace.png")
+        recipe = {**result["merge"], "module_weights": "merge_report.json",
+                  "search": {k: result[k] for k in ("strategy", "objective", "data")}}
+        write_card(tmp, kind="merged-adapter", base_model=base, recipe=recipe,
+                   results={t: {"validation": v} for t, v in best["tasks"].items()},
+                   title=f"layer-wise task arithmetic of {', '.join(a.task for a in adapters)} (learned on "
+                         "validation)")
+    return result
+
+
 def plot_trace(result: dict, path: Path) -> None:
     """Grid: score against the parameter (1-D) or a heatmap (2-D); ES: score per evaluation and best so far."""
     import matplotlib
@@ -224,6 +303,8 @@ def plot_trace(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     trace, axes = result["trace"], result["settings"]["grid"]
+    if result["strategy"] == "layerwise":
+        return _plot_layerwise(result, path, plt)
     fig, ax = plt.subplots(figsize=(6, 4))
     if result["strategy"] == "grid" and len(axes) == 1:
         (name, values), = axes.items()
@@ -245,6 +326,26 @@ def plot_trace(result: dict, path: Path) -> None:
         ax.set_xlabel("evaluation")
         ax.legend()
     ax.set_title(f"{result['method']} search: validation score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_layerwise(result: dict, path: Path, plt) -> None:
+    """Validation score per epoch beside a heatmap of the written coefficients (inputs x groups)."""
+    trace = result["trace"]
+    coef = np.array(result["best"]["coefficients"])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 2]})
+    a1.plot([r["epoch"] for r in trace], [r["score"] for r in trace], marker="o")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("validation score")
+    im = a2.imshow(coef, aspect="auto", cmap="coolwarm", vmin=-np.abs(coef).max(), vmax=np.abs(coef).max())
+    a2.set_yticks(range(len(result["inputs"])), result["inputs"])
+    a2.set_xticks(range(len(result["groups"])), [g if g.startswith("layer ") else ".".join(g.split(".")[-2:])
+                                                 for g in result["groups"]], rotation=90, fontsize=6)
+    a2.set_title(f"coefficients (epoch {result['best']['epoch']})")
+    fig.colorbar(im, ax=a2)
+    fig.suptitle(f"{result['method']} layer-wise search")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

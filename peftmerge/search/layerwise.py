@@ -1,0 +1,118 @@
+"""Layer-wise task-arithmetic coefficients learned by gradient descent on labelled validation rows.
+
+AdaMerging (Yang et al., ICLR 2024, "AdaMerging: Adaptive Model Merging for Multi-Task Learning",
+arXiv:2310.02575, Eq. 5 "layer-wise AdaMerging") merges every layer l as
+
+    W_l = W0_l + sum_i lambda_{i,l} dW_{i,l}
+
+and learns one coefficient per task vector and layer. The paper minimises the prediction entropy on
+unlabelled test inputs; peftmerge minimises the cross-entropy on the labelled *validation* rows instead,
+so the test split is never read: each task's loss goes through its own head (classification adapters) or
+is the negative log-likelihood of the gold answer after the prompt (label words, instructions).
+
+Groups (``by``): ``layer`` = one coefficient per input per transformer block (modules whose names share a
+block index ``.<n>.``; a module outside the blocks, e.g. BERT's pooler, is its own group), or ``module``.
+Everything here is a pure function of the model, the task vectors and the coefficients; the search loop
+and the written merge are in :mod:`.search`.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ..evaluate.prompts import answer_of, prompt_of
+from .inmemory import load_head
+
+_BLOCK = re.compile(r"\.(\d+)\.")
+
+
+def groups(modules: list[str], by: str) -> list[str]:
+    """The group of each module: ``layer N`` (first ``.N.`` in its name; else the module itself) or the module."""
+    if by == "module":
+        return list(modules)
+    out = []
+    for name in modules:
+        m = _BLOCK.search(name)
+        out.append(f"layer {m.group(1)}" if m else name)
+    return out
+
+
+def merged_deltas(coefficients: torch.Tensor, deltas: dict[str, torch.Tensor], group_index: dict[str, int]):
+    """{module: sum_i c[i, g(module)] dW_i} for coefficients c (inputs, groups)."""
+    return {name: torch.tensordot(coefficients[:, group_index[name]], d, dims=1) for name, d in deltas.items()}
+
+
+def patched_params(targets: dict, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``functional_call`` parameters W0 + dW of a :class:`.inmemory.Patcher`'s targets (autograd flows to dW)."""
+    out = {}
+    for name, (_, w0, transpose) in targets.items():
+        d = deltas[name]
+        out[f"{name}.weight"] = w0 + (d.T if transpose else d).to(w0.dtype)
+    return out
+
+
+def head_loss(model, tokenizer, task, rows, params, max_length: int) -> torch.Tensor:
+    """Cross-entropy of a classification head's logits against the rows' labels."""
+    texts = [str(r["text"]) for r in rows]
+    pairs = [str(r.get("text_pair", "")) for r in rows] if "text_pair" in rows[0] else None
+    enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    logits = functional_call(model, params, args=(), kwargs=dict(enc)).logits
+    y = torch.tensor([task.labels.index(str(r["label"])) for r in rows])
+    return F.cross_entropy(logits.float(), y)
+
+
+def answer_loss(model, tokenizer, task, rows, params, max_length: int) -> torch.Tensor:
+    """Mean negative log-likelihood per gold answer token (label word or output) after each row's prompt."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    seqs, spans = [], []
+    for row in rows:
+        prompt = prompt_of(task, row)
+        gold = str(row["label"] if task.kind == "classify" else row["output"])
+        p = tokenizer(prompt)["input_ids"]
+        c = tokenizer(answer_of(prompt, gold), add_special_tokens=False)["input_ids"]
+        c = c[:max(1, max_length // 2)]
+        p = p[-max(1, max_length - len(c)):]  # keep the end of a long prompt
+        seqs.append(p + c)
+        spans.append(len(p))
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for j, (s, start) in enumerate(zip(seqs, spans)):
+        ids[j, :len(s)] = torch.tensor(s)
+        mask[j, :len(s)] = 1
+        labels[j, start:len(s)] = ids[j, start:len(s)]
+    logits = functional_call(model, params, args=(), kwargs=dict(input_ids=ids, attention_mask=mask)).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+def batches(tasks, batch_size: int, seed: int) -> list[tuple]:
+    """Every task's rows in batches of ``batch_size``, interleaved in a seeded order: [(task, rows), ...]."""
+    out = [(t, t.rows[i:i + batch_size]) for t in tasks for i in range(0, len(t.rows), batch_size)]
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def epoch(evaluator, coefficients: torch.Tensor, deltas, group_index, optimizer, *, batch_size: int,
+          max_length: int, seed: int) -> float:
+    """One pass of Adam over every validation batch; returns the mean loss. ``coefficients`` is updated."""
+    total, steps = 0.0, 0
+    for task, rows in batches(evaluator.tasks, batch_size, seed):
+        key, head = evaluator.plan[task.name]
+        model, patcher = evaluator.models[key]
+        if head is not None:
+            load_head(model, head)
+        params = patched_params(patcher.targets, merged_deltas(coefficients, deltas, group_index))
+        loss_fn = head_loss if head is not None else answer_loss
+        loss = loss_fn(model, evaluator.tokenizer, task, rows, params, max_length)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total, steps = total + loss.item(), steps + 1
+    return total / max(1, steps)
