@@ -29,6 +29,21 @@ def test_groups_by_block_index_or_module():
     assert layerwise.groups(names, "module") == names
 
 
+def test_each_step_holds_a_batch_of_every_task_and_small_tasks_cycle():
+    from peftmerge.evaluate.data import Task
+
+    big = Task("big", None, [{"i": i} for i in range(10)], ["x"])
+    small = Task("small", None, [{"i": i} for i in range(3)], ["x"])
+    epoch = layerwise.steps([big, small], 4, seed=1)
+    assert len(epoch) == 3 and all([t.name for t, _ in step] == ["big", "small"] for step in epoch)
+    seen_big = [r["i"] for step in epoch for r in step[0][1]]
+    assert sorted(seen_big[:10]) == list(range(10))  # the largest task: each row once (then it wraps)
+    seen_small = [r["i"] for step in epoch for r in step[1][1]]
+    assert [len(rows) for _, rows in epoch[0]] == [4, 3] and sorted(seen_small[:3]) == [0, 1, 2]
+    assert seen_small[:3] == seen_small[3:6]  # cycles in the same shuffled order
+    assert layerwise.steps([big, small], 4, seed=1) == epoch and layerwise.steps([big, small], 4, seed=2) != epoch
+
+
 @pytest.fixture
 def bert_pair(tmp_path):
     base = save_bert(tmp_path / "bert")

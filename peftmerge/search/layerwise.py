@@ -92,27 +92,44 @@ def answer_loss(model, tokenizer, task, rows, params, max_length: int) -> torch.
                            ignore_index=-100)
 
 
-def batches(tasks, batch_size: int, seed: int) -> list[tuple]:
-    """Every task's rows in batches of ``batch_size``, interleaved in a seeded order: [(task, rows), ...]."""
-    out = [(t, t.rows[i:i + batch_size]) for t in tasks for i in range(0, len(t.rows), batch_size)]
-    random.Random(seed).shuffle(out)
+def steps(tasks, batch_size: int, seed: int) -> list[list[tuple]]:
+    """One epoch of steps; each step holds one batch of every task: [[(task, rows), ...], ...].
+
+    Every task's rows are shuffled (seeded); the epoch lasts as many steps as the largest task has batches, and
+    smaller tasks cycle through their rows again, so each step weighs every task equally (AdaMerging sums the
+    tasks' losses at each step)."""
+    rng = random.Random(seed)
+    orders = {t.name: rng.sample(range(len(t.rows)), len(t.rows)) for t in tasks}
+    n_steps = max(-(-len(t.rows) // batch_size) for t in tasks)
+    cursor = {t.name: 0 for t in tasks}
+    out = []
+    for _ in range(n_steps):
+        step = []
+        for t in tasks:
+            order, take = orders[t.name], min(batch_size, len(t.rows))
+            step.append((t, [t.rows[order[(cursor[t.name] + j) % len(order)]] for j in range(take)]))
+            cursor[t.name] += take
+        out.append(step)
     return out
 
 
 def epoch(evaluator, coefficients: torch.Tensor, deltas, group_index, optimizer, *, batch_size: int,
           max_length: int, seed: int) -> float:
-    """One pass of Adam over every validation batch; returns the mean loss. ``coefficients`` is updated."""
-    total, steps = 0.0, 0
-    for task, rows in batches(evaluator.tasks, batch_size, seed):
-        key, head = evaluator.plan[task.name]
-        model, patcher = evaluator.models[key]
-        if head is not None:
-            load_head(model, head)
-        params = patched_params(patcher.targets, merged_deltas(coefficients, deltas, group_index))
-        loss_fn = head_loss if head is not None else answer_loss
-        loss = loss_fn(model, evaluator.tokenizer, task, rows, params, max_length)
+    """One epoch of Adam steps on the mean over tasks of the task losses; returns the mean loss."""
+    total = []
+    for step in steps(evaluator.tasks, batch_size, seed):
         optimizer.zero_grad()
-        loss.backward()
+        losses = []
+        for task, rows in step:
+            key, head = evaluator.plan[task.name]
+            model, patcher = evaluator.models[key]
+            if head is not None:
+                load_head(model, head)
+            params = patched_params(patcher.targets, merged_deltas(coefficients, deltas, group_index))
+            loss = (head_loss if head is not None else answer_loss)(model, evaluator.tokenizer, task, rows, params,
+                                                                   max_length) / len(step)
+            loss.backward()  # per task: one task's graph in memory at a time
+            losses.append(loss.item())
         optimizer.step()
-        total, steps = total + loss.item(), steps + 1
-    return total / max(1, steps)
+        total.append(sum(losses))
+    return sum(total) / max(1, len(total))
