@@ -43,7 +43,8 @@ from .common import debug_option, parse_floats
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
 @debug_option
 def search_command(inputs, out, method, data, model, strategy, grid, budget, population, sigma, l1, seed, epochs,
-                   lr, by, weights, lam, density, gamma, sign, rank, limit, batch_size, max_length, alpha, force, overwrite, quiet):
+                   lr, by, weights, lam, density, gamma, sign, rank, limit, batch_size, max_length, alpha, force,
+                   overwrite, quiet):
     """Tune lambda / density / per-model weights of a merge of INPUT... on validation splits; write the best."""
     from ..search import search
     from ..search.search import parse_grid

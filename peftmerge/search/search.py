@@ -7,8 +7,8 @@ Strategies (the objective is the mean over tasks of accuracy, or ROUGE-L for fre
 - ``es``: per-model weights by a seeded evolution strategy (:func:`.optim.evolve`), as LoraHub and PCB-Merging
   search per-model coefficients (optional L1 penalty on the weights, LoraHub's regulariser);
 - ``layerwise``: one task-arithmetic coefficient per input and layer (or module), learned with Adam on the
-  validation cross-entropy, every task in every step (supervised AdaMerging, :mod:`.layerwise`); the validation score after every
-  epoch picks the written coefficients (epoch 0 = the start, lambda for every coefficient).
+  validation cross-entropy, every task in every step (supervised AdaMerging, :mod:`.layerwise`); the
+  validation score after every epoch picks the written coefficients (epoch 0 = the start: lambda everywhere).
 
 Candidates are merged in memory and patched into a loaded model (:mod:`.inmemory`); the test split is never
 read (a data file named ``test*`` is refused). The best merge is written by :func:`peftmerge.combine` with
