@@ -4,10 +4,12 @@
     python examples/multitask/run.py --quick         # a smoke run of every step in a few minutes
 
 For MiniLM (all-MiniLM-L6-v2, classification heads) and SmolLM2-135M-Instruct (label words):
-1. trains one LoRA adapter per task (sst2, agnews, rte, cola) with `peftmerge train` on seeded subsets of the
-   train splits in ../shared/data (never copied into the repo: subsets go to the work folder);
+1. trains one LoRA adapter per task (MiniLM: sst2, agnews, mrpc, sms_spam; SmolLM2: sst2, agnews, rte,
+   cola) with `peftmerge train` on seeded subsets of the train splits in ../shared/data (never copied into
+   the repo: subsets go to the work folder);
 2. merges them with every method of `peftmerge methods`, and with coefficient search on the validation splits
-   (`peftmerge search`: grid over lambda / lambda x density, evolution over per-model weights);
+   (`peftmerge search`: grid over lambda / lambda x density, evolution over per-model weights, task-arithmetic
+   coefficients per module / layer learned on the validation labels);
 3. builds every router when this build has `peftmerge route`;
 4. evaluates everything on the test splits (`peftmerge eval`, first --limit rows; normalized = merged /
    individual adapter) and merges of 2 and 3 tasks for the normalized-vs-number-of-tasks plot;
@@ -44,14 +46,18 @@ FAMILIES = {
                           "--lr", "1e-3", "--epochs", "2", "--batch-size", "32",
                           "--max-length", "128", "--no-eval-before", "--max-eval-samples", "200"],
                    train_rows=8000, eval_limit=300, search_limit=150, subsets=True, icl=0, zero_shot=False,
-                   es_budget=8, methods=None, searches=("task_arithmetic+grid", "ties+grid", "ties+es", "pcb+es", "tsv+grid"),
+                   es_budget=8, methods=None, layerwise=dict(by="module", epochs=6, limit=400),
+                   searches=("task_arithmetic+grid", "ties+grid", "ties+es", "pcb+es", "tsv+grid",
+                             "task_arithmetic+layerwise"),
                    router_examples={"centroid": 2000, "probe": 20000}),
     "smollm2": dict(shape="text2text", tasks=["sst2", "agnews", "rte", "cola"], train=["--r", "16", "--alpha", "32", "--target-modules", "q_proj,v_proj",
                                               "--lr", "5e-4", "--max-steps", "30", "--batch-size", "8",
                                               "--max-length", "64", "--no-eval-before", "--max-eval-samples", "32"],
                     train_rows=400, eval_limit=40, search_limit=24, subsets=False, icl=0, zero_shot=True,
                     es_budget=6, methods=("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "pcb"),
-                    searches=("task_arithmetic+grid",), router_examples={"centroid": 500, "probe": 2000}),
+                    layerwise=dict(by="layer", epochs=4, limit=24),
+                    searches=("task_arithmetic+grid", "task_arithmetic+layerwise"),
+                    router_examples={"centroid": 500, "probe": 2000}),
 }
 QUICK = dict(train_rows=64, eval_limit=24, search_limit=16, router_examples={"centroid": 32, "probe": 64})
 COMMANDS: list[str] = []  # this family's commands, also kept in <work>/<family>/commands.sh for the doc
@@ -160,11 +166,16 @@ def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
                 "pcb+es": ["--method", "pcb", "--strategy", "es", "--budget", "8" if quick else spec["es_budget"],
                            "--population", "8", "--seed", SEED],
                 "tsv+grid": ["--method", "tsv", "--grid", "lambda=0.6,0.8,1.0,1.2,1.5"]}
+    lw = spec["layerwise"]  # learned coefficients want more validation rows than a grid point's score
+    searches["task_arithmetic+layerwise"] = ["--method", "task_arithmetic", "--strategy", "layerwise", "--by", lw["by"],
+                                             "--epochs", 1 if quick else lw["epochs"], "--seed", SEED,
+                                             *(["--max-length", 128] if spec["shape"] == "classify" else [])]
     for name, opts in searches.items():
         if name not in spec["searches"]:
             continue
         merged[name] = w / "merged" / name
-        run(["search", *ins, *opts, *pairs("--data", val), "--model", base, "--limit", spec["search_limit"],
+        limit = lw["limit"] if name.endswith("+layerwise") and not quick else spec["search_limit"]
+        run(["search", *ins, *opts, *pairs("--data", val), "--model", base, "--limit", limit,
              "-o", merged[name], "--quiet", "--overwrite"], log)
 
     # 4. evaluation on the test splits; the first run also evaluates the individual adapters (and baselines)
