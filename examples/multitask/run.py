@@ -55,7 +55,7 @@ FAMILIES = {
                                               "--max-length", "64", "--no-eval-before", "--max-eval-samples", "32"],
                     train_rows=400, eval_limit=40, search_limit=24, subsets=False, icl=0, zero_shot=True,
                     es_budget=6, methods=("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "pcb"),
-                    layerwise=dict(by="layer", epochs=4, limit=24),
+                    layerwise=dict(by="layer", epochs=4, limit=24, batch_size=8),
                     searches=("task_arithmetic+grid", "task_arithmetic+layerwise"),
                     router_examples={"centroid": 500, "probe": 2000}),
 }
@@ -169,7 +169,8 @@ def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
     lw = spec["layerwise"]  # learned coefficients want more validation rows than a grid point's score
     searches["task_arithmetic+layerwise"] = ["--method", "task_arithmetic", "--strategy", "layerwise", "--by", lw["by"],
                                              "--epochs", 1 if quick else lw["epochs"], "--seed", SEED,
-                                             *(["--max-length", 128] if spec["shape"] == "classify" else [])]
+                                             *(["--max-length", 128] if spec["shape"] == "classify" else []),
+                                             *(["--batch-size", lw["batch_size"]] if "batch_size" in lw else [])]
     for name, opts in searches.items():
         if name not in spec["searches"]:
             continue
