@@ -27,6 +27,8 @@ def test_groups_by_block_index_or_module():
              "bert.encoder.layer.11.attention.self.query", "bert.pooler.dense"]
     assert layerwise.groups(names, "layer") == ["layer 0", "layer 0", "layer 11", "bert.pooler.dense"]
     assert layerwise.groups(names, "module") == names
+    assert [layerwise.short_name(g) for g in layerwise.groups(names, "module")] == [
+        "0 self.query", "0 output.dense", "11 self.query", "pooler.dense"]
 
 
 def test_each_step_holds_a_batch_of_every_task_and_small_tasks_cycle():

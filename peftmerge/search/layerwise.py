@@ -42,6 +42,15 @@ def groups(modules: list[str], by: str) -> list[str]:
     return out
 
 
+def short_name(group: str) -> str:
+    """A plot label: ``layer 3``, or ``3 self.query`` for ``bert.encoder.layer.3.attention.self.query``."""
+    if group.startswith("layer "):
+        return group
+    m = _BLOCK.search(group)
+    tail = ".".join(group.split(".")[-2:])
+    return f"{m.group(1)} {tail}" if m else tail
+
+
 def merged_deltas(coefficients: torch.Tensor, deltas: dict[str, torch.Tensor], group_index: dict[str, int]):
     """{module: sum_i c[i, g(module)] dW_i} for coefficients c (inputs, groups)."""
     return {name: torch.tensordot(coefficients[:, group_index[name]], d, dims=1) for name, d in deltas.items()}

@@ -341,8 +341,8 @@ def _plot_layerwise(result: dict, path: Path, plt) -> None:
     a1.set_ylabel("validation score")
     im = a2.imshow(coef, aspect="auto", cmap="coolwarm", vmin=-np.abs(coef).max(), vmax=np.abs(coef).max())
     a2.set_yticks(range(len(result["inputs"])), result["inputs"])
-    a2.set_xticks(range(len(result["groups"])), [g if g.startswith("layer ") else ".".join(g.split(".")[-2:])
-                                                 for g in result["groups"]], rotation=90, fontsize=6)
+    a2.set_xticks(range(len(result["groups"])), [layerwise.short_name(g) for g in result["groups"]], rotation=90,
+                  fontsize=6)
     a2.set_title(f"coefficients (epoch {result['best']['epoch']})")
     fig.colorbar(im, ax=a2)
     fig.suptitle(f"{result['method']} layer-wise search")
