@@ -26,15 +26,43 @@ def _bar(total, desc, progress):
     return tqdm(total=total, desc=desc, unit="row", disable=not progress, leave=False)
 
 
+def encode_rows(tokenizer, rows: list[dict], max_length: int):
+    """A classifier's batch: ``text`` (and ``text_pair`` as the second segment), padded and truncated."""
+    texts = [str(r["text"]) for r in rows]
+    pairs = [str(r.get("text_pair", "")) for r in rows] if "text_pair" in rows[0] else None
+    return tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
+def prompt_and_answer(tokenizer, prompt: str, answer: str, max_length: int,
+                      answer_limit: int | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt`` (truncated from the left: its end matters most) and of the answer after it (its
+    first ``answer_limit`` tokens when given)."""
+    p = _ids(tokenizer, prompt, True)
+    c = _ids(tokenizer, answer_of(prompt, answer), False)[:answer_limit]
+    return p[-max(1, max_length - len(c)):], c
+
+
+def right_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of right-padded sequences: positions of real tokens are unchanged."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, x in enumerate(seqs):
+        ids[j, :len(x)] = torch.tensor(x)
+        mask[j, :len(x)] = 1
+    return ids, mask
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
 @torch.no_grad()
 def predict_head(model, tokenizer, task: Task, *, batch_size=16, max_length=256, progress=True) -> list[str]:
     out: list[str] = []
     with _bar(len(task.rows), f"{task.name} (head)", progress) as bar:
         for rows in _batches(task.rows, batch_size):
-            texts = [str(r["text"]) for r in rows]
-            pairs = [str(r.get("text_pair", "")) for r in rows] if "text_pair" in rows[0] else None
-            enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            logits = model(**enc).logits  # (B, num_labels)
+            logits = model(**encode_rows(tokenizer, rows, max_length)).logits  # (B, num_labels)
             if logits.shape[-1] != len(task.labels):
                 raise PeftmergeError(f"task {task.name}: the head has {logits.shape[-1]} outputs but the task has "
                                      f"{len(task.labels)} labels {task.labels}; evaluate it with its own head")
@@ -51,27 +79,19 @@ def _ids(tokenizer, text, special):
 def label_scores(model, tokenizer, task: Task, demos=(), *, batch_size=16, max_length=256,
                  progress=True) -> torch.Tensor:
     """(rows, labels) summed log-likelihoods of each label word after each row's prompt."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad = pad_id(tokenizer)
     seqs, spans = [], []  # one sequence per (row, label); span = (start, end) of the label's tokens
     for row in task.rows:
         prompt = with_demos(task, row, list(demos))
-        p = _ids(tokenizer, prompt, True)
         for label in task.labels:
-            c = _ids(tokenizer, answer_of(prompt, label), False)
-            keep = max(1, max_length - len(c))
-            pp = p[-keep:]  # truncate the prompt from the left: the end of the prompt matters most
+            pp, c = prompt_and_answer(tokenizer, prompt, label, max_length)
             seqs.append(pp + c)
             spans.append((len(pp), len(pp) + len(c)))
     scores = torch.empty(len(seqs))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths together: less padding
     with _bar(len(task.rows), f"{task.name} (label words)", progress) as bar:
         for idx in _batches(order, batch_size * len(task.labels)):
-            width = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for j, i in enumerate(idx):  # right padding: positions of real tokens are unchanged
-                ids[j, :len(seqs[i])] = torch.tensor(seqs[i])
-                mask[j, :len(seqs[i])] = 1
+            ids, mask = right_pad([seqs[i] for i in idx], pad)
             logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
             for j, i in enumerate(idx):
                 s, e = spans[i]

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..evaluate.prompts import answer_of, prompt_of
+from ..evaluate.predict import encode_rows, pad_id, prompt_and_answer, right_pad
+from ..evaluate.prompts import prompt_of
 from .inmemory import load_head
 
 _BLOCK = re.compile(r"\.(\d+)\.")
@@ -67,34 +68,25 @@ def patched_params(targets: dict, deltas: dict[str, torch.Tensor]) -> dict[str, 
 
 def head_loss(model, tokenizer, task, rows, params, max_length: int) -> torch.Tensor:
     """Cross-entropy of a classification head's logits against the rows' labels."""
-    texts = [str(r["text"]) for r in rows]
-    pairs = [str(r.get("text_pair", "")) for r in rows] if "text_pair" in rows[0] else None
-    enc = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    enc = encode_rows(tokenizer, rows, max_length)
     logits = functional_call(model, params, args=(), kwargs=dict(enc)).logits
     y = torch.tensor([task.labels.index(str(r["label"])) for r in rows])
     return F.cross_entropy(logits.float(), y)
 
 
 def answer_loss(model, tokenizer, task, rows, params, max_length: int) -> torch.Tensor:
-    """Mean negative log-likelihood per gold answer token (label word or output) after each row's prompt."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    seqs, spans = [], []
+    """Mean negative log-likelihood per gold answer token (label word or output) after each row's prompt,
+    packed as :func:`peftmerge.evaluate.predict.label_scores` packs a label word (an answer's first
+    ``max_length // 2`` tokens at most)."""
+    seqs, starts = [], []
     for row in rows:
-        prompt = prompt_of(task, row)
         gold = str(row["label"] if task.kind == "classify" else row["output"])
-        p = tokenizer(prompt)["input_ids"]
-        c = tokenizer(answer_of(prompt, gold), add_special_tokens=False)["input_ids"]
-        c = c[:max(1, max_length // 2)]
-        p = p[-max(1, max_length - len(c)):]  # keep the end of a long prompt
+        p, c = prompt_and_answer(tokenizer, prompt_of(task, row), gold, max_length, max(1, max_length // 2))
         seqs.append(p + c)
-        spans.append(len(p))
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
+        starts.append(len(p))
+    ids, mask = right_pad(seqs, pad_id(tokenizer))
     labels = torch.full_like(ids, -100)
-    for j, (s, start) in enumerate(zip(seqs, spans)):
-        ids[j, :len(s)] = torch.tensor(s)
-        mask[j, :len(s)] = 1
+    for j, (s, start) in enumerate(zip(seqs, starts)):
         labels[j, start:len(s)] = ids[j, start:len(s)]
     logits = functional_call(model, params, args=(), kwargs=dict(input_ids=ids, attention_mask=mask)).logits
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
