@@ -227,7 +227,7 @@ def combine(
         raise PeftmergeError(f"{m.name} is exact concatenation and takes no --rank; "
                              "use --method task_arithmetic --rank R to truncate")
     weights_t = torch.tensor(w, dtype=torch.float32)
-    weights_t_all, per_module = weights_t, _module_weights(module_weights, plans, n)
+    per_module = _module_weights(module_weights, plans, n)
     thresholds = None
     if params.get("granularity") == "global":
         thresholds = ops.global_thresholds(lambda: (stacked_deltas(adapters, p) for p in plans), n,
@@ -236,17 +236,17 @@ def combine(
     start = time.perf_counter()
 
     def merge_module(plan):
-        weights_t = per_module.get(plan.name, weights_t_all)
+        w_plan = per_module.get(plan.name, weights_t)
         if m.linear:
-            return merge_linear(adapters, plan, m.coefficients(weights_t, params), recipe.rank)
+            return merge_linear(adapters, plan, m.coefficients(w_plan, params), recipe.rank)
         gen = _module_generator(params.get("seed", 0), plan.name)
         target = min(recipe.rank or sum(plan.ranks(adapters)), *plan.shape)
         if m.sparse is not None:  # the blocked engine from the factors, warm-started Krylov SVD
-            return merge_sparse(m, adapters, plan, weights_t, params, target, gen, thresholds)
+            return merge_sparse(m, adapters, plan, w_plan, params, target, gen, thresholds)
         if m.factored is not None:  # SVDs of the factors, never a dense dW
-            return merge_factored(m, adapters, plan, weights_t, params, target)
+            return merge_factored(m, adapters, plan, w_plan, params, target)
         ctx = registry.Context(plan.name, gen, thresholds)
-        return merge_dense(m.merge(stacked_deltas(adapters, plan), weights_t, params, ctx), target, gen)
+        return merge_dense(m.merge(stacked_deltas(adapters, plan), w_plan, params, ctx), target, gen)
 
     # sparse merges: a module per core (each single-threaded) beats every core on one module at a time
     workers = None if m.sparse is not None and not m.linear else 1

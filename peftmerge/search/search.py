@@ -217,18 +217,24 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
               "settings": {"budget": budget, "population": population, "sigma": sigma, "seed": seed, "l1": l1,
                            "limit": limit, "grid": axes, "rank": rank}}
 
+    p = best_params
+    return _write(out, inputs, result, dict(weights=best_w, lam=p.get("lambda"), density=p.get("density"),
+                                            gamma=p.get("gamma"), sign=p.get("sign"),
+                                            granularity=p.get("granularity"), rank=rank, alpha=alpha, force=force),
+                  f"{m.name} merge of {', '.join(a.task for a in adapters)} (searched)", overwrite)
+
+
+def _write(out, inputs, result: dict, merge: dict, title: str, overwrite: bool) -> dict:
+    """The best merge (``combine(**merge)``), ``search.json``, ``search_trace.png`` and the card, atomically."""
     with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
-        p = best_params
-        report = combine(list(inputs), tmp, m.name, weights=best_w, lam=p.get("lambda"), density=p.get("density"),
-                         gamma=p.get("gamma"), sign=p.get("sign"), granularity=p.get("granularity"), rank=rank,
-                         alpha=alpha, force=force, overwrite=True, progress=False)
+        report = combine(list(inputs), tmp, result["method"], overwrite=True, progress=False, **merge)
         result["merge"] = {k: report[k] for k in ("method", "params", "weights", "rank")}
         (tmp / "search.json").write_text(json.dumps(result, indent=2))
         plot_trace(result, tmp / "search_trace.png")
-        recipe = {**result["merge"], "search": {k: result[k] for k in ("strategy", "objective", "data")}}
-        write_card(tmp, kind="merged-adapter", base_model=base, recipe=recipe,
-                   results={t: {"validation": v} for t, v in best["tasks"].items()},
-                   title=f"{m.name} merge of {', '.join(a.task for a in adapters)} (searched)")
+        recipe = {**result["merge"], **({"module_weights": "merge_report.json"} if "module_weights" in report
+                                        else {}), "search": {k: result[k] for k in ("strategy", "objective", "data")}}
+        write_card(tmp, kind="merged-adapter", base_model=result["base_model"], recipe=recipe,
+                   results={t: {"validation": v} for t, v in result["best"]["tasks"].items()}, title=title)
     return result
 
 
@@ -280,19 +286,10 @@ def _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, b
               "inputs": [a.task for a in adapters],
               "settings": {"epochs": epochs, "lr": lr, "by": by, "start": start, "seed": seed, "limit": limit,
                            "batch_size": batch_size, "rank": rank, "grid": {}}}
-    with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
-        report = combine(list(inputs), tmp, m.name, lam=1.0, rank=rank, alpha=alpha, force=force,
-                         module_weights=module_weights, overwrite=True, progress=False)
-        result["merge"] = {k: report[k] for k in ("method", "params", "weights", "rank")}
-        (tmp / "search.json").write_text(json.dumps(result, indent=2))
-        plot_trace(result, tmp / "search_trace.png")
-        recipe = {**result["merge"], "module_weights": "merge_report.json",
-                  "search": {k: result[k] for k in ("strategy", "objective", "data")}}
-        write_card(tmp, kind="merged-adapter", base_model=base, recipe=recipe,
-                   results={t: {"validation": v} for t, v in best["tasks"].items()},
-                   title=f"layer-wise task arithmetic of {', '.join(a.task for a in adapters)} (learned on "
-                         "validation)")
-    return result
+    return _write(out, inputs, result, dict(lam=1.0, rank=rank, alpha=alpha, force=force,
+                                            module_weights=module_weights),
+                  f"layer-wise task arithmetic of {', '.join(a.task for a in adapters)} (learned on validation)",
+                  overwrite)
 
 
 def plot_trace(result: dict, path: Path) -> None:
