@@ -198,3 +198,27 @@ def test_cli_layerwise_bad_input_exit_2(bert_pair, tmp_path, args, message):
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_layerwise_average_writes_the_mean_of_the_last_half_of_the_epochs(bert_pair, tmp_path):
+    from peftmerge.cli.main import main
+
+    base, inputs, data = bert_pair
+    res = CliRunner().invoke(main, ["search", *map(str, inputs), "-o", str(tmp_path / "avg"), "--strategy",
+                                    "layerwise", "--method", "task_arithmetic", "--epochs", "5", "--lr", "0.2",
+                                    "--batch-size", "4", "--max-length", "32", "--average", "--model", str(base),
+                                    *[x for t, p in data.items() for x in ("--data", f"{t}={p}")]])
+    assert res.exit_code == 0, res.output
+    assert "for the mean of 3-5" in res.output
+    r = json.loads((tmp_path / "avg" / "search.json").read_text())
+    tail = torch.tensor([row["coefficients"] for row in r["trace"][3:]])
+    assert [row["epoch"] for row in r["trace"]] == list(range(6)) and r["settings"]["average"] is True
+    assert r["best"]["epoch"] == "mean of 3-5"
+    assert torch.allclose(torch.tensor(r["best"]["coefficients"]), tail.mean(0), atol=1e-6)
+    assert not torch.allclose(tail[0], tail[-1])  # the epochs differ, so the mean is not one of them
+    report = json.loads((tmp_path / "avg" / "merge_report.json").read_text())
+    q0 = next(k for k in report["module_weights"] if ".layer.0." in k)
+    assert report["module_weights"][q0] == pytest.approx([row[0] for row in r["best"]["coefficients"]], abs=1e-6)
+    got = evaluate(str(base), data, adapter=str(tmp_path / "avg"), settings=QUIET)
+    for t in data:  # the written adapter scores what the search recorded for the mean
+        assert got["tasks"][t]["accuracy"] == pytest.approx(r["best"]["tasks"][t])

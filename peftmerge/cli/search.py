@@ -27,6 +27,8 @@ from .common import debug_option, parse_floats
 @click.option("--lr", type=float, default=0.05, show_default=True, help="layerwise: Adam learning rate.")
 @click.option("--by", type=click.Choice(["layer", "module"]), default="layer", show_default=True,
               help="layerwise: one coefficient per input per transformer block, or per module.")
+@click.option("--average", is_flag=True,
+              help="layerwise: write the mean of the last half of the epochs' coefficients, not the best epoch.")
 @click.option("--weights", default=None, help="Per-input weights (grid: fixed; es: the start point).")
 @click.option("--lambda", "lam", type=float, default=None,
               help="Fixed lambda (when not searched); layerwise: the start of every coefficient (default 0.3).")
@@ -43,8 +45,8 @@ from .common import debug_option, parse_floats
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
 @debug_option
 def search_command(inputs, out, method, data, model, strategy, grid, budget, population, sigma, l1, seed, epochs,
-                   lr, by, weights, lam, density, gamma, sign, rank, limit, batch_size, max_length, alpha, force,
-                   overwrite, quiet):
+                   lr, by, average, weights, lam, density, gamma, sign, rank, limit, batch_size, max_length, alpha,
+                   force, overwrite, quiet):
     """Tune lambda / density / per-model weights of a merge of INPUT... on validation splits; write the best."""
     from ..search import search
     from ..search.search import parse_grid
@@ -53,11 +55,11 @@ def search_command(inputs, out, method, data, model, strategy, grid, budget, pop
                budget=budget, population=population, sigma=sigma, l1=l1, seed=seed,
                weights=parse_floats(weights, "--weights"), lam=lam, density=density, gamma=gamma, sign=sign,
                rank=rank, limit=limit, batch_size=batch_size, max_length=max_length, alpha=alpha, force=force,
-               epochs=epochs, lr=lr, by=by, overwrite=overwrite, progress=not quiet)
+               epochs=epochs, lr=lr, by=by, average=average, overwrite=overwrite, progress=not quiet)
     if not quiet and strategy == "layerwise":
         b = r["best"]
         click.echo(f"{r['method']} (layerwise by {by}, {epochs} epochs): best validation score {b['score']:.4f} "
-                   f"at epoch {b['epoch']} ({len(r['groups'])} groups x {len(r['inputs'])} inputs); wrote {out}")
+                   f"{'at epoch ' if isinstance(b['epoch'], int) else 'for the '}{b['epoch']} ({len(r['groups'])} groups x {len(r['inputs'])} inputs); wrote {out}")
     elif not quiet:
         b = r["best"]
         click.echo(f"{r['method']} ({r['strategy']}, {len(r['trace'])} merges): best validation score "

@@ -129,7 +129,7 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
            lam: float | None = None, density=None, gamma: float | None = None, sign: str | None = None,
            granularity: str | None = None, rank: int | None = None, limit: int | None = 200, batch_size: int = 16,
            max_length: int = 256, max_new_tokens: int = 32, alpha: float | None = None, force: bool = False,
-           epochs: int = 4, lr: float = 0.05, by: str = "layer", overwrite: bool = False,
+           epochs: int = 4, lr: float = 0.05, by: str = "layer", average: bool = False, overwrite: bool = False,
            progress: bool = True) -> dict:
     """Tune ``method`` on validation ``data`` ({task: file} or NAME=FILE strings) and write the best merge."""
     m = registry.get(method or "ties")
@@ -180,7 +180,7 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
         return _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, base, w0,
                           lam if lam is not None else 0.3, epochs=epochs, lr=lr, by=by, batch_size=batch_size,
                           max_length=max_length, seed=seed, limit=limit, rank=rank, alpha=alpha, force=force,
-                          overwrite=overwrite, progress=progress)
+                          average=average, overwrite=overwrite, progress=progress)
     trace: list[dict] = []
     total = budget if strategy == "es" else int(np.prod([len(v) for v in axes.values()]))
     bar = tqdm(total=total, desc=f"search ({m.name}, {strategy})", unit="merge", disable=not progress)
@@ -244,8 +244,10 @@ def _normalized(per_task: dict, individual: dict) -> float | None:
 
 
 def _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, base, w0, start, *, epochs, lr, by,
-               batch_size, max_length, seed, limit, rank, alpha, force, overwrite, progress) -> dict:
-    """Learn per-layer coefficients (:mod:`.layerwise`), keep the epoch with the best validation score."""
+               batch_size, max_length, seed, limit, rank, alpha, force, average, overwrite, progress) -> dict:
+    """Learn per-layer coefficients (:mod:`.layerwise`); keep the epoch with the best validation score, or with
+    ``average`` the mean of the last half of the epochs' coefficients (tail averaging, as SWA: Izmailov et al.,
+    UAI 2018), which damps the epoch-to-epoch swing of single Adam iterates."""
     names = [p.name for p in plans]
     group_of = layerwise.groups(names, by)
     order = list(dict.fromkeys(group_of))
@@ -257,26 +259,31 @@ def _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, b
     optimizer = torch.optim.Adam([coef], lr=lr)
     trace: list[dict] = []
 
-    def record(ep: int, loss: float | None, seconds: float) -> None:
+    def record(ep, loss: float | None, seconds: float, c: torch.Tensor) -> dict:
         t0 = time.perf_counter()
-        per_task = ev(layerwise.merged_deltas(coef.detach(), deltas, index))
-        trace.append({"epoch": ep, "loss": loss, "score": sum(per_task.values()) / len(per_task), "tasks": per_task,
-                      "normalized": _normalized(per_task, individual),
-                      "coefficients": [[round(float(x), 6) for x in row] for row in coef.detach()],
-                      "seconds": {"train": round(seconds, 3), "evaluate": round(time.perf_counter() - t0, 3)}})
+        per_task = ev(layerwise.merged_deltas(c, deltas, index))
+        return {"epoch": ep, "loss": loss, "score": sum(per_task.values()) / len(per_task), "tasks": per_task,
+                "normalized": _normalized(per_task, individual),
+                "coefficients": [[round(float(x), 6) for x in row] for row in c],
+                "seconds": {"train": round(seconds, 3), "evaluate": round(time.perf_counter() - t0, 3)}}
 
     bar = tqdm(total=epochs + 1, desc=f"search ({m.name}, layerwise by {by})", unit="epoch", disable=not progress)
-    record(0, None, 0.0)
+    trace.append(record(0, None, 0.0, coef.detach().clone()))
     bar.update(1)
     for ep in range(1, epochs + 1):
         t0 = time.perf_counter()
         loss = layerwise.epoch(ev, coef, deltas, index, optimizer, batch_size=batch_size, max_length=max_length,
                                seed=seed + ep)
-        record(ep, loss, time.perf_counter() - t0)
+        trace.append(record(ep, loss, time.perf_counter() - t0, coef.detach().clone()))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", best=f"{max(r['score'] for r in trace):.4f}")
     bar.close()
-    best = max(trace, key=lambda r: r["score"])  # the first of equal scores: the earliest epoch
+    if average:  # epochs epochs // 2 + 1 .. epochs
+        tail = trace[epochs // 2 + 1:]
+        mean = torch.tensor([r["coefficients"] for r in tail]).mean(0)
+        best = record(f"mean of {tail[0]['epoch']}-{tail[-1]['epoch']}", None, 0.0, mean)
+    else:
+        best = max(trace, key=lambda r: r["score"])  # the first of equal scores: the earliest epoch
     module_weights = {n: [row[index[n]] for row in best["coefficients"]] for n in names}
     result = {"method": m.name, "strategy": "layerwise", "base_model": base,
               "objective": "mean over tasks of accuracy (ROUGE-L for free text); coefficients learned on the "
@@ -284,7 +291,8 @@ def _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, b
               "data": {t.name: {"path": str(t.path), "rows": len(t.rows)} for t in tasks},
               "individual": individual, "best": best, "trace": trace, "groups": order,
               "inputs": [a.task for a in adapters],
-              "settings": {"epochs": epochs, "lr": lr, "by": by, "start": start, "seed": seed, "limit": limit,
+              "settings": {"epochs": epochs, "lr": lr, "by": by, "start": start, "average": average, "seed": seed,
+                           "limit": limit,
                            "batch_size": batch_size, "rank": rank, "grid": {}}}
     return _write(out, inputs, result, dict(lam=1.0, rank=rank, alpha=alpha, force=force,
                                             module_weights=module_weights),
@@ -334,13 +342,18 @@ def _plot_layerwise(result: dict, path: Path, plt) -> None:
     coef = np.array(result["best"]["coefficients"])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 2]})
     a1.plot([r["epoch"] for r in trace], [r["score"] for r in trace], marker="o")
+    if result["settings"].get("average"):
+        a1.scatter([trace[-1]["epoch"]], [result["best"]["score"]], marker="*", s=120, color="k", zorder=3,
+                   label=f"written: {result['best']['epoch']}")
+        a1.legend()
     a1.set_xlabel("epoch")
     a1.set_ylabel("validation score")
     im = a2.imshow(coef, aspect="auto", cmap="coolwarm", vmin=-np.abs(coef).max(), vmax=np.abs(coef).max())
     a2.set_yticks(range(len(result["inputs"])), result["inputs"])
     a2.set_xticks(range(len(result["groups"])), [layerwise.short_name(g) for g in result["groups"]], rotation=90,
                   fontsize=6)
-    a2.set_title(f"coefficients (epoch {result['best']['epoch']})")
+    written = result["best"]["epoch"]
+    a2.set_title(f"coefficients ({written if isinstance(written, str) else f'epoch {written}'})")
     fig.colorbar(im, ax=a2)
     fig.suptitle(f"{result['method']} layer-wise search")
     fig.tight_layout()
