@@ -9,6 +9,7 @@ version) and, when an eval was run, a results table.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -17,6 +18,7 @@ from . import __version__
 from .errors import PeftmergeError
 
 KINDS = ("adapter", "merged-adapter", "merged-model", "router")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "org/name"
 RESULTS_FILE = "results.json"
 REPO_PLACEHOLDER = "REPO_ID"  # in the usage snippet until the card is pushed (push fills in the repo id)
 
@@ -85,6 +87,11 @@ def _inputs_table(inputs: list) -> str | None:
     return "\n".join(["| input | weight | pinned by |", "|---|---|---|", *rows])
 
 
+def is_repo_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub repo id (``gpt2``, ``org/name``) rather than a path on this machine."""
+    return bool(_REPO_ID.match(name)) and not Path(name).expanduser().exists()
+
+
 def make_card(
     *,
     kind: str,
@@ -120,11 +127,13 @@ def make_card(
         all_tags.append(str(method))
     all_tags += [t for t in tags if t not in all_tags]
 
+    bases = ([base_model] if isinstance(base_model, str) else list(base_model)) if base_model else []
+    hub_bases = [b for b in bases if is_repo_id(b)]  # the Hub's metadata takes repo ids, not local paths
     relation = None
-    if base_model:
+    if hub_bases:
         relation = "merge" if kind.startswith("merged") else "adapter"
     data = ModelCardData(
-        base_model=base_model or None,
+        base_model=(hub_bases[0] if isinstance(base_model, str) else hub_bases) if hub_bases else None,
         base_model_relation=relation,
         library_name="peft" if is_adapter else ("transformers" if kind == "merged-model" else None),
         tags=all_tags,
@@ -139,9 +148,10 @@ def make_card(
         "router": "A router that sends each query to one of several LoRA adapters",
     }[kind]
     lines.append(f"{what}, made with [peftmerge](https://github.com/peftmerge/peftmerge) {__version__}.")
-    if base_model:
-        bases = [base_model] if isinstance(base_model, str) else list(base_model)
+    if bases:
         lines.append("Base model: " + ", ".join(f"`{b}`" for b in bases) + ".")
+        if len(hub_bases) < len(bases):
+            lines.append("(A local path is named here only: the metadata's `base_model` takes Hub repo ids.)")
     base0 = base_model if isinstance(base_model, str) else (base_model[0] if base_model else "BASE_MODEL")
     lines += ["", "## Usage", "", "```python" if kind != "router" else "```bash",
               _USAGE[kind].format(base=base0, repo=repo_id or REPO_PLACEHOLDER), "```"]

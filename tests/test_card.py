@@ -54,6 +54,18 @@ def test_round_trip_each_kind(tmp_path, kind):
     assert ModelCard.load(tmp_path / "again.md").data.to_dict() == d.to_dict()
 
 
+def test_a_local_base_model_path_stays_out_of_the_metadata(tmp_path):
+    local = tmp_path / "base"
+    local.mkdir()
+    for path in (str(local), "/opt/models/llama", "./base", "~/m/base"):
+        card = make_card(kind="merged-adapter", base_model=path)
+        assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
+        assert f"Base model: `{path}`." in card.text and "local path" in card.text
+    both = make_card(kind="merged-adapter", base_model=["org/base", str(local)])
+    assert both.data.base_model == ["org/base"] and both.data.base_model_relation == "merge"
+    assert not (tmp_path / "gpt2").exists() and make_card(kind="adapter", base_model="gpt2").data.base_model == "gpt2"
+
+
 def test_no_base_model_no_relation_no_results():
     card = make_card(kind="merged-adapter", base_model=None)
     assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()

@@ -305,4 +305,5 @@ def test_train_push_to_hub(hub, tmp_path, monkeypatch):
     pushed = hub.repos["bob/sst2"].branches["main"]
     assert pushed["adapter_model.safetensors"] == (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
     assert json.loads(pushed["peftmerge.json"])["task"] == "sst2"
-    assert card_of(pushed).data.base_model_relation == "adapter"
+    card = card_of(pushed)  # trained from a local folder: named in the text, not in the Hub's metadata
+    assert card.data.base_model is None and f"`{llama}`" in card.text and "tags" in card.data.to_dict()
