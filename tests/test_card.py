@@ -64,6 +64,8 @@ def test_a_local_base_model_path_stays_out_of_the_metadata(tmp_path):
     both = make_card(kind="merged-adapter", base_model=["org/base", str(local)])
     assert both.data.base_model == ["org/base"] and both.data.base_model_relation == "merge"
     assert not (tmp_path / "gpt2").exists() and make_card(kind="adapter", base_model="gpt2").data.base_model == "gpt2"
+    snapshot = f"{tmp_path}/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/{'a' * 40}"  # a resolved Hub id
+    assert make_card(kind="adapter", base_model=snapshot).data.base_model == "HuggingFaceTB/SmolLM2-135M"
 
 
 def test_no_base_model_no_relation_no_results():

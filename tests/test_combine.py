@@ -268,7 +268,7 @@ def test_yaml_recipe(adapters, tmp_path):
     state = load_file(str(tmp_path / "m" / "adapter_model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in state.values())
     card = (tmp_path / "m" / "README.md").read_text()
-    assert "base_model_relation: merge" in card or "merge" in card
+    assert "- merge\n" in card.split("---")[1] and "- ties\n" in card.split("---")[1]  # tags
     assert report["inputs"][0]["sha256"] in card
 
 

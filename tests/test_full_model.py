@@ -159,7 +159,8 @@ def test_sharded_output_loads_and_matches(tmp_path, base, fine_tunes):
     for name in ("config.json", "generation_config.json", "README.md", "merge_report.json"):
         assert (tmp_path / "sharded" / name).exists()
     assert "merged-model" in (tmp_path / "sharded" / "peftmerge.json").read_text()
-    assert "base_model_relation: merge" in (tmp_path / "sharded" / "README.md").read_text()
+    card = (tmp_path / "sharded" / "README.md").read_text()  # a local base: named in the text, not the metadata
+    assert "base_model" not in card.split("---")[1] and "local path" in card and "library_name: transformers" in card
 
 
 def test_dtype_rule(tmp_path):

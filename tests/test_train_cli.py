@@ -41,7 +41,7 @@ def test_train_writes_adapter_metadata_and_card(llama, tmp_path):
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and set(adapter["target_modules"]) == {"q_proj", "v_proj"}
     card = (out / "README.md").read_text()
-    assert "base_model_relation: adapter" in card and "library_name: peft" in card
+    assert f"`{llama}`" in card and "base_model" not in card.split("---")[1] and "library_name: peft" in card
     again = _run("train", "--model", llama, "--data", data, "--task", "sst2", "-o", out, "--max-steps", 1)
     assert again.exit_code == 2 and "already exists; pass --overwrite" in again.output
 
