@@ -58,8 +58,9 @@ def search_command(inputs, out, method, data, model, strategy, grid, budget, pop
                epochs=epochs, lr=lr, by=by, average=average, overwrite=overwrite, progress=not quiet)
     if not quiet and strategy == "layerwise":
         b = r["best"]
-        click.echo(f"{r['method']} (layerwise by {by}, {epochs} epochs): best validation score {b['score']:.4f} "
-                   f"{'at epoch ' if isinstance(b['epoch'], int) else 'for the '}{b['epoch']} ({len(r['groups'])} groups x {len(r['inputs'])} inputs); wrote {out}")
+        when = f"at epoch {b['epoch']}" if isinstance(b["epoch"], int) else f"for the {b['epoch']}"
+        click.echo(f"{r['method']} (layerwise by {by}, {epochs} epochs): validation score {b['score']:.4f} {when} "
+                   f"({len(r['groups'])} groups x {len(r['inputs'])} inputs); wrote {out}")
     elif not quiet:
         b = r["best"]
         click.echo(f"{r['method']} ({r['strategy']}, {len(r['trace'])} merges): best validation score "

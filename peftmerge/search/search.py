@@ -278,7 +278,7 @@ def _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, b
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", best=f"{max(r['score'] for r in trace):.4f}")
     bar.close()
-    if average:  # epochs epochs // 2 + 1 .. epochs
+    if average:  # the last half: epochs epochs // 2 + 1 .. epochs
         tail = trace[epochs // 2 + 1:]
         mean = torch.tensor([r["coefficients"] for r in tail]).mean(0)
         best = record(f"mean of {tail[0]['epoch']}-{tail[-1]['epoch']}", None, 0.0, mean)
@@ -292,8 +292,7 @@ def _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, b
               "individual": individual, "best": best, "trace": trace, "groups": order,
               "inputs": [a.task for a in adapters],
               "settings": {"epochs": epochs, "lr": lr, "by": by, "start": start, "average": average, "seed": seed,
-                           "limit": limit,
-                           "batch_size": batch_size, "rank": rank, "grid": {}}}
+                           "limit": limit, "batch_size": batch_size, "rank": rank, "grid": {}}}
     return _write(out, inputs, result, dict(lam=1.0, rank=rank, alpha=alpha, force=force,
                                             module_weights=module_weights),
                   f"layer-wise task arithmetic of {', '.join(a.task for a in adapters)} (learned on validation)",
