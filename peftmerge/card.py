@@ -9,17 +9,15 @@ version) and, when an eval was run, a results table.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
 from .errors import PeftmergeError
+from .io.hub import repo_id_of
 
 KINDS = ("adapter", "merged-adapter", "merged-model", "router")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "org/name"
-_CACHED = re.compile(r"/models--([\w.-]+?--[\w.-]+)/snapshots/[^/]+/?$")
 RESULTS_FILE = "results.json"
 REPO_PLACEHOLDER = "REPO_ID"  # in the usage snippet until the card is pushed (push fills in the repo id)
 
@@ -88,16 +86,6 @@ def _inputs_table(inputs: list) -> str | None:
     return "\n".join(["| input | weight | pinned by |", "|---|---|---|", *rows])
 
 
-def hub_id(name: str) -> str | None:
-    """The Hub repo id ``name`` stands for: ``name`` itself when it reads as one (``gpt2``, ``org/name``) and is not
-    a path on this machine, ``org/name`` for a huggingface_hub cache snapshot (``.../models--org--name/snapshots/
-    REV``), else None (a local folder: the Hub's ``base_model`` metadata takes repo ids only)."""
-    if _REPO_ID.match(name) and not Path(name).expanduser().exists():
-        return name
-    m = _CACHED.search(str(name).replace("\\", "/"))
-    return m.group(1).replace("--", "/", 1) if m else None
-
-
 def make_card(
     *,
     kind: str,
@@ -134,7 +122,7 @@ def make_card(
     all_tags += [t for t in tags if t not in all_tags]
 
     bases = ([base_model] if isinstance(base_model, str) else list(base_model)) if base_model else []
-    hub_bases = [h for b in bases if (h := hub_id(b))]  # the Hub's metadata takes repo ids, not local paths
+    hub_bases = [h for b in bases if (h := repo_id_of(b))]  # the Hub's metadata takes repo ids, not local paths
     relation = None
     if hub_bases:
         relation = "merge" if kind.startswith("merged") else "adapter"

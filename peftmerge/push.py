@@ -79,8 +79,6 @@ def card_from_folder(folder: str | Path, kind: str | None = None, repo_id: str |
     )
     if not base and kind == "merged-model":
         base = _read_json(folder / "config.json").get("_name_or_path")
-    if base and (os.path.isabs(str(base)) or not looks_like_repo_id(str(base))):
-        base = None  # a local path means nothing on the Hub; the recipe still records it
     return make_card(
         kind=kind,
         base_model=base,

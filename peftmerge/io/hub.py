@@ -106,16 +106,36 @@ def _sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def describe_input(ref: str | os.PathLike, path: Path | None = None) -> dict:
-    """Pin an input for a recipe: ``{"source", "revision"}`` for a Hub snapshot, ``{"source", "sha256"}``
-    (of its ``.safetensors`` files, in name order, or of the file itself) for a local path."""
-    path = Path(path) if path is not None else resolve(ref)
+def snapshot_of(path: str | os.PathLike) -> tuple[str, str] | None:
+    """``(repo_id, revision)`` of a path in huggingface_hub's cache (``.../models--user--name/snapshots/REV[/...]``),
+    else None."""
     parts = Path(os.path.abspath(path)).parts  # not resolve(): cached files are symlinks into blobs/
     if "snapshots" in parts:
         i = len(parts) - 1 - parts[::-1].index("snapshots")
         if i >= 1 and parts[i - 1].startswith("models--") and i + 1 < len(parts):
-            repo_id = parts[i - 1][len("models--"):].replace("--", "/")
-            return {"source": repo_id, "revision": parts[i + 1]}
+            return parts[i - 1][len("models--"):].replace("--", "/"), parts[i + 1]
+    return None
+
+
+def repo_id_of(ref: str | os.PathLike) -> str | None:
+    """The Hub repo id a model reference stands for, for metadata such as a card's ``base_model``: ``ref`` itself
+    when it is a repo id (``user/name``, or a legacy single name such as ``gpt2``) and not a local path, the repo of
+    a cache snapshot, else None (a local folder means nothing on the Hub)."""
+    s = str(ref)
+    named = (looks_like_repo_id(s) and "@" not in s) or re.fullmatch(_PART, s) is not None
+    if named and not Path(s).expanduser().exists():
+        return s
+    snapshot = snapshot_of(s)
+    return snapshot[0] if snapshot else None
+
+
+def describe_input(ref: str | os.PathLike, path: Path | None = None) -> dict:
+    """Pin an input for a recipe: ``{"source", "revision"}`` for a Hub snapshot, ``{"source", "sha256"}``
+    (of its ``.safetensors`` files, in name order, or of the file itself) for a local path."""
+    path = Path(path) if path is not None else resolve(ref)
+    snapshot = snapshot_of(path)
+    if snapshot:
+        return {"source": snapshot[0], "revision": snapshot[1]}
     if path.is_file():
         files = [path]
     else:
