@@ -93,8 +93,8 @@ def subset(work: Path, task: str, rows: int) -> Path:
     lines = (DATA / task / "train.jsonl").read_text().splitlines()
     random.Random(SEED).shuffle(lines)
     (out / "train.jsonl").write_text("\n".join(lines[:rows]) + "\n")
-    shutil.copy(DATA / task / "validation.jsonl", out / "validation.jsonl")
     val = (DATA / task / "validation.jsonl").read_text().splitlines()
+    (out / "validation.jsonl").write_text("\n".join(val) + "\n")
     if task in SEARCH_MIN_WORDS:
         val = [x for x in val if len(json.loads(x)["text"].split()) >= SEARCH_MIN_WORDS[task]]
     (out / "search.jsonl").write_text("\n".join(val) + "\n")
