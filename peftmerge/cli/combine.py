@@ -21,6 +21,10 @@ from .push import maybe_push, push_to_hub_option
 @click.option("--sign", type=click.Choice(["total", "frequency"]), default=None, help="TIES sign election.")
 @click.option("--granularity", type=click.Choice(["tensor", "global"]), default=None,
               help="Magnitude trim per tensor or over the whole adapter.")
+@click.option("--off-diagonal", type=float, default=None,
+              help="RegMean: scale of the Gram matrices' off-diagonal entries (default 1).")
+@click.option("--grams", type=click.Path(), default=None,
+              help="RegMean: the inputs' Gram matrices, written by `peftmerge grams`.")
 @click.option("--rank", type=int, default=None, help="Output rank (default: sum of the input ranks).")
 @click.option("--seed", type=int, default=None, help="Seed of DARE's random masks.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
@@ -35,8 +39,8 @@ from .push import maybe_push, push_to_hub_option
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
 @push_to_hub_option
 @debug_option
-def combine_command(inputs, out, method, weights, lam, density, gamma, sign, granularity, rank, seed, dtype,
-                    alpha, config, base, shard_size, overwrite, force, quiet, push_to_hub):
+def combine_command(inputs, out, method, weights, lam, density, gamma, sign, granularity, off_diagonal, grams, rank,
+                    seed, dtype, alpha, config, base, shard_size, overwrite, force, quiet, push_to_hub):
     """Merge LoRA adapters INPUT... (folders, .safetensors files or Hub ids) into one adapter in OUT.
 
     With --base BASE, write a full merged model instead; INPUT... may then also be full fine-tuned
@@ -44,7 +48,8 @@ def combine_command(inputs, out, method, weights, lam, density, gamma, sign, gra
     from ..merge.combine import combine
 
     report = combine(list(inputs), out, method, weights=parse_floats(weights, "--weights"), lam=lam,
-                     density=density, gamma=gamma, sign=sign, granularity=granularity, seed=seed, rank=rank,
+                     density=density, gamma=gamma, sign=sign, granularity=granularity, off_diagonal=off_diagonal,
+                     grams=grams, seed=seed, rank=rank,
                      dtype=dtype, alpha=alpha, config=config, base=base, shard_size=shard_size, overwrite=overwrite,
                      force=force, progress=not quiet)
     if quiet:

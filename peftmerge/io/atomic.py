@@ -62,3 +62,20 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
+
+
+@contextlib.contextmanager
+def atomic_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside ``out``; on success it is renamed to ``out``, on failure removed."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise PeftmergeError(f"output {out} already exists; pass --overwrite to replace it or choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

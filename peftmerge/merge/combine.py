@@ -99,14 +99,14 @@ def merge_dense(merged: torch.Tensor, rank: int, generator: torch.Generator):
     return a, b, err
 
 
-def merge_factored(m: registry.Method, adapters, plan, weights, params: dict, rank: int):
-    """An SVD-based method (TSV, Iso-C) on this module's LoRA inputs, exactly in factor space (no dense dW),
-    truncated optimally where ``rank`` is below its output rank; returns (A, B, relative error)."""
-    factors = []
+def merge_factored(m: registry.Method, adapters, plan, weights, params: dict, rank: int, ctx=None):
+    """A factored method (TSV, Iso-C, RegMean) on this module's LoRA inputs, exactly in factor space (no dense
+    dW), truncated optimally where ``rank`` is below its output rank; returns (A, B, relative error)."""
+    factors = [None] * len(adapters)
     for i in plan.present:
         a, b = adapters[i].scaled_factors(plan.name)
-        factors.append((b * weights[i], a))
-    b, a = m.factored(factors, len(adapters), plan.shape, params)
+        factors[i] = (b * weights[i], a)
+    b, a = m.factored(factors, len(adapters), plan.shape, params, ctx or registry.Context(plan.name))
     if rank >= b.shape[1]:
         return a, b, 0.0
     a_k, b_k, s = lowrank.truncate_factors(b, a, rank)
@@ -149,6 +149,21 @@ def _module_weights(given: dict | None, plans, n: int) -> dict[str, torch.Tensor
     return out
 
 
+def open_grams(m: registry.Method, grams, inputs):
+    """The grams file a data-aware method reads (checked against the inputs later); None for the others."""
+    if not m.needs_grams:
+        if grams:
+            raise PeftmergeError(f"--grams is read by data-aware methods (regmean) only; drop it for {m.name}")
+        return None
+    if not grams:
+        raise PeftmergeError(f"{m.name} needs the Gram matrices of the inputs' layer inputs: run `peftmerge grams "
+                             f"{' '.join(map(str, inputs))} --data TASK=FILE ... -o grams.safetensors`, then pass "
+                             "--grams grams.safetensors")
+    from ..grams import Grams
+
+    return Grams(grams)
+
+
 def _resolve_recipe(inputs, method, weights, params, rank, dtype, config) -> Recipe:
     recipe = load_recipe(config) if config else Recipe(inputs=[])
     if config and inputs:
@@ -182,6 +197,8 @@ def combine(
     base: str | Path | None = None,
     shard_size: str | int | None = None,
     module_weights: dict[str, Sequence[float]] | None = None,
+    off_diagonal: float | None = None,
+    grams: str | Path | None = None,
     overwrite: bool = False,
     force: bool = False,
     progress: bool = True,
@@ -189,12 +206,13 @@ def combine(
     """Merge LoRA adapters into one LoRA adapter folder ``out``; returns the merge report.
 
     ``method`` defaults to ``ties``; every hyperparameter left ``None`` takes the method's (paper's)
-    default, shown by ``peftmerge methods``. ``config`` reads a mergekit-style YAML recipe.
+    default, shown by ``peftmerge methods``. ``config`` reads a mergekit-style YAML recipe. ``grams``: the
+    file of :func:`peftmerge.grams` that data-aware methods (regmean) read.
     With ``base`` (or ``base_model`` in the recipe) the output is a full merged model instead, and inputs
     may also be full fine-tuned checkpoints of it (see :mod:`peftmerge.merge.full_model`).
     """
     given = {"lambda": lam, "density": density, "gamma": gamma, "sign": sign, "granularity": granularity,
-             "seed": seed}
+             "seed": seed, "off_diagonal": off_diagonal}
     recipe = _resolve_recipe(inputs, method, weights, given, rank, dtype, config)
     m = registry.get(recipe.method)
     n = len(recipe.inputs)
@@ -209,7 +227,11 @@ def combine(
         raise PeftmergeError(f"rank {recipe.rank} must be a positive integer")
     out_dtype = _dtype(recipe.dtype)
     out = atomic.check_output(out, [Path(p) for p in recipe.inputs], overwrite)
+    gram_file = open_grams(m, grams, recipe.inputs)
     if base or recipe.base:
+        if gram_file is not None:
+            raise PeftmergeError(f"{m.name} writes LoRA adapters only; drop --base (merge, then load the adapter "
+                                 "onto the base model)")
         if module_weights:
             raise PeftmergeError("module_weights apply to LoRA outputs only; drop --base (or module_weights)")
         from .full_model import combine_full
@@ -223,6 +245,8 @@ def combine(
 
     adapters = open_inputs(recipe.inputs, alpha=alpha, force=force)
     plans = plan_modules(adapters, force=force)
+    if gram_file is not None:
+        gram_file.check(adapters)
     if m.exact_concat and recipe.rank is not None:
         raise PeftmergeError(f"{m.name} is exact concatenation and takes no --rank; "
                              "use --method task_arithmetic --rank R to truncate")
@@ -234,6 +258,7 @@ def combine(
                                            params["density"])
 
     start = time.perf_counter()
+    tasks = [a.task for a in adapters]
 
     def merge_module(plan):
         w_plan = per_module.get(plan.name, weights_t)
@@ -243,8 +268,9 @@ def combine(
         target = min(recipe.rank or sum(plan.ranks(adapters)), *plan.shape)
         if m.sparse is not None:  # the blocked engine from the factors, warm-started Krylov SVD
             return merge_sparse(m, adapters, plan, w_plan, params, target, gen, thresholds)
-        if m.factored is not None:  # SVDs of the factors, never a dense dW
-            return merge_factored(m, adapters, plan, w_plan, params, target)
+        if m.factored is not None:  # SVDs / transforms of the factors, never a dense dW
+            ctx = registry.Context(plan.name, gen, grams=gram_file and gram_file.of(plan.name, tasks))
+            return merge_factored(m, adapters, plan, w_plan, params, target, ctx)
         ctx = registry.Context(plan.name, gen, thresholds)
         return merge_dense(m.merge(stacked_deltas(adapters, plan), w_plan, params, ctx), target, gen)
 
@@ -268,6 +294,7 @@ def combine(
     report = {
         "method": m.name, "params": params, "weights": w, "rank": recipe.rank, "dtype": str(out_dtype)[6:],
         **({"module_weights": {k: v.tolist() for k, v in per_module.items()}} if per_module else {}),
+        **({"grams": {"path": str(grams), "data": gram_file.meta["data"]}} if gram_file is not None else {}),
         "inputs": [_describe(a) for a in adapters],
         "modules": len(rows), "relative_error_mean": sum(errors) / len(errors),
         "relative_error_max": max(errors), "seconds": round(time.perf_counter() - start, 3),

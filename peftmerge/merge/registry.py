@@ -82,6 +82,7 @@ class Context:
     module: str = ""
     generator: torch.Generator | None = None
     thresholds: torch.Tensor | None = None  # (n,) per-input magnitude thresholds for granularity=global
+    grams: list | None = None  # data-aware methods (regmean): each input's Gram matrix of this module's inputs
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,9 @@ class Method:
     aliases: tuple[str, ...] = ()
     exact_concat: bool = False  # `cat`: never truncated
     sparse: Sparse | None = None  # computed by the blocked engine (``fn`` is the reference composition)
-    factored: Callable | None = None  # SVD-based methods on LoRA inputs: (factors, n, shape, params) -> (B, A)
+    factored: Callable | None = None  # on LoRA inputs: (factors, n, shape, params, ctx) -> (B, A)
+    needs_grams: bool = False  # reads per-input Gram matrices (``peftmerge grams``) from ctx.grams
+    components: Callable | None = None  # (deltas, params, ctx) -> (n, *shape) shares c_i, merged = sum_i w_i c_i
 
     @property
     def linear(self) -> bool:
@@ -131,12 +134,15 @@ _ALIASES: dict[str, str] = {}
 
 def register(name: str, *, paper: str, params: tuple[Param, ...] = (), linear: bool = False,
              aliases: tuple[str, ...] = (), exact_concat: bool = False, sparse: Sparse | None = None,
-             factored: Callable | None = None):
+             factored: Callable | None = None, needs_grams: bool = False, components: Callable | None = None):
     """Decorator: register ``fn`` (or, with ``linear=True``, a coefficient function) under ``name``.
 
     With ``sparse``, merges run on the blocked engine and ``fn`` is the reference it must equal. With
-    ``factored``, LoRA inputs merge exactly in factor space: ``factored([(w_i s_i B_i, A_i), ...], n, shape,
-    params) -> (B, A)``, equal to ``fn`` on the dense task vectors (``fn`` still serves full models)."""
+    ``factored``, LoRA inputs merge exactly in factor space: ``factored([(w_i s_i B_i, A_i) or None, ...], n,
+    shape, params, ctx) -> (B, A)`` (None: that input does not adapt the module), equal to ``fn`` on the dense
+    task vectors (``fn`` still serves full models). ``needs_grams``: the method reads ``ctx.grams``.
+    ``components``: the merge is linear in per-input shares, ``sum_i w_i c_i`` (a layer-wise search learns the
+    w_i per module)."""
 
     def wrap(fn: Callable) -> Callable:
         import sys
@@ -144,7 +150,8 @@ def register(name: str, *, paper: str, params: tuple[Param, ...] = (), linear: b
         doc = (sys.modules[fn.__module__].__doc__ or fn.__doc__ or "").strip()
         method = Method(name=name, paper=paper, doc=doc, params=tuple(params),
                         fn=None if linear else fn, coefficients=fn if linear else None,
-                        aliases=tuple(aliases), exact_concat=exact_concat, sparse=sparse, factored=factored)
+                        aliases=tuple(aliases), exact_concat=exact_concat, sparse=sparse, factored=factored,
+                        needs_grams=needs_grams, components=components)
         _REGISTRY[name] = method
         for a in aliases:
             _ALIASES[a] = name

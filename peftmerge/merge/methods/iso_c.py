@@ -30,8 +30,9 @@ def _iso(u, s, vh, lam: float, shape) -> tuple[torch.Tensor, torch.Tensor]:
     return lam * s.mean() * u, vh
 
 
-def iso_c_factored(factors: list, n: int, shape, params: dict):
-    """Iso-C of LoRA inputs ``[(w_i s_i B_i, A_i), ...]``: the sum B_cat A_cat's SVD from its factors."""
+def iso_c_factored(factors: list, n: int, shape, params: dict, ctx=None):
+    """Iso-C of LoRA inputs ``[(w_i s_i B_i, A_i) or None, ...]``: the sum B_cat A_cat's SVD from its factors."""
+    factors = [f for f in factors if f is not None]
     b = torch.cat([b for b, _ in factors], dim=1)
     a = torch.cat([a for _, a in factors], dim=0)
     b, a = _iso(*factor_svd(b.double(), a.double()), params["lambda"], shape)

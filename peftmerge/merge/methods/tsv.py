@@ -55,10 +55,10 @@ def _tsv(parts: list, lam: float, shape) -> tuple[torch.Tensor, torch.Tensor]:
     return lam * u * torch.cat([p[1] for p in parts]), vh
 
 
-def tsv_factored(factors: list, n: int, shape, params: dict):
-    """TSV-Merge of LoRA inputs ``[(w_i s_i B_i, A_i), ...]`` (``n`` inputs in all) in factor space."""
+def tsv_factored(factors: list, n: int, shape, params: dict, ctx=None):
+    """TSV-Merge of LoRA inputs ``[(w_i s_i B_i, A_i) or None, ...]`` (``n`` inputs in all) in factor space."""
     k = max(1, min(shape) // n)
-    parts = [nonzero_top(*factor_svd(b.double(), a.double()), k) for b, a in factors]
+    parts = [nonzero_top(*factor_svd(b.double(), a.double()), k) for b, a in filter(None, factors)]
     b, a = _tsv(parts, params["lambda"], shape)
     return b.float(), a.float()
 
