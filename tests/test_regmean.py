@@ -179,3 +179,35 @@ def test_regmean_errors_name_the_fix(bert_pair, tmp_path):
     assert r.exit_code == 2 and "another adapter" in r.output
     assert not (tmp_path / "m").exists()
 
+
+def test_layerwise_regmean_starts_at_regmean_and_writes_the_learned_shares(bert_pair, tmp_path):
+    from peftmerge.evaluate import Settings, evaluate
+    from peftmerge.grams import Grams, grams
+    from peftmerge.io.adapter import load_adapter
+    from peftmerge.search import search
+
+    base, inputs, data = bert_pair
+    g = tmp_path / "g.safetensors"
+    grams(inputs, g, data=data, model=str(base), progress=False)
+    r = search(inputs, tmp_path / "best", "regmean", data=data, model=str(base), strategy="layerwise", grams=g,
+               off_diagonal=0.9, epochs=3, lr=0.2, batch_size=4, max_length=32, progress=False)
+    start = r["trace"][0]
+    assert start["coefficients"] == [[1.0] * len(r["groups"])] * 2  # epoch 0 is RegMean itself
+    combine_dir = tmp_path / "plain"
+    from peftmerge.merge.combine import combine
+
+    combine(inputs, combine_dir, "regmean", grams=g, off_diagonal=0.9, progress=False)
+    quiet = Settings(progress=False, max_length=32)
+    plain = evaluate(str(base), data, adapter=str(combine_dir), settings=quiet)
+    for t in data:  # the search's start scores what `combine --method regmean` writes
+        assert plain["tasks"][t]["accuracy"] == pytest.approx(start["tasks"][t])
+    merged, ins, gf = load_adapter(tmp_path / "best"), [load_adapter(p) for p in inputs], Grams(g)
+    report = json.loads((tmp_path / "best" / "merge_report.json").read_text())
+    assert report["method"] == "regmean" and report["params"] == {"off_diagonal": 0.9}
+    for module, weights in report["module_weights"].items():  # sum_i c_i,module dW_i T_i
+        deltas = torch.stack([a.delta(module).double() for a in ins])
+        expected = _merge(deltas, weights, [x.double() for x in gf.of(module, ["sent", "topic"])], 0.9)
+        torch.testing.assert_close(merged.delta(module).double(), expected, rtol=1e-4, atol=1e-6)
+    got = evaluate(str(base), data, adapter=str(tmp_path / "best"), settings=quiet)
+    for t in data:  # and the written adapter scores what the search recorded for it
+        assert got["tasks"][t]["accuracy"] == pytest.approx(r["best"]["tasks"][t])

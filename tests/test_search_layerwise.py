@@ -186,7 +186,7 @@ def test_layerwise_search_learns_writes_what_it_scored_and_never_reads_test(bert
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "ties"], "learns task-arithmetic coefficients"),
+    (["--method", "ties"], "use --method task_arithmetic or regmean"),
     (["--method", "task_arithmetic", "--epochs", "0"], "--epochs >= 1"),
 ])
 def test_cli_layerwise_bad_input_exit_2(bert_pair, tmp_path, args, message):

@@ -15,9 +15,10 @@ from .common import debug_option, parse_floats
 @click.option("--model", default=None, help="Base model (default: the adapters' base_model_name_or_path).")
 @click.option("--strategy", type=click.Choice(["grid", "es", "layerwise"]), default="grid", show_default=True,
               help="grid: one or two parameters; es: per-model weights by an evolution strategy; layerwise: "
-                   "task-arithmetic coefficients per input and layer learned on the validation labels.")
+                   "task-arithmetic (or regmean) coefficients per input and layer learned on the validation labels.")
 @click.option("--grid", "grid", multiple=True, metavar="NAME=V1,V2,...",
-              help="Grid values of lambda / density / gamma (default: lambda x density where the method has them).")
+              help="Grid values of lambda / density / gamma / off_diagonal (default: lambda x density, or "
+                   "off_diagonal, where the method has them).")
 @click.option("--budget", type=int, default=40, show_default=True, help="ES: number of merges evaluated.")
 @click.option("--population", type=int, default=8, show_default=True, help="ES: offspring per generation.")
 @click.option("--sigma", type=float, default=0.3, show_default=True, help="ES: initial step size.")
@@ -35,6 +36,8 @@ from .common import debug_option, parse_floats
 @click.option("--density", type=float, default=None, help="Fixed density (when not searched).")
 @click.option("--gamma", type=float, default=None, help="Fixed breadcrumbs gamma (when not searched).")
 @click.option("--sign", type=click.Choice(["total", "frequency"]), default=None, help="TIES sign election.")
+@click.option("--off-diagonal", type=float, default=None, help="RegMean: fixed off-diagonal scale (default 1).")
+@click.option("--grams", type=click.Path(), default=None, help="RegMean: the Gram matrices from `peftmerge grams`.")
 @click.option("--rank", type=int, default=None, help="Output rank (default: sum of the input ranks).")
 @click.option("--limit", type=int, default=200, show_default=True, help="Validation rows per task.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
@@ -45,8 +48,8 @@ from .common import debug_option, parse_floats
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
 @debug_option
 def search_command(inputs, out, method, data, model, strategy, grid, budget, population, sigma, l1, seed, epochs,
-                   lr, by, average, weights, lam, density, gamma, sign, rank, limit, batch_size, max_length, alpha,
-                   force, overwrite, quiet):
+                   lr, by, average, weights, lam, density, gamma, sign, off_diagonal, grams, rank, limit, batch_size,
+                   max_length, alpha, force, overwrite, quiet):
     """Tune lambda / density / per-model weights of a merge of INPUT... on validation splits; write the best."""
     from ..search import search
     from ..search.search import parse_grid
@@ -55,7 +58,8 @@ def search_command(inputs, out, method, data, model, strategy, grid, budget, pop
                budget=budget, population=population, sigma=sigma, l1=l1, seed=seed,
                weights=parse_floats(weights, "--weights"), lam=lam, density=density, gamma=gamma, sign=sign,
                rank=rank, limit=limit, batch_size=batch_size, max_length=max_length, alpha=alpha, force=force,
-               epochs=epochs, lr=lr, by=by, average=average, overwrite=overwrite, progress=not quiet)
+               epochs=epochs, lr=lr, by=by, average=average, off_diagonal=off_diagonal, grams=grams,
+               overwrite=overwrite, progress=not quiet)
     if not quiet and strategy == "layerwise":
         b = r["best"]
         when = f"at epoch {b['epoch']}" if isinstance(b["epoch"], int) else f"for the {b['epoch']}"

@@ -22,13 +22,25 @@ class InMemoryMerge:
     """The merged dW of every module for given method params and per-input weights."""
 
     def __init__(self, adapters: list[LoraAdapter], plans: list[ModulePlan], method: registry.Method,
-                 rank: int | None = None, cache_bytes: int = 2 << 30):
+                 rank: int | None = None, cache_bytes: int = 2 << 30, grams=None):
         self.adapters, self.plans, self.method, self.rank = adapters, plans, method, rank
+        self.grams, self.tasks = grams, [a.task for a in adapters]  # grams: a peftmerge.grams.Grams (regmean)
         need = sum(len(adapters) * p.shape[0] * p.shape[1] * 4 for p in plans)
         self._cache = {p.name: stacked_deltas(adapters, p) for p in plans} if need <= cache_bytes else None
 
     def deltas(self, plan: ModulePlan) -> torch.Tensor:
         return self._cache[plan.name] if self._cache is not None else stacked_deltas(self.adapters, plan)
+
+    def context(self, plan: ModulePlan, generator=None, thresholds=None) -> registry.Context:
+        grams = self.grams.of(plan.name, self.tasks) if self.grams is not None else None
+        return registry.Context(plan.name, generator, thresholds, grams=grams)
+
+    def shares(self, plan: ModulePlan, params: dict) -> torch.Tensor:
+        """(n, *shape) what a layer-wise search weighs per input: dW_i, or the method's ``components``."""
+        d = self.deltas(plan).float()
+        m = self.method
+        return d if m.components is None else m.components(d, m.resolve(params, len(self.adapters)),
+                                                            self.context(plan))
 
     def merged(self, params: dict, weights) -> dict[str, torch.Tensor]:
         """{module: dense merged dW} as ``combine`` would write it (rank-r refactorized when not linear)."""
@@ -51,9 +63,9 @@ class InMemoryMerge:
             if m.sparse is not None:  # as combine: from the factors
                 a, b, _ = merge_sparse(m, self.adapters, plan, w, params, target, gen, thresholds)
             elif m.factored is not None:
-                a, b, _ = merge_factored(m, self.adapters, plan, w, params, target)
+                a, b, _ = merge_factored(m, self.adapters, plan, w, params, target, self.context(plan, gen))
             else:  # the sparse and factored paths above never form the dense task vectors
-                merged = m.merge(self.deltas(plan), w, params, registry.Context(plan.name, gen, thresholds))
+                merged = m.merge(self.deltas(plan), w, params, self.context(plan, gen, thresholds))
                 a, b, _ = merge_dense(merged, target, gen)
             out[plan.name] = b @ a
         return out

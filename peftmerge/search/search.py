@@ -9,6 +9,8 @@ Strategies (the objective is the mean over tasks of accuracy, or ROUGE-L for fre
 - ``layerwise``: one task-arithmetic coefficient per input and layer (or module), learned with Adam on the
   validation cross-entropy, every task in every step (supervised AdaMerging, :mod:`.layerwise`); the
   validation score after every epoch picks the written coefficients (epoch 0 = the start: lambda everywhere).
+  With ``regmean`` the coefficients weigh each input's RegMean share dW_i T_i instead of dW_i, starting
+  at 1 (RegMean itself).
 
 Candidates are merged in memory and patched into a loaded model (:mod:`.inmemory`); the test split is never
 read (a data file named ``test*`` is refused). The best merge is written by :func:`peftmerge.combine` with
@@ -35,15 +37,16 @@ from ..evaluate.model import load_model, load_tokenizer
 from ..evaluate.predict import predict_generate, predict_head, predict_label_words
 from ..io import atomic
 from ..merge import registry
-from ..merge.combine import combine
+from ..merge.combine import combine, open_grams
 from ..merge.plan import open_inputs, plan_modules
 from . import layerwise, optim
 from .inmemory import InMemoryMerge, Patcher, load_head
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GRID = {"lambda": [0.3, 0.5, 0.7, 1.0, 1.3, 1.6], "density": [0.1, 0.2, 0.4, 0.7], "gamma": [0.0, 0.01, 0.05]}
-SEARCHABLE = ("lambda", "density", "gamma")
+DEFAULT_GRID = {"lambda": [0.3, 0.5, 0.7, 1.0, 1.3, 1.6], "density": [0.1, 0.2, 0.4, 0.7], "gamma": [0.0, 0.01, 0.05],
+                "off_diagonal": [0.5, 0.7, 0.9, 1.0]}
+SEARCHABLE = ("lambda", "density", "gamma", "off_diagonal")
 
 
 class Evaluator:
@@ -94,7 +97,7 @@ class Evaluator:
 def _axes(grid: dict | None, method: registry.Method) -> dict[str, list[float]]:
     known = [p.name for p in method.params if p.name in SEARCHABLE]
     if not grid:
-        grid = {k: DEFAULT_GRID[k] for k in known if k in ("lambda", "density")}
+        grid = {k: DEFAULT_GRID[k] for k in known if k in ("lambda", "density", "off_diagonal")}
     for name, values in grid.items():
         if name not in known:
             raise PeftmergeError(f"--grid {name}: method {method.name} has no searchable parameter {name!r} "
@@ -129,9 +132,11 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
            lam: float | None = None, density=None, gamma: float | None = None, sign: str | None = None,
            granularity: str | None = None, rank: int | None = None, limit: int | None = 200, batch_size: int = 16,
            max_length: int = 256, max_new_tokens: int = 32, alpha: float | None = None, force: bool = False,
-           epochs: int = 4, lr: float = 0.05, by: str = "layer", average: bool = False, overwrite: bool = False,
+           epochs: int = 4, lr: float = 0.05, by: str = "layer", average: bool = False,
+           off_diagonal: float | None = None, grams: str | Path | None = None, overwrite: bool = False,
            progress: bool = True) -> dict:
-    """Tune ``method`` on validation ``data`` ({task: file} or NAME=FILE strings) and write the best merge."""
+    """Tune ``method`` on validation ``data`` ({task: file} or NAME=FILE strings) and write the best merge
+    (``grams``: the file of :func:`peftmerge.grams` that regmean reads)."""
     m = registry.get(method or "ties")
     data = data if isinstance(data, dict) else parse_pairs(data, "--data")
     if not data:
@@ -141,9 +146,9 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
     if strategy not in ("grid", "es", "layerwise"):
         raise PeftmergeError(f"--strategy {strategy!r} is not one of grid, es, layerwise")
     if strategy == "layerwise":
-        if m.name != "task_arithmetic":
-            raise PeftmergeError(f"--strategy layerwise learns task-arithmetic coefficients; use --method "
-                                 f"task_arithmetic (not {m.name})")
+        if m.name != "task_arithmetic" and m.components is None:
+            raise PeftmergeError(f"--strategy layerwise learns per-input coefficients of task arithmetic or "
+                                 f"regmean; use --method task_arithmetic or regmean (not {m.name})")
         if epochs < 1 or lr <= 0 or by not in ("layer", "module"):
             raise PeftmergeError(f"layerwise needs --epochs >= 1, --lr > 0 and --by layer|module (got {epochs}, "
                                  f"{lr}, {by!r})")
@@ -153,22 +158,25 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
         raise PeftmergeError("--budget must be >= 1 and --population >= 2")
     n = len(inputs)
     fixed = {k: v for k, v in {"lambda": lam, "density": density, "gamma": gamma, "sign": sign,
-                               "granularity": granularity}.items() if v is not None}
+                               "granularity": granularity, "off_diagonal": off_diagonal}.items() if v is not None}
     m.resolve(fixed, n)  # unknown / out-of-range parameters fail before any work
     axes = _axes(grid, m) if strategy == "grid" else {}
     w0 = list(weights) if weights is not None else [1.0] * n
     if len(w0) != n:
         raise PeftmergeError(f"{len(w0)} weights for {n} inputs; give one weight per input")
     out = atomic.check_output(out, [Path(p) for p in inputs], overwrite)
+    gram_file = open_grams(m, grams, inputs)
 
     adapters = open_inputs(list(inputs), alpha=alpha, force=force)
     plans = plan_modules(adapters, force=force)
+    if gram_file is not None:
+        gram_file.check(adapters)
     base = model or next((a.base_model for a in adapters if a.base_model), None)
     if not base:
         raise PeftmergeError("the adapters do not name their base model; pass --model BASE")
     metas = {a.task: read_meta(a.path) for a in adapters}
     tasks = [load_task(t, p, limit=limit, meta=metas.get(t)) for t, p in data.items()]
-    merger = InMemoryMerge(adapters, plans, m, rank)
+    merger = InMemoryMerge(adapters, plans, m, rank, grams=gram_file)
     ev = Evaluator(base, adapters, plans, tasks, batch_size=batch_size, max_length=max_length,
                    max_new_tokens=max_new_tokens)
     individual = {}
@@ -177,8 +185,9 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
             individual.update(ev(merger.single(i), only=a.task))
 
     if strategy == "layerwise":
-        return _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, base, w0,
-                          lam if lam is not None else 0.3, epochs=epochs, lr=lr, by=by, batch_size=batch_size,
+        start = 1.0 if m.components is not None else lam if lam is not None else 0.3  # regmean: itself
+        return _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, base, w0, start, fixed,
+                          grams, epochs=epochs, lr=lr, by=by, batch_size=batch_size,
                           max_length=max_length, seed=seed, limit=limit, rank=rank, alpha=alpha, force=force,
                           average=average, overwrite=overwrite, progress=progress)
     trace: list[dict] = []
@@ -220,7 +229,8 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
     p = best_params
     return _write(out, inputs, result, dict(weights=best_w, lam=p.get("lambda"), density=p.get("density"),
                                             gamma=p.get("gamma"), sign=p.get("sign"),
-                                            granularity=p.get("granularity"), rank=rank, alpha=alpha, force=force),
+                                            granularity=p.get("granularity"), off_diagonal=p.get("off_diagonal"),
+                                            grams=grams, rank=rank, alpha=alpha, force=force),
                   f"{m.name} merge of {', '.join(a.task for a in adapters)} (searched)", overwrite)
 
 
@@ -243,8 +253,9 @@ def _normalized(per_task: dict, individual: dict) -> float | None:
     return sum(per_task[t] / individual[t] for t in ok) / len(ok) if ok else None
 
 
-def _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, base, w0, start, *, epochs, lr, by,
-               batch_size, max_length, seed, limit, rank, alpha, force, average, overwrite, progress) -> dict:
+def _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, base, w0, start, fixed, grams, *,
+               epochs, lr, by, batch_size, max_length, seed, limit, rank, alpha, force, average, overwrite,
+               progress) -> dict:
     """Learn per-layer coefficients (:mod:`.layerwise`); keep the epoch with the best validation score, or with
     ``average`` the mean of the last half of the epochs' coefficients (tail averaging, as SWA: Izmailov et al.,
     UAI 2018), which damps the epoch-to-epoch swing of single Adam iterates."""
@@ -252,7 +263,7 @@ def _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, b
     group_of = layerwise.groups(names, by)
     order = list(dict.fromkeys(group_of))
     index = {n: order.index(g) for n, g in zip(names, group_of)}
-    deltas = {p.name: merger.deltas(p).float() for p in plans}
+    deltas = {p.name: merger.shares(p, fixed) for p in plans}  # dW_i, or regmean's dW_i T_i
     for model, _ in ev.models.values():
         model.requires_grad_(False)  # only the coefficients learn
     coef = (torch.tensor(w0, dtype=torch.float32)[:, None] * start).repeat(1, len(order)).requires_grad_(True)
@@ -293,10 +304,10 @@ def _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, b
               "inputs": [a.task for a in adapters],
               "settings": {"epochs": epochs, "lr": lr, "by": by, "start": start, "average": average, "seed": seed,
                            "limit": limit, "batch_size": batch_size, "rank": rank, "grid": {}}}
-    return _write(out, inputs, result, dict(lam=1.0, rank=rank, alpha=alpha, force=force,
+    written = dict(lam=1.0) if m.components is None else dict(off_diagonal=fixed.get("off_diagonal"), grams=grams)
+    return _write(out, inputs, result, dict(**written, rank=rank, alpha=alpha, force=force,
                                             module_weights=module_weights),
-                  f"layer-wise task arithmetic of {', '.join(a.task for a in adapters)} (learned on validation)",
-                  overwrite)
+                  f"layer-wise {m.name} of {', '.join(a.task for a in adapters)} (learned on validation)", overwrite)
 
 
 def plot_trace(result: dict, path: Path) -> None:
