@@ -53,15 +53,15 @@ FAMILIES = {
                    train_rows=8000, eval_limit=300, search_limit=150, subsets=True, icl=0, zero_shot=False,
                    es_budget=8, methods=None, layerwise=dict(by="module", epochs=6, limit=400),
                    searches=("task_arithmetic+grid", "ties+grid", "ties+es", "pcb+es", "tsv+grid",
-                             "task_arithmetic+layerwise"),
+                             "task_arithmetic+layerwise", "regmean+layerwise"),
                    router_examples={"centroid": 2000, "probe": 20000}),
     "smollm2": dict(shape="text2text", tasks=["sst2", "agnews", "rte", "cola"], train=["--r", "16", "--alpha", "32", "--target-modules", "q_proj,v_proj",
                                               "--lr", "5e-4", "--max-steps", "30", "--batch-size", "8",
                                               "--max-length", "64", "--no-eval-before", "--max-eval-samples", "32"],
                     train_rows=400, eval_limit=40, search_limit=24, subsets=False, icl=0, zero_shot=True,
-                    es_budget=6, methods=("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "pcb"),
+                    es_budget=6, methods=("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "pcb", "regmean"),
                     layerwise=dict(by="layer", epochs=4, limit=24, batch_size=8),
-                    searches=("task_arithmetic+grid", "task_arithmetic+layerwise"),
+                    searches=("task_arithmetic+grid", "task_arithmetic+layerwise", "regmean+layerwise"),
                     router_examples={"centroid": 500, "probe": 2000}),
 }
 QUICK = dict(train_rows=64, eval_limit=24, search_limit=16, router_examples={"centroid": 32, "probe": 64})
@@ -166,9 +166,16 @@ def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
     methods = spec["methods"] or subprocess.run(
         [sys.executable, "-c", "from peftmerge.merge.registry import names; print(*names())"],
         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    lw = spec["layerwise"]  # learned coefficients want more validation rows than a grid point's score
+    lw_limit = spec["search_limit"] if quick else lw["limit"]
+    length = ["--max-length", 128] if spec["shape"] == "classify" else []
+    grams = w / "grams.safetensors"  # RegMean's: each adapter's layer inputs on its task's search rows (no labels)
+    run(["grams", *ins, *pairs("--data", val), "--model", base, "--limit", lw_limit, *length, "-o", grams,
+         "--quiet", "--overwrite"], log)
     for m in methods:
         merged[m] = w / "merged" / m
-        run(["combine", *ins, "--method", m, "-o", merged[m], "--quiet", "--overwrite"], log)
+        run(["combine", *ins, "--method", m, *(["--grams", grams] if m == "regmean" else []), "-o", merged[m],
+             "--quiet", "--overwrite"], log)
     searches = {"task_arithmetic+grid": ["--method", "task_arithmetic", "--grid", "lambda=0.3,0.5,0.7,0.9,1.1"],
                 "ties+grid": ["--method", "ties", "--grid", "lambda=0.7,1.0,1.3", "--grid", "density=0.2,0.5"],
                 "ties+es": ["--method", "ties", "--strategy", "es", "--budget", "8" if quick else spec["es_budget"],
@@ -176,16 +183,16 @@ def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
                 "pcb+es": ["--method", "pcb", "--strategy", "es", "--budget", "8" if quick else spec["es_budget"],
                            "--population", "8", "--seed", SEED],
                 "tsv+grid": ["--method", "tsv", "--grid", "lambda=0.6,0.8,1.0,1.2,1.5"]}
-    lw = spec["layerwise"]  # learned coefficients want more validation rows than a grid point's score
-    searches["task_arithmetic+layerwise"] = ["--method", "task_arithmetic", "--strategy", "layerwise", "--by", lw["by"],
-                                             "--epochs", 1 if quick else lw["epochs"], "--average", "--seed", SEED,
-                                             *(["--max-length", 128] if spec["shape"] == "classify" else []),
-                                             *(["--batch-size", lw["batch_size"]] if "batch_size" in lw else [])]
+    for m in ("task_arithmetic", "regmean"):  # regmean: coefficients of each adapter's RegMean share
+        searches[f"{m}+layerwise"] = ["--method", m, *(["--grams", grams] if m == "regmean" else []),
+                                      "--strategy", "layerwise", "--by", lw["by"], "--epochs",
+                                      1 if quick else lw["epochs"], "--average", "--seed", SEED, *length,
+                                      *(["--batch-size", lw["batch_size"]] if "batch_size" in lw else [])]
     for name, opts in searches.items():
         if name not in spec["searches"]:
             continue
         merged[name] = w / "merged" / name
-        limit = lw["limit"] if name.endswith("+layerwise") and not quick else spec["search_limit"]
+        limit = lw_limit if name.endswith("+layerwise") else spec["search_limit"]
         run(["search", *ins, *opts, *pairs("--data", val), "--model", base, "--limit", limit,
              "-o", merged[name], "--quiet", "--overwrite"], log)
 
