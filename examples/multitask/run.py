@@ -235,9 +235,10 @@ def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
     if spec["subsets"]:
         for k in (2, 3):
             sub = TASKS[:k]
-            for m in ("task_arithmetic", "ties", "dare_ties", "breadcrumbs"):
+            for m in ("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "regmean"):
                 folder = w / "merged" / f"{m}-{k}"
-                run(["combine", *ins[:k], "--method", m, "-o", folder, "--quiet", "--overwrite"], log)
+                run(["combine", *ins[:k], "--method", m, *(["--grams", grams] if m == "regmean" else []),
+                     "-o", folder, "--quiet", "--overwrite"], log)
                 files.append(res / f"{m}-{k}.json")
                 run(["eval", *common, "--adapter", folder, "--name", f"{m} ({k} tasks)",
                      *pairs("--data", {t: test[t] for t in sub}), "--reference-results", first, "-o", files[-1]],

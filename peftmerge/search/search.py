@@ -9,7 +9,7 @@ Strategies (the objective is the mean over tasks of accuracy, or ROUGE-L for fre
 - ``layerwise``: one task-arithmetic coefficient per input and layer (or module), learned with Adam on the
   validation cross-entropy, every task in every step (supervised AdaMerging, :mod:`.layerwise`); the
   validation score after every epoch picks the written coefficients (epoch 0 = the start: lambda everywhere).
-  With ``regmean`` the coefficients weigh each input's RegMean share dW_i T_i instead of dW_i, starting
+  With ``regmean`` the coefficients weigh each input's RegMean share dW_i G_i G^-1 instead of dW_i, starting
   at 1 (RegMean itself).
 
 Candidates are merged in memory and patched into a loaded model (:mod:`.inmemory`); the test split is never
@@ -263,7 +263,7 @@ def _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, b
     group_of = layerwise.groups(names, by)
     order = list(dict.fromkeys(group_of))
     index = {n: order.index(g) for n, g in zip(names, group_of)}
-    deltas = {p.name: merger.shares(p, fixed) for p in plans}  # dW_i, or regmean's dW_i T_i
+    deltas = {p.name: merger.shares(p, fixed) for p in plans}  # dW_i, or regmean's dW_i G_i G^-1
     for model, _ in ev.models.values():
         model.requires_grad_(False)  # only the coefficients learn
     coef = (torch.tensor(w0, dtype=torch.float32)[:, None] * start).repeat(1, len(order)).requires_grad_(True)

@@ -32,13 +32,21 @@ def shrink(gram: torch.Tensor, off_diagonal: float) -> torch.Tensor:
     return off_diagonal * gram + (1 - off_diagonal) * torch.diag(torch.diagonal(gram))
 
 
-def transforms(grams: list[torch.Tensor], off_diagonal: float) -> list[torch.Tensor]:
-    """T_i = G_i (sum_j G_j)^-1 for every input, so that dW = sum_i w_i dW_i T_i."""
+def shares(lefts: list, grams: list[torch.Tensor], off_diagonal: float) -> list:
+    """[L_i G_i (sum_j G_j)^-1] for each input's left matrix L_i (rows x d_in; None: no share), from one
+    Cholesky factorization of the sum: dW_i for the dense merge, A_i for the factored one (r_i rows only)."""
     gs = [shrink(g.double(), off_diagonal) for g in grams]
     total = sum(gs)
     eps = 1e-8 * float(torch.diagonal(total).mean().clamp(min=1e-30))  # an unused input feature: no NaN
     total = total + eps * torch.eye(total.shape[0], dtype=total.dtype)
-    return [torch.linalg.solve(total, g).T for g in gs]  # (G^-1 G_i)^T = G_i G^-1 (both symmetric)
+    present = [i for i, left in enumerate(lefts) if left is not None]
+    rhs = torch.cat([lefts[i].double() @ gs[i] for i in present])  # X G = rhs  <=>  G X^T = rhs^T (G symmetric)
+    chol, info = torch.linalg.cholesky_ex(total)
+    x = (torch.cholesky_solve(rhs.T, chol) if int(info) == 0 else torch.linalg.solve(total, rhs.T)).T
+    out = [None] * len(lefts)
+    for i, part in zip(present, x.split([lefts[i].shape[0] for i in present])):
+        out[i] = part
+    return out
 
 
 def _grams(ctx, n: int) -> list[torch.Tensor] | None:
@@ -52,26 +60,25 @@ def _grams(ctx, n: int) -> list[torch.Tensor] | None:
 
 
 def regmean_factored(factors: list, n: int, shape, params: dict, ctx):
-    """RegMean of LoRA inputs ``[(w_i s_i B_i, A_i) or None, ...]`` in factor space: (B, A) = ([B_i], [A_i T_i]).
+    """RegMean of LoRA inputs ``[(w_i s_i B_i, A_i) or None, ...]`` in factor space:
+    (B, A) = ([B_i], [A_i G_i G^-1]).
     An input that does not adapt this module (None) adds no factor but its G_i still counts in the sum."""
     grams = _grams(ctx, n)
     present = [(i, f) for i, f in enumerate(factors) if f is not None]
     b = torch.cat([f[0] for _, f in present], dim=1)
     if grams is None:
         return b / n, torch.cat([f[1] for _, f in present], dim=0)
-    ts = transforms(grams, params["off_diagonal"])
-    a = torch.cat([(f[1].double() @ ts[i]).float() for i, f in present], dim=0)
-    return b, a
+    parts = shares([f and f[1] for f in factors], grams, params["off_diagonal"])
+    return b, torch.cat([parts[i].float() for i, _ in present], dim=0)
 
 
 def components(deltas: torch.Tensor, params: dict, ctx) -> torch.Tensor:
-    """(n, *shape): each input's share dW_i T_i of the merge (dW_i / n without Gram matrices), so that RegMean
+    """(n, *shape): each input's share dW_i G_i G^-1 of the merge (dW_i / n without Gram matrices), so that RegMean
     with weights w is sum_i w_i share_i (what a layer-wise search learns coefficients over)."""
     grams = _grams(ctx, deltas.shape[0]) if deltas.dim() == 3 else None
     if grams is None:
         return deltas / deltas.shape[0]
-    ts = transforms(grams, params["off_diagonal"])
-    return torch.stack([d.double() @ t for d, t in zip(deltas, ts)]).to(deltas.dtype)
+    return torch.stack(shares(list(deltas), grams, params["off_diagonal"])).to(deltas.dtype)
 
 
 @register("regmean", paper="https://arxiv.org/abs/2212.09849", params=(OFF_DIAGONAL,), factored=regmean_factored,
