@@ -56,3 +56,18 @@ def adapters(tmp_path):
         make_adapter(tmp_path / "b", seed=2, r=2, alpha=4, targets=("q_proj", "v_proj", "o_proj")),
         make_adapter(tmp_path / "c", seed=3, r=6, alpha=3, use_rslora=True),
     ]
+
+
+@pytest.fixture
+def bert_pair(tmp_path):
+    """A tiny BERT encoder with two classification adapters (sent: 2 labels, topic: 3) and their validation rows:
+    (base folder, [adapter folders], {task: validation.jsonl})."""
+    from eval_fixtures import SENTIMENT, TOPIC, lora_adapter, save_bert, write_task
+
+    base = save_bert(tmp_path / "bert")
+    kw = dict(classify=True, scale=0.5, targets=("query", "value", "dense"))
+    a = lora_adapter(base, tmp_path / "a", seed=1, task="sent", labels=["negative", "positive"], **kw)
+    b = lora_adapter(base, tmp_path / "b", seed=2, task="topic", labels=["sports", "business", "tech"], **kw)
+    d1 = write_task(tmp_path / "sent", SENTIMENT, name="validation.jsonl")
+    d2 = write_task(tmp_path / "topic", TOPIC, name="validation.jsonl")
+    return base, [a, b], {"sent": d1, "topic": d2}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from eval_fixtures import SENTIMENT, TOPIC, lora_adapter, save_bert, write_task
+from eval_fixtures import SENTIMENT, TOPIC, lora_adapter, write_task
 from peftmerge.cli.main import main
 from peftmerge.merge import registry
 from peftmerge.merge.methods.regmean import regmean_factored
@@ -81,17 +81,6 @@ def test_a_tensor_without_grams_is_the_weighted_mean():
 
 
 # --- grams and the CLI on tiny BERT classifiers ---------------------------------------------------------------
-
-@pytest.fixture
-def bert_pair(tmp_path):
-    base = save_bert(tmp_path / "bert")
-    kw = dict(classify=True, scale=0.5, targets=("query", "value", "dense"))
-    a = lora_adapter(base, tmp_path / "sent", seed=1, task="sent", labels=["negative", "positive"], **kw)
-    b = lora_adapter(base, tmp_path / "topic", seed=2, task="topic", labels=["sports", "business", "tech"], **kw)
-    d1 = write_task(tmp_path / "dsent", SENTIMENT, name="validation.jsonl")
-    d2 = write_task(tmp_path / "dtopic", TOPIC, name="validation.jsonl")
-    return base, [a, b], {"sent": d1, "topic": d2}
-
 
 def _peft_gram(base, adapter, rows, module):
     """x x^T / tokens of ``module``'s input inside PEFT's own model with the adapter, padding excluded."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from eval_fixtures import SENTIMENT, TOPIC, lora_adapter, save_bert, save_llama, tokenizer, write_task
+from eval_fixtures import SENTIMENT, lora_adapter, save_llama, tokenizer, write_task
 from peftmerge.errors import PeftmergeError
 from peftmerge.evaluate import Settings, evaluate
 from peftmerge.evaluate.data import load_task
@@ -44,17 +44,6 @@ def test_each_step_holds_a_batch_of_every_task_and_small_tasks_cycle():
     assert [len(rows) for _, rows in epoch[0]] == [4, 3] and sorted(seen_small[:3]) == [0, 1, 2]
     assert seen_small[:3] == seen_small[3:6]  # cycles in the same shuffled order
     assert layerwise.steps([big, small], 4, seed=1) == epoch and layerwise.steps([big, small], 4, seed=2) != epoch
-
-
-@pytest.fixture
-def bert_pair(tmp_path):
-    base = save_bert(tmp_path / "bert")
-    kw = dict(classify=True, scale=0.5, targets=("query", "value", "dense"))
-    a = lora_adapter(base, tmp_path / "a", seed=1, task="sent", labels=["negative", "positive"], **kw)
-    b = lora_adapter(base, tmp_path / "b", seed=2, task="topic", labels=["sports", "business", "tech"], **kw)
-    d1 = write_task(tmp_path / "sent", SENTIMENT, name="validation.jsonl")
-    d2 = write_task(tmp_path / "topic", TOPIC, name="validation.jsonl")
-    return base, [a, b], {"sent": d1, "topic": d2}
 
 
 def _setup(base, inputs, data, **kw):
