@@ -30,6 +30,20 @@ _USAGE = {
     "router": "peftmerge route --router {repo} ...",
 }
 _USAGE["merged-adapter"] = _USAGE["adapter"]
+_CLASSIFIER_USAGE = {  # adapters with a classification head (task_type SEQ_CLS)
+    "adapter": (
+        "from transformers import AutoModelForSequenceClassification\nfrom peft import PeftModel\n\n"
+        'base = AutoModelForSequenceClassification.from_pretrained("{base}", num_labels={labels})\n'
+        'model = PeftModel.from_pretrained(base, "{repo}")'
+    ),
+    "merged-adapter": (
+        "from huggingface_hub import snapshot_download\nfrom transformers import AutoModelForSequenceClassification\n"
+        "from peftmerge.io.heads import load_merged\n\n"
+        "# one head per task ({tasks}): load the merged LoRA with the head of the task you want\n"
+        'base = AutoModelForSequenceClassification.from_pretrained("{base}", num_labels={labels})\n'
+        'model = load_merged(base, snapshot_download("{repo}"), "{task}")'
+    ),
+}
 
 
 def normalize_results(results: dict | None, source: str = "results") -> dict[str, dict] | None:
@@ -96,12 +110,14 @@ def make_card(
     datasets: list[str] | tuple[str, ...] = (),
     title: str | None = None,
     repo_id: str | None = None,
+    heads: dict[str, int] | None = None,
 ) -> ModelCard:
     """A model card for an output of ``kind`` (one of :data:`KINDS`).
 
     ``recipe`` is stored in full (JSON) with ``peftmerge_version`` added; its ``method`` becomes a tag
     and its ``inputs`` a table. ``results`` is ``{task: {metric: value}}`` (or the eval command's
-    ``{"tasks": ...}``). ``repo_id`` only fills the usage snippet.
+    ``{"tasks": ...}``). ``repo_id`` only fills the usage snippet. ``heads`` ({task: number of labels}) marks
+    a classification adapter: the snippet loads it on a sequence classifier (with that task's head).
     """
     if kind not in KINDS:
         raise PeftmergeError(f"unknown output kind {kind!r}; valid kinds: {', '.join(KINDS)}")
@@ -147,8 +163,11 @@ def make_card(
         if len(hub_bases) < len(bases):
             lines.append("(A local path is named here only: the metadata's `base_model` takes Hub repo ids.)")
     base0 = base_model if isinstance(base_model, str) else (base_model[0] if base_model else "BASE_MODEL")
+    usage = _CLASSIFIER_USAGE[kind] if heads and kind in _CLASSIFIER_USAGE else _USAGE[kind]
+    task, labels = next(iter((heads or {"": 0}).items()))
     lines += ["", "## Usage", "", "```python" if kind != "router" else "```bash",
-              _USAGE[kind].format(base=base0, repo=repo_id or REPO_PLACEHOLDER), "```"]
+              usage.format(base=base0, repo=repo_id or REPO_PLACEHOLDER, task=task, labels=labels,
+                           tasks=", ".join(heads or ())), "```"]
     inputs = recipe.get("inputs")
     if isinstance(inputs, list) and (table := _inputs_table(inputs)):
         lines += ["", "## Inputs", "", table]
@@ -173,6 +192,31 @@ def with_results(card: ModelCard, results: dict) -> ModelCard:
     return ModelCard(new + "\n")
 
 
+def classifier_heads(folder: Path) -> dict[str, int] | None:
+    """{task: number of labels} of a classification adapter folder (task_type SEQ_CLS), else None: each head's
+    output size is the smallest first dimension among its 2-D weights (BERT's classifier, RoBERTa's out_proj)."""
+    from .io.safetensors_file import read_header
+
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        meta = json.loads((folder / "peftmerge.json").read_text()) if (folder / "peftmerge.json").exists() else {}
+    except (OSError, json.JSONDecodeError):
+        return None
+    if config.get("task_type") != "SEQ_CLS":
+        return None
+    files = {t: folder / f for t, f in meta.get("heads", {}).items()} or {meta.get("task", "TASK"):
+                                                                        folder / "adapter_model.safetensors"}
+    out = {}
+    for task, path in files.items():
+        if not path.exists():
+            return None
+        header = read_header(path)
+        sizes = [v["shape"][0] for k, v in header.items() if k.endswith("weight") and len(v.get("shape", ())) == 2
+                 and not any(x in k for x in ("lora_", "base_layer"))]
+        out[task] = min(sizes) if sizes else 0
+    return out if all(out.values()) else None
+
+
 def write_card(out_dir: str | Path, **kwargs) -> Path:
     """Write ``README.md`` into ``out_dir``; see :func:`make_card` for the arguments.
 
@@ -181,6 +225,8 @@ def write_card(out_dir: str | Path, **kwargs) -> Path:
     out_dir = Path(out_dir)
     if kwargs.get("results") is None:
         kwargs["results"] = load_results(out_dir / RESULTS_FILE)
+    if kwargs.get("heads") is None and kwargs.get("kind") in _CLASSIFIER_USAGE:
+        kwargs["heads"] = classifier_heads(out_dir)
     path = out_dir / "README.md"
     make_card(**kwargs).save(path)
     return path

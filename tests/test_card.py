@@ -108,3 +108,38 @@ def test_with_results_replaces_only_the_results_section():
     assert updated.data.to_dict() == card.data.to_dict() and recipe_block(updated) == recipe_block(card)
     fresh = with_results(make_card(kind="adapter", base_model=None), {"c": {"f1": 1}})
     assert fresh.text.rstrip().endswith("| c | 1 |")
+
+
+def _usage(readme) -> str:
+    text = readme.read_text()
+    return text.split("## Usage\n\n```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_classifier_cards_show_a_snippet_that_loads_a_tasks_head(bert_pair, tmp_path, monkeypatch):
+    """A merged classification adapter's usage snippet runs as written (the Hub download replaced by the local
+    folder) and gives the model with that task's head; a causal adapter keeps the causal-LM snippet."""
+    import huggingface_hub
+    import torch
+
+    from conftest import make_adapter
+    from peftmerge.io.heads import load_merged
+    from peftmerge.merge.combine import combine
+    from transformers import AutoModelForSequenceClassification
+
+    base, inputs, _ = bert_pair
+    out = tmp_path / "merged"
+    combine(inputs, out, "task_arithmetic", progress=False)
+    code = _usage(out / "README.md")
+    assert "num_labels=2" in code and '"sent")' in code and "heads: " not in code and "sent, topic" in code
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo: str(out))
+    scope: dict = {}
+    exec(code.replace("REPO_ID", "user/merged"), scope)
+    ids = {"input_ids": torch.tensor([[2, 10, 11, 3]])}
+    want = load_merged(AutoModelForSequenceClassification.from_pretrained(base, num_labels=2), out, "sent")
+    torch.testing.assert_close(scope["model"](**ids).logits, want(**ids).logits)
+    write_card(inputs[1], kind="adapter", base_model=str(base))
+    single = _usage(inputs[1] / "README.md")
+    assert "AutoModelForSequenceClassification" in single and "num_labels=3" in single
+    causal = make_adapter(tmp_path / "causal")
+    write_card(causal, kind="adapter", base_model="tiny-llama")
+    assert "AutoModelForCausalLM" in _usage(causal / "README.md")
