@@ -148,7 +148,7 @@ class Grams:
             with safe_open(str(self.path), "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("peftmerge", "{}"))
                 self.keys = set(f.keys())
-        except (OSError, ValueError, json.JSONDecodeError, Exception) as e:  # safetensors raises its own errors
+        except Exception as e:  # noqa: BLE001 (OSError, JSON and safetensors' own error types)
             raise PeftmergeError(f"{self.path}: not a readable grams file ({e}); write one with `peftmerge grams`") \
                 from None
         if meta.get("format") != FORMAT:
