@@ -238,3 +238,11 @@ def test_cli_report_bad_file_exit_2(tmp_path):
     bad.write_text("{}")
     res = CliRunner().invoke(main, ["eval", "report", str(bad), "-o", str(tmp_path / "r")])
     assert res.exit_code == 2 and "not a peftmerge results.json" in res.output
+
+
+def test_normalized_vs_tasks_lines_join_a_systems_k_task_merges_only():
+    from peftmerge.evaluate.report import series_name
+
+    names = ["ties", "ties (2 tasks)", "ties (3 tasks)", "ties+grid", "regmean+layerwise", "regmean (1 task)"]
+    assert [series_name({"name": n}) for n in names] == ["ties", "ties", "ties", "ties+grid", "regmean+layerwise",
+                                                        "regmean"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -71,23 +72,32 @@ def plot_bars(systems: dict[str, dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+def series_name(result: dict) -> str:
+    """The line a result belongs to: its system name without a `` (k tasks)`` suffix, so ``ties``, ``ties (2
+    tasks)`` and ``ties (3 tasks)`` form one line and a searched ``ties+grid`` is a point of its own."""
+    return re.sub(r" \(\d+ tasks?\)$", "", result["name"])
+
+
 def plot_normalized_vs_tasks(results: list[dict], path: str | Path) -> None:
-    """Mean normalized accuracy against the number of merged tasks, one line per method."""
+    """Mean normalized accuracy against the number of merged tasks, one line per system."""
     plt = _plt()
     lines: dict[str, list[tuple[int, float]]] = {}
     for r in results:
         norm = r["average"].get("normalized")
         if norm is not None and r.get("n_tasks"):
-            lines.setdefault(r.get("method") or r["name"], []).append((r["n_tasks"], norm))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, pts in sorted(lines.items()):
+            lines.setdefault(series_name(r), []).append((r["n_tasks"], norm))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    colors = plt.get_cmap("tab20").colors
+    for k, (name, pts) in enumerate(sorted(lines.items())):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^D"[k // 10 % 4], color=colors[k % 20],
+                label=name)
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(sorted({n for pts in lines.values() for n, _ in pts}))
     ax.set_xlabel("number of merged tasks")
     ax.set_ylabel("normalized accuracy (merged / individual)")
     if lines:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
