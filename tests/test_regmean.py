@@ -162,6 +162,8 @@ def test_regmean_errors_name_the_fix(bert_pair, tmp_path):
                *[x for t, p in data.items() for x in ("--data", f"{t}={p}")]).exit_code == 0
     r = run("combine", *inputs, "--method", "ties", "--grams", g, "-o", tmp_path / "m")
     assert r.exit_code == 2 and "regmean" in r.output
+    r = run("combine", *inputs, "--method", "regmean", "--grams", g, "--base", base, "-o", tmp_path / "m")
+    assert r.exit_code == 2 and "LoRA adapters only" in r.output
     r = run("combine", *inputs, "--method", "regmean", "--grams", inputs[0] / "adapter_model.safetensors", "-o",
             tmp_path / "m")
     assert r.exit_code == 2 and "not a peftmerge grams file" in r.output and "Traceback" not in r.output
