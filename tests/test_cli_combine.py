@@ -65,6 +65,10 @@ def test_methods_lists_every_method_with_defaults():
     for m in registry.methods():
         assert m.name in r.output
     assert "density=0.2" in r.output and "gamma=0.01" in r.output
+    lines = {line.split(":")[0].split(" ")[0]: line for line in r.output.splitlines()}
+    assert "[exact, factor space]" in lines["task_arithmetic"] and "factor space (SVDs" in lines["tsv"]
+    assert "[exact, factor space; needs --grams]" in lines["regmean"] and "from the factors" in lines["ties"]
+    assert "[dense per module" in lines["pcb"]
 
 
 def _corrupt(tmp_path, two, kind):
