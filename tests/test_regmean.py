@@ -205,3 +205,17 @@ def test_layerwise_regmean_starts_at_regmean_and_writes_the_learned_shares(bert_
     got = evaluate(str(base), data, adapter=str(tmp_path / "best"), settings=quiet)
     for t in data:  # and the written adapter scores what the search recorded for it
         assert got["tasks"][t]["accuracy"] == pytest.approx(r["best"]["tasks"][t])
+
+
+def test_grid_search_over_off_diagonal_writes_the_best_point(bert_pair, tmp_path):
+    from peftmerge.grams import grams
+    from peftmerge.search import search
+
+    base, inputs, data = bert_pair
+    g = tmp_path / "g.safetensors"
+    grams(inputs, g, data=data, model=str(base), progress=False)
+    r = search(inputs, tmp_path / "best", "regmean", data=data, model=str(base), grams=g,
+               grid={"off_diagonal": [0.0, 1.0]}, batch_size=4, max_length=32, progress=False)
+    assert [row["params"]["off_diagonal"] for row in r["trace"]] == [0.0, 1.0]
+    report = json.loads((tmp_path / "best" / "merge_report.json").read_text())
+    assert report["params"] == r["best"]["params"] and report["grams"]["path"] == str(g)
