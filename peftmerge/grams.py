@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 
 from .errors import PeftmergeError
 from .evaluate.data import load_task, parse_pairs, read_meta, refuse_test_split
-from .evaluate.predict import encode_rows, pad_id, prompt_and_answer, right_pad
-from .evaluate.prompts import prompt_of
+from .evaluate.predict import encode_rows, pad_id, right_pad
 from .io import atomic
-from .merge.combine import _sha256
+from .merge.combine import file_sha256
 from .merge.plan import open_inputs, plan_modules
+from .search.layerwise import answer_sequences
 
 FORMAT = "peftmerge-grams"
 
@@ -39,11 +39,7 @@ def _batches(task, head: bool, tokenizer, batch_size: int, max_length: int):
             enc = encode_rows(tokenizer, rows, max_length)
             yield dict(enc), enc["attention_mask"]
             continue
-        seqs = []
-        for row in rows:
-            gold = str(row["label"] if task.kind == "classify" else row["output"])
-            p, c = prompt_and_answer(tokenizer, prompt_of(task, row), gold, max_length, max(1, max_length // 2))
-            seqs.append(p + c)
+        seqs, _ = answer_sequences(tokenizer, task, rows, max_length)  # as the layer-wise search feeds them
         ids, mask = right_pad(seqs, pad_id(tokenizer))
         yield dict(input_ids=ids, attention_mask=mask), mask
 
@@ -133,7 +129,7 @@ def grams(inputs: Sequence[str | Path], out: str | Path, *, data, model: str | N
             tokens[a.task] = acc.tokens[names[0]]
     report = {"format": FORMAT, "base_model": base, "tasks": [a.task for a in adapters], "tokens": tokens,
               "data": {a.task: {"path": str(data[a.task]), "rows": len(tasks[a.task].rows)} for a in adapters},
-              "sha256": {a.task: _sha256(a.file.path) for a in adapters}, "modules": len(names)}
+              "sha256": {a.task: file_sha256(a.file.path) for a in adapters}, "modules": len(names)}
     with atomic.atomic_file(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata={"peftmerge": json.dumps(report)})
     return report
@@ -161,7 +157,7 @@ class Grams:
             if a.task not in self.meta["tasks"]:
                 raise PeftmergeError(f"{self.path} has no Gram matrices for task {a.task} (it has "
                                      f"{', '.join(self.meta['tasks'])}); run `peftmerge grams` on these inputs")
-            if self.meta["sha256"].get(a.task) != _sha256(a.file.path):
+            if self.meta["sha256"].get(a.task) != file_sha256(a.file.path):
                 raise PeftmergeError(f"{self.path}: task {a.task}'s Gram matrices were measured with another "
                                      f"adapter than {a.ref}; run `peftmerge grams` again on these inputs")
 

@@ -40,7 +40,7 @@ def _dtype(name: str | None) -> torch.dtype:
     return DTYPES[name]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -50,7 +50,7 @@ def _sha256(path: Path) -> str:
 
 def _describe(a: LoraAdapter) -> dict:
     """How the recipe pins an input: its path or Hub id, task, sha256 (and Hub revision)."""
-    entry = {"path": a.ref, "task": a.task, "sha256": _sha256(a.file.path), "base_model": a.base_model}
+    entry = {"path": a.ref, "task": a.task, "sha256": file_sha256(a.file.path), "base_model": a.base_model}
     pinned = describe_input(a.ref, a.path)
     if "revision" in pinned:
         entry["revision"] = pinned["revision"]

@@ -36,7 +36,7 @@ from ..io.checkpoint import Checkpoint, is_checkpoint
 from ..io.hub import resolve
 from ..io.model_writer import ShardedWriter, Slot, copy_model_files, parse_size
 from . import blocked, ops, registry
-from .combine import _module_generator, _sha256  # one seeding rule for adapters and models
+from .combine import _module_generator, file_sha256  # one seeding rule for adapters and models
 from .plan import open_inputs
 from .recipe import Recipe
 
@@ -318,7 +318,7 @@ def _report(recipe, method, params, weights, base, sources, changed, writer, slo
     inputs = []
     for s in sources:
         if s.adapter is not None:
-            inputs.append({"path": str(s.path), "kind": "lora", "task": s.task, "sha256": _sha256(s.adapter.file.path)})
+            inputs.append({"path": str(s.path), "kind": "lora", "task": s.task, "sha256": file_sha256(s.adapter.file.path)})
         else:  # hashing whole checkpoints would cost more than the merge; sizes identify the files
             inputs.append({"path": str(s.path), "kind": "full", "task": s.task, "bytes": s.checkpoint.nbytes})
     merged = [n for n, c in changed.items() if c]

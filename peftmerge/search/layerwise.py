@@ -74,16 +74,22 @@ def head_loss(model, tokenizer, task, rows, params, max_length: int) -> torch.Te
     return F.cross_entropy(logits.float(), y)
 
 
-def answer_loss(model, tokenizer, task, rows, params, max_length: int) -> torch.Tensor:
-    """Mean negative log-likelihood per gold answer token (label word or output) after each row's prompt,
-    packed as :func:`peftmerge.evaluate.predict.label_scores` packs a label word (an answer's first
-    ``max_length // 2`` tokens at most)."""
+def answer_sequences(tokenizer, task, rows, max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Each row's prompt + gold answer (label word or output) token ids, and where its answer starts."""
     seqs, starts = [], []
     for row in rows:
         gold = str(row["label"] if task.kind == "classify" else row["output"])
         p, c = prompt_and_answer(tokenizer, prompt_of(task, row), gold, max_length, max(1, max_length // 2))
         seqs.append(p + c)
         starts.append(len(p))
+    return seqs, starts
+
+
+def answer_loss(model, tokenizer, task, rows, params, max_length: int) -> torch.Tensor:
+    """Mean negative log-likelihood per gold answer token (label word or output) after each row's prompt,
+    packed as :func:`peftmerge.evaluate.predict.label_scores` packs a label word (an answer's first
+    ``max_length // 2`` tokens at most)."""
+    seqs, starts = answer_sequences(tokenizer, task, rows, max_length)
     ids, mask = right_pad(seqs, pad_id(tokenizer))
     labels = torch.full_like(ids, -100)
     for j, (s, start) in enumerate(zip(seqs, starts)):

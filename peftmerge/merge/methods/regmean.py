@@ -50,7 +50,7 @@ def shares(lefts: list, grams: list[torch.Tensor], off_diagonal: float) -> list:
 
 
 def _grams(ctx, n: int) -> list[torch.Tensor] | None:
-    grams = getattr(ctx, "grams", None)
+    grams = ctx.grams
     if grams is None:
         return None
     if len(grams) != n or any(g is None for g in grams):
