@@ -219,3 +219,37 @@ def test_grid_search_over_off_diagonal_writes_the_best_point(bert_pair, tmp_path
     assert [row["params"]["off_diagonal"] for row in r["trace"]] == [0.0, 1.0]
     report = json.loads((tmp_path / "best" / "merge_report.json").read_text())
     assert report["params"] == r["best"]["params"] and report["grams"]["path"] == str(g)
+
+
+def test_grams_of_a_label_word_adapter_cover_prompt_and_answer_tokens(tmp_path):
+    """Causal LM adapters: x x^T over each row's prompt + gold label word, unpadded, one row at a time through
+    PEFT's own model (rows of different lengths, so padding would show)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from eval_fixtures import save_llama, tokenizer
+    from peftmerge.evaluate.data import load_task
+    from peftmerge.evaluate.prompts import answer_of, prompt_of
+    from peftmerge.grams import Grams, grams
+
+    base = save_llama(tmp_path / "llama", seed=3)
+    a = lora_adapter(base, tmp_path / "a", seed=4, task="lw", labels=["good", "bad"], targets=("q_proj", "v_proj"),
+                     scale=0.5)
+    rows = [{"text": "the movie was good", "label": "good"}, {"text": "a dull film very bad plot", "label": "bad"}]
+    path = write_task(tmp_path / "lw", rows, labels=["good", "bad"], name="validation.jsonl")
+    grams([a], tmp_path / "g.safetensors", data={"lw": path}, model=str(base), progress=False)
+    module = "model.layers.1.self_attn.q_proj"
+    got = Grams(tmp_path / "g.safetensors").of(module, ["lw"])[0].double()
+    task = load_task("lw", path, meta=json.loads((a / "peftmerge.json").read_text()))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), a).eval()
+    seen = []
+    model.get_submodule(f"base_model.model.{module}").register_forward_pre_hook(
+        lambda m, args: seen.append(args[0][0].detach().double()))
+    tok = tokenizer("llama")
+    with torch.no_grad():
+        for row in rows:
+            prompt = prompt_of(task, row)
+            ids = tok(prompt)["input_ids"] + tok(answer_of(prompt, row["label"]), add_special_tokens=False)["input_ids"]
+            model(input_ids=torch.tensor([ids]))
+    x = torch.cat(seen)
+    torch.testing.assert_close(got, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
