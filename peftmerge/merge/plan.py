@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import PeftmergeError
 from ..io.adapter import LoraAdapter, load_adapter
+from ..io.base_model import check_same_base
 from ..io.hub import resolve
 
 
@@ -35,11 +36,7 @@ def open_inputs(paths: list[str | Path], alpha: float | None = None, force: bool
         adapter = load_adapter(resolve(p, allow_patterns=["*.json", "*.safetensors", "heads/*"]), alpha=alpha)
         adapter.ref = str(p)
         adapters.append(adapter)
-    bases = {a.base_model for a in adapters if a.base_model}
-    if len(bases) > 1 and not force:
-        listing = "; ".join(f"{a.path}: {a.base_model}" for a in adapters if a.base_model)
-        raise PeftmergeError(f"adapters of different base models ({listing}); "
-                             "merge adapters of one base model, or pass --force if they really share one")
+    check_same_base([(a.path, a.base_model) for a in adapters], force)
     _dedupe_tasks(adapters)
     return adapters
 

@@ -19,12 +19,13 @@ from .. import __version__
 from ..card import write_card
 from ..errors import PeftmergeError
 from ..io.atomic import atomic_dir, check_output
+from ..io.base_model import describe as describe_base
 from ..io.meta import read_yaml
 from . import base, methods
 from .config import TrainConfig
-from .data import ALPACA_PROMPT, default_template, load_task, sample_inputs
+from .data import ALPACA_PROMPT, default_task_name, default_template, load_task, sample_inputs, sample_rows
 from .examples import classify_example, pack, text2text_example
-from .trainer import label_word_accuracy, make_trainer
+from .trainer import describe_schedule, eval_rows, kept_weights, label_word_accuracy, make_trainer
 
 log = logging.getLogger(__name__)
 META_FILE = "peftmerge.json"
@@ -82,7 +83,10 @@ def train(config: TrainConfig) -> TrainResult:
     """Train one adapter as ``config`` says and write it to ``config.out``."""
     import transformers
 
+    named = bool(config.task)
     config.check()
+    if not named:
+        log.info("task name %r: the data folder's name (pass --task to choose another)", config.task)
     method = methods.get(config.method)
     inputs = [Path(p) for p in (config.data, config.validation) if p]
     if Path(config.model).exists():
@@ -93,6 +97,10 @@ def train(config: TrainConfig) -> TrainResult:
     causal = base.can_generate(base.load_config(src, gguf))
     shape = _shape(config, task, causal, method)
     template = _template(config, task)
+    label_words = len(task.labels) if shape == "text2text" and task.format == "labelled" else 0
+    n_val = len(task.validation)
+    task.validation = sample_rows(task.validation, eval_rows(config, len(task.train), label_words), config.seed)
+    log.info(describe_schedule(config, len(task.validation), n_val))
     tokenizer = base.load_tokenizer(src, gguf)
     if task.format == "chat" and not tokenizer.chat_template:
         raise PeftmergeError(f"base model {config.model}: its tokenizer has no chat template for 'messages' rows")
@@ -101,11 +109,14 @@ def train(config: TrainConfig) -> TrainResult:
     if config.packing and shape == "text2text":
         train_ex = pack(train_ex, config.max_length)
 
-    transformers.set_seed(config.seed)
+    transformers.set_seed(config.resolved_init_seed())  # the head's and the LoRA factors' initial values
     model = base.load_model(src, gguf, shape, task.labels if shape == "classify" else None, method.quantize_4bit,
                             config.dtype, tokenizer.pad_token_id)
     task_type = "SEQ_CLS" if shape == "classify" else "CAUSAL_LM"
     model = method.build(model, config, task_type)
+    based_on = describe_base(config.model, str(Path(src) / gguf) if gguf else src)
+    for peft_config in (getattr(model, "peft_config", None) or {}).values():  # adapter_config.json's base
+        peft_config.base_model_name_or_path = based_on["base_model"]
     trainer = make_trainer(model, tokenizer, train_ex, val_ex, config, shape, left_pad=shape == "classify" and causal)
 
     metrics: dict = {}
@@ -122,6 +133,8 @@ def train(config: TrainConfig) -> TrainResult:
     metrics.update({k: v for k, v in out_train.metrics.items() if k in ("train_loss", "train_runtime",
                                                                         "train_samples_per_second", "epoch")})
     metrics["train_steps"] = trainer.state.global_step
+    kept = kept_weights(trainer, config)
+    log.info("kept %s", kept["why"])
     if val_ex:
         metrics.update({k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy", "eval_macro_f1")})
         if shape == "text2text" and task.format == "labelled":
@@ -131,6 +144,7 @@ def train(config: TrainConfig) -> TrainResult:
     model.eval()
 
     recipe = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "overwrite", "extra")}
+    recipe["model"] = based_on["base_model"]
     meta = {
         "task": config.task,
         "shape": shape,
@@ -138,12 +152,15 @@ def train(config: TrainConfig) -> TrainResult:
         "labels": task.labels,
         "label_words": {l: " " + l for l in task.labels} if shape == "text2text" and task.labels else None,
         "template": template if shape == "text2text" else None,
-        "base_model": config.model,
+        "base_model": based_on["base_model"],
+        "base_fingerprint": based_on["base_fingerprint"],
         "gguf_file": gguf,
         "method": method.name,
         "mergeable": method.mergeable,
         "samples": sample_inputs(task.train, task.format, 256, config.seed),
         "metrics": {k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()},
+        "kept": kept,
+        "init_seed": config.resolved_init_seed(),
         "config": recipe,
         "peftmerge_version": __version__,
     }
@@ -151,7 +168,7 @@ def train(config: TrainConfig) -> TrainResult:
         methods.save_trained(model, method, tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         results = {config.task: {k: v for k, v in meta["metrics"].items() if k.startswith(("eval_", "train_loss"))}}
-        write_card(tmp, kind="adapter", base_model=config.model, recipe=recipe, results=results,
+        write_card(tmp, kind="adapter", base_model=based_on["base_model"], recipe=recipe, results=results,
                    tags=[shape, method.name], title=f"{config.task} adapter ({method.name})")
     if not config.keep_checkpoints:
         shutil.rmtree(config.checkpoints, ignore_errors=True)
@@ -186,6 +203,8 @@ def read_tasks(yaml_path: str | Path) -> list[TrainConfig]:
         if not isinstance(t, dict):
             raise PeftmergeError(f"{path}: task {i} is not a mapping of fields")
         d = {**(doc.get("defaults") or {}), **t}
+        if not d.get("task") and d.get("data"):
+            d["task"] = default_task_name(rel(d["data"]))
         if "out" not in d and doc.get("output_dir") and d.get("task"):
             d["out"] = str(Path(doc["output_dir"]) / d["task"])
         for k in ("data", "validation", "out", "checkpoint_dir"):
