@@ -4,9 +4,10 @@ We only choose the arguments (evaluation and checkpoint cadence, best-checkpoint
 stopping, mixed precision on GPUs) and add two metrics: classification accuracy / macro-F1, and for
 labelled rows trained as text2text, label-word accuracy by scoring each label's completion.
 
-The evaluation schedule (shown by ``peftmerge train --help``) keeps evaluation under a tenth of a default run: one evaluation
-after training on a sample of the validation rows sized to the run (:func:`eval_rows`), none before or during
-training unless asked for (``eval_before``, ``eval_steps``), or needed by ``keep="best"`` / early stopping.
+The evaluation schedule (shown by ``peftmerge train --help``) keeps evaluation under a tenth of a default
+run: one evaluation after training on a sample of the validation rows sized to the run (:func:`eval_rows`),
+none before or during training unless asked for (``eval_before``, ``eval_steps``) or needed to keep the best
+checkpoint (``keep="best"``, early stopping).
 """
 
 from __future__ import annotations
