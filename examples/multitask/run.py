@@ -45,8 +45,8 @@ SEARCH_MIN_WORDS = {"sst2": 12}
 FAMILIES = {
     # Budgets sized for ~1 hour on 2 CPU cores (MiniLM ~22M and SmolLM2 ~135M parameters both cost seconds per
     # step there): train opts of `peftmerge train`; rows per task for eval/search; which methods and searches run.
-    # MiniLM-L6 learns neither RTE nor CoLA (session 1: 1200 rows, rte at chance, cola the majority class), and a
-    # merge of adapters at chance measures noise; the issue allows mrpc and sms_spam in their place.
+    # MiniLM-L6 learns neither RTE nor CoLA (with 1,200 rows: rte at chance, cola the majority class), and a merge
+    # of adapters at chance measures noise, so its four tasks are sst2, agnews, mrpc and sms_spam.
     "minilm": dict(shape="classify", tasks=["sst2", "agnews", "mrpc", "sms_spam"],
                    train=["--r", "16", "--alpha", "32", "--target-modules", "query,key,value,dense",
                           "--lr", "1e-3", "--epochs", "2", "--batch-size", "32",
@@ -66,6 +66,7 @@ FAMILIES = {
                     router_examples={"centroid": 500, "probe": 2000}),
 }
 QUICK = dict(train_rows=64, eval_limit=24, search_limit=16, router_examples={"centroid": 32, "probe": 64})
+ONLY: dict = {}  # --methods / --searches / --no-routers / --no-subsets: a part of the benchmark
 COMMANDS: list[str] = []  # this family's commands, also kept in <work>/<family>/commands.sh for the doc
 THREADS: dict[str, str] = {}  # --threads N sets OMP_NUM_THREADS of every step (1 is far faster on a busy machine)
 
@@ -124,7 +125,7 @@ def family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
 
 
 def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
-    spec = {**FAMILIES[family], **(QUICK if quick else {})}
+    spec = {**FAMILIES[family], **(QUICK if quick else {}), **ONLY}
     base = base_model(family, work)
     w = work / family
     adapters = {}
@@ -198,7 +199,7 @@ def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
              "--reference-results", first, "-o", files[-1]], log)
 
     # 3. routers (when this build has them)
-    if run(["route", "--help"], log, allow_fail=True):
+    if spec.get("routers", True) and run(["route", "--help"], log, allow_fail=True):
         train = {t: DATA / t / "train.jsonl" for t in TASKS}  # the query routers learn from task inputs
         variants = {s: [] for s in ("arrow", "centroid", "probe")}
         if family == "minilm":  # MiniLM's tokenizer is uncased; SmolLM2's cased token embeddings tell sst2 from cola
@@ -294,7 +295,19 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="Tiny subsets and limits: checks every step runs.")
     p.add_argument("--export-examples", action="store_true", help="Copy the MiniLM adapters to examples/adapters.")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every step.")
+    p.add_argument("--methods", default=None, help="Comma-separated merge methods (default: every registered one).")
+    p.add_argument("--searches", default=None, help="Comma-separated searches (e.g. task_arithmetic+grid).")
+    p.add_argument("--no-routers", action="store_true", help="Skip the routers.")
+    p.add_argument("--no-subsets", action="store_true", help="Skip the merges of 2 and 3 tasks.")
     a = p.parse_args()
+    if a.methods:
+        ONLY["methods"] = tuple(a.methods.split(","))
+    if a.searches:
+        ONLY["searches"] = tuple(a.searches.split(","))
+    if a.no_routers:
+        ONLY["routers"] = False
+    if a.no_subsets:
+        ONLY["subsets"] = False
     if a.threads:
         THREADS["OMP_NUM_THREADS"] = str(a.threads)
     if not DATA.is_dir():
