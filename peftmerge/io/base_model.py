@@ -196,6 +196,8 @@ def check_same_base(inputs: list[tuple[str, str | None]], force: bool = False) -
     known = [(path, rec) for path, rec in inputs if rec]
     if not known:
         return None
+    if len({rec for _, rec in known}) == 1:  # one string: one base
+        return canonical_id(known[0][1]) or known[0][1]
     ids = [identity(rec, read_meta(path)) for path, rec in known]
     for (path, _), ident in zip(known[1:], ids[1:]):
         verdict = same(ids[0], ident)
