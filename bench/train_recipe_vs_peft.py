@@ -20,8 +20,8 @@ to the sum of the input ranks. normalized = merged accuracy / the same recipe's 
 
 Ablations are extra recipes ``--recipe NAME=KIND:key=value,...`` (KIND peftmerge or peft). peftmerge keys are
 ``TrainConfig`` fields (e.g. ``scheduler=linear``, ``dropout=0.05``, ``keep=best``, ``init_seed=0``); both
-kinds take ``task_seeds=true`` (task ``i`` trained with ``seed + i``) and peft takes ``same_seed=true`` (every
-task seeded with ``seed``), ``dropout=`` and ``scheduler=linear``.
+kinds take ``seed=`` and ``task_seeds=true`` (task ``i`` trained with ``seed + i``); peft takes ``same_seed=true``
+(every task seeded with ``seed``), ``dropout=`` and ``scheduler=linear``.
 
     nice -n 10 python bench/train_recipe_vs_peft.py                       # peftmerge vs peft, 300 steps
     nice -n 10 python bench/train_recipe_vs_peft.py --steps 150 \\
@@ -99,11 +99,12 @@ def train_peftmerge(base: str, data: Path, task: str, out: Path, a, opts: dict, 
     from peftmerge.train import TrainConfig, train
 
     opts = dict(opts)
-    seed = a.seed + index if opts.pop("task_seeds", False) else a.seed
-    cfg = TrainConfig(model=base, data=str(data), task=task, out=str(out), shape="classify", r=16, alpha=32,
-                      target_modules=list(TARGETS), lr=a.lr, max_steps=a.steps, batch_size=a.batch_size,
-                      max_length=a.max_length, seed=seed, **opts)
-    train(cfg)
+    seed = opts.pop("seed", a.seed)
+    seed = seed + index if opts.pop("task_seeds", False) else seed
+    cfg = dict(model=base, data=str(data), task=task, out=str(out), shape="classify", r=16, alpha=32,
+               target_modules=list(TARGETS), lr=a.lr, max_steps=a.steps, batch_size=a.batch_size,
+               max_length=a.max_length, seed=seed)
+    train(TrainConfig(**{**cfg, **opts}))
 
 
 def train_peft(base: str, data: Path, task: str, out: Path, a, opts: dict, index: int) -> None:
@@ -113,7 +114,7 @@ def train_peft(base: str, data: Path, task: str, out: Path, a, opts: dict, index
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     labels = labels_of(task)
-    seed = a.seed if opts.get("same_seed") else a.seed + index
+    seed = opts.get("seed", a.seed) + (0 if opts.get("same_seed") else index)
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels))
