@@ -9,6 +9,9 @@ arithmetic (Ilharco et al. 2023) and TIES (Yadav et al. 2023), side by side:
 - ``peft``: a plain loop: ``get_peft_model`` + ``torch.optim.AdamW`` at a constant learning rate (weight decay 0),
   LoRA dropout 0, a fresh classifier head per task, the last step kept; task ``i`` is seeded with ``seed + i``.
 
+Each recipe runs once per training seed (``--seeds``; the data rows stay the same); merges differ by several
+points from seed to seed, so the table gives the mean and each seed's value.
+
 Shared settings (the recipe of the merge report being checked): r 16, alpha 32, targets
 query,key,value,dense, lr 5e-4, 300 steps, batch 32, max length 128.
 
@@ -20,8 +23,9 @@ to the sum of the input ranks. normalized = merged accuracy / the same recipe's 
 
 Ablations are extra recipes ``--recipe NAME=KIND:key=value,...`` (KIND peftmerge or peft). peftmerge keys are
 ``TrainConfig`` fields (e.g. ``scheduler=linear``, ``dropout=0.05``, ``keep=best``, ``init_seed=0``); both
-kinds take ``seed=`` and ``task_seeds=true`` (task ``i`` trained with ``seed + i``); peft takes ``same_seed=true``
-(every task seeded with ``seed``), ``dropout=`` and ``scheduler=linear``.
+kinds take ``task_seeds=true`` (task ``i`` trained with ``seed + i``) and ``seeds=0+1`` (run at these of
+``--seeds`` only); peft takes ``same_seed=true`` (every task seeded with ``seed``), ``dropout=`` and
+``scheduler=linear``.
 
     nice -n 10 python bench/train_recipe_vs_peft.py                       # peftmerge vs peft, 300 steps
     nice -n 10 python bench/train_recipe_vs_peft.py --steps 150 \\
@@ -95,11 +99,10 @@ def labels_of(t: str) -> list[str]:
 
 # --- training ---------------------------------------------------------------------------------------------
 
-def train_peftmerge(base: str, data: Path, task: str, out: Path, a, opts: dict, index: int) -> None:
+def train_peftmerge(base: str, data: Path, task: str, out: Path, a, opts: dict, index: int, seed: int) -> None:
     from peftmerge.train import TrainConfig, train
 
     opts = dict(opts)
-    seed = opts.pop("seed", a.seed)
     seed = seed + index if opts.pop("task_seeds", False) else seed
     cfg = dict(model=base, data=str(data), task=task, out=str(out), shape="classify", r=16, alpha=32,
                target_modules=list(TARGETS), lr=a.lr, max_steps=a.steps, batch_size=a.batch_size,
@@ -107,14 +110,14 @@ def train_peftmerge(base: str, data: Path, task: str, out: Path, a, opts: dict, 
     train(TrainConfig(**{**cfg, **opts}))
 
 
-def train_peft(base: str, data: Path, task: str, out: Path, a, opts: dict, index: int) -> None:
+def train_peft(base: str, data: Path, task: str, out: Path, a, opts: dict, index: int, seed: int) -> None:
     """The plain loop: PEFT LoRA, AdamW, a constant (or linear) learning rate, the last step kept."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     labels = labels_of(task)
-    seed = opts.get("seed", a.seed) + (0 if opts.get("same_seed") else index)
+    seed = seed + (0 if opts.get("same_seed") else index)
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels))
@@ -310,20 +313,37 @@ def evaluate_recipe(name: str, folders: dict[str, Path], scorer: Scorer, log) ->
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| recipe | individual (mean acc) | row-space overlap of A | task arithmetic (lambda) | "
-             "TIES (density, lambda) | TIES through combine |", "|---|---|---|---|---|---|"]
+    """One row per recipe: the mean over seeds, each seed's value in brackets."""
+    by: dict[str, list[dict]] = {}
     for r in results:
-        ta, ti, tc = r["merges"]["task_arithmetic"], r["merges"]["ties"], r["merges"]["ties (combine)"]
-        mean = sum(r["individual"].values()) / len(TASKS)
-        lines.append(f"| {r['recipe']} | {mean:.3f} | {r['row_space_overlap']:.3f} | "
-                     f"**{ta['normalized']:.3f}** ({ta['lambda']}) | **{ti['normalized']:.3f}** ({ti['density']}, "
-                     f"{ti['lambda']}) | {tc['normalized']:.3f} |")
-    lines += ["", "Per task (test accuracy; individual / task arithmetic / TIES):", "",
-              "| recipe | " + " | ".join(TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
+        by.setdefault(r["recipe"], []).append(r)
+
+    def cell(rs, get, bold=False):
+        vals = [get(r) for r in rs]
+        mean = f"{sum(vals) / len(vals):.3f}"
+        mean = f"**{mean}**" if bold else mean
+        return mean + (f" ({', '.join(f'{v:.3f}' for v in vals)})" if len(vals) > 1 else "")
+
+    lines = ["| recipe | seeds | individual (mean acc) | row-space overlap of A | task arithmetic | TIES | "
+             "TIES through combine |", "|---|---|---|---|---|---|---|"]
+    for name, rs in by.items():
+        lines.append(" | ".join([
+            f"| {name}", ", ".join(str(r["seed"]) for r in rs),
+            cell(rs, lambda r: sum(r["individual"].values()) / len(TASKS)),
+            cell(rs, lambda r: r["row_space_overlap"]),
+            cell(rs, lambda r: r["merges"]["task_arithmetic"]["normalized"], True),
+            cell(rs, lambda r: r["merges"]["ties"]["normalized"], True),
+            cell(rs, lambda r: r["merges"]["ties (combine)"]["normalized"])]) + " |")
+    lines += ["", "Per seed and task (test accuracy: individual / task arithmetic / TIES; lambda and TIES' density "
+              "as picked on validation):", "",
+              "| recipe | seed | " + " | ".join(TASKS) + " | lambda (TA) | density, lambda (TIES) |",
+              "|---" * (len(TASKS) + 4) + "|"]
     for r in results:
-        cells = [f"{r['individual'][t]:.3f} / {r['merges']['task_arithmetic']['test'][t]:.3f} / "
-                 f"{r['merges']['ties']['test'][t]:.3f}" for t in TASKS]
-        lines.append(f"| {r['recipe']} | " + " | ".join(cells) + " |")
+        m = r["merges"]
+        cells = [f"{r['individual'][t]:.3f} / {m['task_arithmetic']['test'][t]:.3f} / {m['ties']['test'][t]:.3f}"
+                 for t in TASKS]
+        lines.append(f"| {r['recipe']} | {r['seed']} | " + " | ".join(cells) +
+                     f" | {m['task_arithmetic']['lambda']} | {m['ties']['density']}, {m['ties']['lambda']} |")
     return "\n".join(lines)
 
 
@@ -336,7 +356,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="Comma-separated training seeds; every recipe runs with each.")
     p.add_argument("--train-rows", type=int, default=8000)
     p.add_argument("--val-rows", type=int, default=200)
     p.add_argument("--test-rows", type=int, default=500)
@@ -363,35 +383,40 @@ def main() -> None:
         logf.write(line + "\n")
         logf.flush()
 
-    data = prepare_data(a.work, a.train_rows, a.val_rows, a.seed)
-    tag = f"s{a.steps}-b{a.batch_size}-l{a.max_length}-lr{a.lr}-n{a.train_rows}-seed{a.seed}"
+    data = prepare_data(a.work, a.train_rows, a.val_rows, 0)
+    tag = f"s{a.steps}-b{a.batch_size}-l{a.max_length}-lr{a.lr}-n{a.train_rows}"
     rows = {t: {"validation": read(data[t] / "validation.jsonl"),
                 "test": read(DATA / t / "test.jsonl")[:a.test_rows]} for t in TASKS}
     scorer = Scorer(base, rows, a.max_length)
     results = []
-    for name, (kind, opts) in recipes.items():
-        folders = {}
-        for i, t in enumerate(TASKS):
-            out = folders[t] = a.work / "adapters" / tag / name / t
-            if (out / "adapter_model.safetensors").exists():
+    for seed in map(int, a.seeds.split(",")):
+        for name, (kind, opts) in recipes.items():
+            opts = dict(opts)
+            only = opts.pop("seeds", None)  # e.g. seeds=0 or seeds=0+1: this recipe at these seeds only
+            if only is not None and seed not in {int(x) for x in str(only).split("+")}:
                 continue
-            t0 = time.perf_counter()
-            fn = train_peftmerge if kind == "peftmerge" else train_peft
-            fn(base, data[t], t, out, a, opts, i)
-            log(f"[{name}] trained {t} in {time.perf_counter() - t0:.0f} s")
-        cached = a.work / "results" / tag / f"{name}.json"
-        if cached.exists():  # adapters and scores of an earlier run
-            res = json.loads(cached.read_text())
-        else:
-            res = evaluate_recipe(name, folders, scorer, log)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            cached.write_text(json.dumps(res, indent=2))
-        res["row_space_overlap"] = row_space_overlap(folders)
-        log(f"[{name}] row-space overlap of A {res['row_space_overlap']:.3f}")
-        results.append(res)
-        doc = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-               "recipes": {k: {"kind": v[0], "options": v[1]} for k, v in recipes.items()}, "results": results}
-        (a.work / f"results-{tag}.json").write_text(json.dumps(doc, indent=2))
+            folders = {}
+            for i, t in enumerate(TASKS):
+                out = folders[t] = a.work / "adapters" / tag / name / f"seed{seed}" / t
+                if (out / "adapter_model.safetensors").exists():
+                    continue
+                t0 = time.perf_counter()
+                fn = train_peftmerge if kind == "peftmerge" else train_peft
+                fn(base, data[t], t, out, a, opts, i, seed)
+                log(f"[{name} seed {seed}] trained {t} in {time.perf_counter() - t0:.0f} s")
+            cached = a.work / "results" / tag / f"{name}-seed{seed}.json"
+            if cached.exists():  # adapters and scores of an earlier run
+                res = json.loads(cached.read_text())
+            else:
+                res = evaluate_recipe(f"{name} seed {seed}", folders, scorer, log)
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps(res, indent=2))
+            res.update(recipe=name, seed=seed, row_space_overlap=row_space_overlap(folders))
+            results.append(res)
+    results.sort(key=lambda r: (list(recipes).index(r["recipe"]), r["seed"]))
+    doc = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+           "recipes": {k: {"kind": v[0], "options": v[1]} for k, v in recipes.items()}, "results": results}
+    (a.work / f"results-{tag}.json").write_text(json.dumps(doc, indent=2))
     md = table(results)
     (a.work / f"results-{tag}.md").write_text(md + "\n")
     print(md)
