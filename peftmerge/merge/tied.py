@@ -1,0 +1,64 @@
+"""Tied input and output embeddings (``tie_word_embeddings``) in a full merged model.
+
+A tied model stores one matrix for its input embedding and its output layer (usually only the input
+embedding's tensor is saved). PEFT applies an embedding LoRA in the embedding's forward, so the output layer of
+the adapted model keeps W0, unless the adapter also adapts the output layer (``ensure_weight_tying=True``
+gives it the same, tied, LoRA). Merged into the stored matrix, an embedding update would change both layers.
+So for each tied pair:
+
+- every input changes both layers the same way (full fine-tunes of the tied model, tied adapters, or adapters
+  that touch neither): the pair stays tied and the merge is written once;
+- otherwise the output is untied: the output layer becomes a tensor of its own, W0 plus the merge of each
+  input's change to it (0 for an embedding-only LoRA), and the config says ``tie_word_embeddings: false``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..io.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def tied_pairs(base: Checkpoint) -> dict[str, str]:
+    """{output layer's tensor: input embedding's tensor} that BASE ties (its model class's ``_tied_weights_keys``,
+    when its config sets ``tie_word_embeddings``); {} for an untied model."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(base.path))
+    except (OSError, ValueError, KeyError) as e:  # an unknown model type: nothing is known to be tied
+        log.warning("%s: config not readable by transformers (%s); assuming untied embeddings", base.path, e)
+        return {}
+    if not getattr(config.get_text_config(), "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)):
+        return {}
+    classes = [getattr(transformers, name, None) for name in (getattr(config, "architectures", None) or [])]
+    keys = next((c._tied_weights_keys for c in classes if isinstance(getattr(c, "_tied_weights_keys", None), dict)),
+                {})
+    return {out: inp for out, inp in keys.items() if inp in base.tensors}
+
+
+def alias(checkpoint: Checkpoint, pairs: dict[str, str]) -> None:
+    """Let ``checkpoint`` read each output tensor it does not store as its tied input embedding."""
+    for out, inp in pairs.items():
+        if out not in checkpoint.tensors and inp in checkpoint.tensors:
+            checkpoint.tensors[out] = checkpoint.tensors[inp]
+
+
+def changes_both_alike(sources, out: str, inp: str) -> bool:
+    """Every input changes the output tensor ``out`` exactly as it changes the input embedding ``inp``."""
+    for src in sources:
+        if src.adapter is None:
+            ck = src.checkpoint
+            if ck.tensors[out] is not ck.tensors[inp] and not torch.equal(ck.raw(out), ck.raw(inp)):
+                return False
+            continue
+        a, b = src.adapts(inp), src.adapts(out)
+        if a != b:
+            return False
+        if a and not torch.equal(src.task_vector(inp, None, None), src.task_vector(out, None, None)):
+            return False
+    return True
