@@ -168,8 +168,10 @@ def _task_name(path: Path) -> str:
     return folder.resolve().name
 
 
-def load_adapter(path: str | Path, alpha: float | None = None) -> LoraAdapter:
-    """Open a LoRA adapter (folder or ``.safetensors``). ``alpha`` is required when no config is found."""
+def load_adapter(path: str | Path, alpha: float | None = None, merges_biases: bool = False) -> LoraAdapter:
+    """Open a LoRA adapter (folder or ``.safetensors``). ``alpha`` is required when no config is found.
+    ``merges_biases``: the caller merges bias changes (lora_bias, trained biases); other callers refuse adapters
+    that have them, since applying the LoRA factors alone would be silently wrong."""
     path = Path(path)
     file_path, config = _locate(path, alpha)
     tensors = TensorFile(file_path)
@@ -262,6 +264,10 @@ def load_adapter(path: str | Path, alpha: float | None = None) -> LoraAdapter:
     if lora_biases:
         raise PeftmergeError(f"{path}: {next(iter(lora_biases.values()))} has no lora_A/lora_B beside it; the file "
                              "is incomplete")
+    with_bias = next((m.bias_key for m in modules.values() if m.bias_key), None) or next(iter(biases.values()), None)
+    if with_bias and not merges_biases:
+        raise PeftmergeError(f"{path}: changes biases too ({with_bias}; lora_bias or bias={bias_mode!r}), which only "
+                             "`peftmerge combine` merges; retrain with bias='none' and lora_bias=false to use it here")
     if not modules:
         raise PeftmergeError(f"{path}: no LoRA tensors (lora_A/lora_B) found; is this a LoRA adapter?")
     return LoraAdapter(path=path, file=tensors, config=config, modules=modules, task=_task_name(path),

@@ -271,7 +271,7 @@ def combine(
         raise PeftmergeError("--shard-size applies to full merged models; pass --base BASE or drop it")
     _refuse_checkpoints(recipe.inputs)
 
-    adapters = open_inputs(recipe.inputs, alpha=alpha, force=force)
+    adapters = open_inputs(recipe.inputs, alpha=alpha, force=force, merges_biases=True)
     plans = plan_modules(adapters, force=force)
     if gram_file is not None:
         gram_file.check(adapters)
@@ -357,6 +357,6 @@ def _finite(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if bool(torch.isfinite(out).all()):
         return out
     if bool(torch.isfinite(t).all()):
-        raise PeftmergeError(f"merged module {name} overflows {str(dtype)[6:]} (largest entry {float(t.abs().max()):.3g}"
-                             "); write with --dtype float32 or bfloat16")
+        raise PeftmergeError(f"merged module {name} overflows {str(dtype)[6:]} (largest entry "
+                             f"{float(t.abs().max()):.3g}); write with --dtype float32 or bfloat16")
     raise PeftmergeError(f"merged module {name} is not finite (NaN/Inf); check the inputs' weights and scalings")

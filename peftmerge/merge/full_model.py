@@ -132,7 +132,7 @@ def open_sources(inputs: list[str], base: Checkpoint, alpha: float | None, force
     output tensors read as their input embedding where a checkpoint does not store them (:mod:`tied`)."""
     paths = [_resolve(p) for p in inputs]
     is_full = [is_checkpoint(p) for p in paths]
-    lora = open_inputs([p for p, f in zip(paths, is_full) if not f], alpha=alpha, force=force) \
+    lora = open_inputs([p for p, f in zip(paths, is_full) if not f], alpha=alpha, force=force, merges_biases=True) \
         if not all(is_full) else []
     sources, it = [], iter(lora)
     for path, full in zip(paths, is_full):

@@ -27,13 +27,16 @@ class ModulePlan:
         return [adapters[i].modules[self.name].rank for i in self.present]
 
 
-def open_inputs(paths: list[str | Path], alpha: float | None = None, force: bool = False) -> list[LoraAdapter]:
-    """Load every input (local path or Hub id) and check they were trained on the same base model."""
+def open_inputs(paths: list[str | Path], alpha: float | None = None, force: bool = False,
+                merges_biases: bool = False) -> list[LoraAdapter]:
+    """Load every input (local path or Hub id) and check they were trained on the same base model.
+    ``merges_biases``: the caller merges the inputs' bias changes (see :func:`load_adapter`)."""
     if not paths:
         raise PeftmergeError("no inputs; give one or more LoRA adapters (folders or .safetensors files)")
     adapters = []
     for p in paths:
-        adapter = load_adapter(resolve(p, allow_patterns=["*.json", "*.safetensors", "heads/*"]), alpha=alpha)
+        adapter = load_adapter(resolve(p, allow_patterns=["*.json", "*.safetensors", "heads/*"]), alpha=alpha,
+                               merges_biases=merges_biases)
         adapter.ref = str(p)
         adapters.append(adapter)
     if alpha is not None and all(a.has_config for a in adapters):
