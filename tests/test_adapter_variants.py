@@ -259,6 +259,14 @@ def test_breadcrumbs_rows_are_the_weights_rows_for_conv1d_and_embeddings(tmp_pat
         expected = m.merge(layout, torch.ones(2), m.resolve(params, 2))
         torch.testing.assert_close(out.delta(name).T, expected, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(full[f"{name}.weight"] - w0[f"{name}.weight"], expected, atol=1e-5, rtol=1e-4)
+    ids = torch.tensor([[1, 5, 9, 33, 60]])  # the adapter (fan_in_fan_out) in PEFT = the full model (lm_head untied)
+    with torch.no_grad():
+        lora = PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "lora")).eval()(ids).logits
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "full"), dtype=torch.float32).eval()(ids).logits
+    torch.testing.assert_close(lora, merged, atol=1e-4, rtol=1e-4)
 
 
 # --- 6. finiteness ----------------------------------------------------------------------------------------------
@@ -289,25 +297,49 @@ def test_non_finite_numbers_are_refused_before_anything_is_written(tmp_path):
 
 # --- 7. tied embeddings -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ensure_weight_tying", [False, True])
-def test_embedding_lora_on_a_tied_model_matches_peft_forward(tmp_path, ensure_weight_tying):
-    tied = {"tie_word_embeddings": True}
-    a = make_adapter(tmp_path / "a", seed=1, targets=("embed_tokens", "q_proj"), model_kw=tied,
-                     ensure_weight_tying=ensure_weight_tying)
-    expected = peft_logits(a, **tied)  # PEFT's forward: lm_head keeps W0 unless the adapter ties it
+TIED = {"tie_word_embeddings": True}
+
+
+@pytest.mark.parametrize("targets,ensure_weight_tying", [(("embed_tokens", "q_proj"), False),
+                                                         (("embed_tokens", "q_proj"), True), (("lm_head",), False)])
+def test_embedding_lora_on_a_tied_model_matches_peft_forward(tmp_path, targets, ensure_weight_tying):
+    a = make_adapter(tmp_path / "a", seed=1, targets=targets, model_kw=TIED, ensure_weight_tying=ensure_weight_tying)
+    expected = peft_logits(a, **TIED)  # PEFT's forward: each of the two layers changes only if it is adapted
     base = tmp_path / "base"
-    tiny_llama(0, **tied).save_pretrained(str(base))
+    tiny_llama(0, **TIED).save_pretrained(str(base))
     report = combine([a], tmp_path / "full", "task_arithmetic", base=base, progress=False)
     torch.testing.assert_close(full_logits(tmp_path / "full"), expected, atol=1e-4, rtol=1e-4)
     config = json.loads((tmp_path / "full" / "config.json").read_text())
     assert config["tie_word_embeddings"] is ensure_weight_tying and report["untied"] == ([] if ensure_weight_tying
                                                                                         else ["lm_head.weight"])
     # the in-memory patcher of search and grams
-    model, adapter = tiny_llama(0, **tied), load_adapter(a)
+    model, adapter = tiny_llama(0, **TIED), load_adapter(a)
     plans = plan_modules([adapter])
     Patcher(model, plans).apply({p.name: adapter.delta(p.name) for p in plans})
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_full_fine_tune_and_embedding_lora_on_a_tied_model(tmp_path):
+    """The fine-tune changes both tied layers, the LoRA only the embedding: the output is untied, lm_head = W0 +
+    the fine-tune's change, the embedding = W0 + both."""
+    base, ft = tmp_path / "base", tiny_llama(0, **TIED)
+    ft.save_pretrained(str(base))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in ft.parameters():  # tied: the embedding's change is lm_head's too
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    ft.save_pretrained(str(tmp_path / "ft"))
+    a = make_adapter(tmp_path / "a", seed=1, targets=("embed_tokens", "q_proj"), model_kw=TIED)
+    combine([tmp_path / "ft", a], tmp_path / "m", "task_arithmetic", base=base, progress=False)
+    lora = load_adapter(a)
+    with torch.no_grad():
+        ft.lm_head.weight = torch.nn.Parameter(ft.lm_head.weight.clone())
+        ft.model.embed_tokens.weight += lora.delta("model.embed_tokens").T
+        for k in lora.modules:
+            if "embed" not in k:
+                ft.get_submodule(k).weight += lora.delta(k)
+        torch.testing.assert_close(full_logits(tmp_path / "m"), ft(IDS).logits, atol=1e-4, rtol=1e-4)
 
 
 # --- 8. the output config's r, and exact zeros ------------------------------------------------------------------------

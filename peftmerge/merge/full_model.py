@@ -273,9 +273,12 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
     atomic.check_output(out, [base_path] + [Path(p) for p in recipe.inputs], overwrite)
     ckpt = Checkpoint(base_path)
     pairs = tied.tied_pairs(ckpt)
-    aliases = {out_name: inp for out_name, inp in pairs.items() if out_name not in ckpt.tensors}
+    aliases = {out_name: inp for out_name, inp in (pairs or {}).items() if out_name not in ckpt.tensors}
     tied.alias(ckpt, aliases)
     sources = open_sources(recipe.inputs, ckpt, alpha, force, aliases)
+    if pairs is None:
+        tied.refuse_unknown(sources, base_path)
+        pairs = {}
     untied = [o for o, i in pairs.items() if not tied.changes_both_alike(sources, o, i)]
     for o in set(aliases) - set(untied):  # stays tied: written once, as the input embedding
         for c in [ckpt] + [s.checkpoint for s in sources if s.checkpoint is not None]:

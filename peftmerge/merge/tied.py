@@ -18,14 +18,16 @@ import logging
 
 import torch
 
+from ..errors import PeftmergeError
 from ..io.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def tied_pairs(base: Checkpoint) -> dict[str, str]:
+def tied_pairs(base: Checkpoint) -> dict[str, str] | None:
     """{output layer's tensor: input embedding's tensor} that BASE ties (its model class's ``_tied_weights_keys``,
-    when its config sets ``tie_word_embeddings``); {} for an untied model."""
+    when its config sets ``tie_word_embeddings``); {} for an untied model; None when the config ties them but
+    transformers does not know the model class, so which tensors are tied is unknown."""
     import transformers
 
     try:
@@ -36,9 +38,23 @@ def tied_pairs(base: Checkpoint) -> dict[str, str]:
     if not getattr(config.get_text_config(), "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)):
         return {}
     classes = [getattr(transformers, name, None) for name in (getattr(config, "architectures", None) or [])]
+    classes = [c for c in classes if c is not None]
+    if not classes:
+        return None
     keys = next((c._tied_weights_keys for c in classes if isinstance(getattr(c, "_tied_weights_keys", None), dict)),
                 {})
     return {out: inp for out, inp in keys.items() if inp in base.tensors}
+
+
+def refuse_unknown(sources, base) -> None:
+    """BASE ties its embeddings to a layer transformers cannot name: refuse an embedding LoRA, whose merge into the
+    shared weight would change that layer too."""
+    for src in sources:
+        embedding = src.adapter and next((k for k, m in src.adapter.modules.items() if m.kind == "embedding"), None)
+        if embedding:
+            raise PeftmergeError(f"{base}: its config ties the input and output embeddings, but transformers does not "
+                                 f"know its model class, so which layer shares the weight that {src.path} adapts "
+                                 f"({embedding}) is unknown; merge into an adapter instead (no --base)")
 
 
 def alias(checkpoint: Checkpoint, pairs: dict[str, str]) -> None:

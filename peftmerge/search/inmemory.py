@@ -78,9 +78,9 @@ class InMemoryMerge:
 class Patcher:
     """W = W0 + dW on a loaded (non-PEFT) model; W0 kept for the targeted modules only.
 
-    A patched input embedding that the model ties to its output layer (``tie_word_embeddings``) is untied first:
-    PEFT applies an embedding LoRA to the input embedding only (the output layer keeps W0 unless the adapter
-    adapts it too, as a module of its own), and so does the patched model."""
+    Where the model ties its input embedding to its output layer (``tie_word_embeddings``) and either is patched,
+    they are untied first: PEFT applies an embedding LoRA in the embedding only and an output-layer LoRA in the
+    output layer only (a tied adapter adapts both, as two modules), and so does the patched model."""
 
     def __init__(self, model, plans: list[ModulePlan], fan_in_fan_out: bool = False):
         self.model, self.targets = model, {}
@@ -110,13 +110,13 @@ class Patcher:
 
 
 def _untie_patched_embeddings(model, plans: list[ModulePlan]) -> None:
-    """Give the output layer its own copy of W0 where it shares its weight with a patched input embedding."""
+    """Give the output layer its own copy of W0 where it shares its weight with the input embedding and either
+    is patched."""
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if inp is None or out is None or out.weight is not inp.weight:
         return
-    if not any(plan.kind == "embedding" and model.get_submodule(plan.name) is inp for plan in plans
-               if _has(model, plan.name)):
+    if not any(model.get_submodule(plan.name) in (inp, out) for plan in plans if _has(model, plan.name)):
         return
     out.weight = torch.nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
