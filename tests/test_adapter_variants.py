@@ -158,6 +158,23 @@ def test_trained_biases_merge_when_exact_and_the_config_says_so(tmp_path, bias):
         combine([a, b], tmp_path / "t", "task_arithmetic", progress=False)
 
 
+def test_a_heads_biases_stay_with_the_head(tmp_path):
+    """bias="all" on a classifier: the biases under modules_to_save (RoBERTa's classifier.dense.bias) are the
+    head's, not trained biases of the base model."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                           vocab_size=96, max_position_embeddings=70, num_labels=2)
+    pm = get_peft_model(RobertaForSequenceClassification(config).eval(),
+                        LoraConfig(r=2, target_modules=["query"], bias="all", task_type="SEQ_CLS"))
+    pm.save_pretrained(str(tmp_path / "a"))
+    a = load_adapter(tmp_path / "a", merges_biases=True)
+    assert "base_model.model.classifier.dense.bias" in a.head_keys
+    assert a.biases and not any("classifier" in k for k in a.biases)
+    assert "roberta.encoder.layer.0.attention.self.query.bias" in a.biases  # a LoRA module's own (base_layer) bias
+
+
 def test_trained_biases_with_base_are_task_vectors(tmp_path):
     base = tmp_path / "base"
     tiny_llama(0, **BIASED).save_pretrained(str(base))

@@ -210,8 +210,9 @@ def load_adapter(path: str | Path, alpha: float | None = None, merges_biases: bo
                 raise PeftmergeError(f"{path}: has DoRA magnitude vectors ({key}); DoRA updates cannot be merged "
                                      "as task vectors; merge plain LoRA adapters")
             tensor = key.removeprefix(PREFIX)
-            owner = tensor.rsplit(".", 1)[0]
-            if any(owner == m or owner.endswith("." + m) for m in to_save):
+            parts = tensor.split(".")
+            owners = [".".join(parts[:i]) for i in range(1, len(parts))]  # every module the tensor is under
+            if any(o == m or o.endswith("." + m) for o in owners for m in to_save):
                 heads.append(key)
             elif tensor.endswith(".bias") and bias_mode != "none":
                 biases[tensor.replace(".base_layer.bias", ".bias")] = key

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import PeftmergeError
 
 # init_lora_weights values that leave W0 as it was (PEFT 0.21, tuners/lora/layer.py update_layer)
-SAME_BASE = {"gaussian", "eva", "orthogonal", "mica"}
+SAME_BASE = {"true", "false", "gaussian", "eva", "orthogonal", "mica"}
 # inits that subtract s * B0 @ A0 from W0; PEFT's path_initial_model_for_weight_conversion converts them
 CONVERTIBLE = ("pissa", "corda", "olora", "lora_ga")
 
@@ -72,7 +72,7 @@ def check_lora_config(config: dict, where: Path) -> None:
         raise PeftmergeError(f"{where}: init_lora_weights='loftq' trains against LoftQ's quantized copy of W0, so "
                              "s*B@A is not a task vector of the base model; merge plain LoRA or QLoRA adapters")
     raise PeftmergeError(f"{where}: init_lora_weights={init!r} is not an initialisation peftmerge knows to leave the "
-                         f"base weights untouched (True, False, {', '.join(sorted(SAME_BASE))}); merge adapters "
+                         f"base weights untouched ({', '.join(sorted(SAME_BASE))}); merge adapters "
                          "trained with one of those")
 
 
