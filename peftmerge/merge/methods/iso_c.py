@@ -15,9 +15,10 @@ LoRA inputs merge in factor space (the sum's SVD from its concatenated factors, 
 
 Rank k below the sum's rank (``--rank``): every singular value of the Iso-C merge is the same, so its best
 rank-k approximations are all equally good and an SVD would keep an arbitrary k of its directions. The paper's
-reduced variant (Iso-CTS, Sec. 4.2 and Alg. 1) keeps the top singular directions of the sum and takes the mean
-over the kept values; with no task-specific part this is Iso-C of the sum's best rank-k approximation:
-lambda * mean(S_k) * U_k V_k^T, with the relative error against the full-rank Iso-C merge reported.
+subspace variant Iso-CTS (``iso_cts`` in the official code) keeps the top singular directions of the sum as its
+common subspace and takes the isotropic value as the mean over the kept singular values; with no task-specific
+part this is Iso-C of the sum's best rank-k approximation: lambda * mean(S_k) * U_k V_k^T (the report gives the
+relative error against the full-rank Iso-C merge).
 Defaults: lambda 1 (the paper tunes its alpha on validation data; see ``peftmerge search``).
 """
 
