@@ -156,6 +156,12 @@ def test_trained_biases_merge_when_exact_and_the_config_says_so(tmp_path, bias):
         combine([a, b], tmp_path / "t", "ties", progress=False)
     with pytest.raises(PeftmergeError, match="sum to 1, not 2"):
         combine([a, b], tmp_path / "t", "task_arithmetic", progress=False)
+    # an input that trained no bias leaves it at b0 (a zero task vector): a's at weight 1 is a's bias, exactly
+    plain = make_adapter(tmp_path / "plain", seed=3, model_kw=BIASED)
+    combine([a, plain], tmp_path / "mixed", "task_arithmetic", weights=[1.0, 0.5], progress=False)
+    mixed = load_adapter(tmp_path / "mixed", merges_biases=True)
+    assert set(mixed.biases) == set(la.biases)
+    assert all(torch.equal(mixed.bias(k), la.bias(k)) for k in la.biases)
 
 
 def test_a_heads_biases_stay_with_the_head(tmp_path):

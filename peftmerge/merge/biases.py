@@ -6,10 +6,10 @@ An adapter changes biases in two ways (:mod:`peftmerge.io.adapter`):
   the stacked vectors (zeros where an input has none) exactly as the ``--base`` path merges that bias tensor
   (same DARE seed, the tensor's name), and the output carries the result as its own ``lora_B.bias``.
 - ``bias="all"`` / ``"lora_only"``: the trained biases b_i are saved as values, which PEFT loads over the base
-  model's. Their task vectors b_i - b0 need the base's b0. Only when the method is linear with coefficients
-  summing to 1 and every input trained the bias is the merge free of b0:
-  b0 + sum_i c_i (b_i - b0) = sum_i c_i b_i. That case is merged and written as values; any other is refused
-  (``--base`` merges them exactly, as task vectors).
+  model's. Their task vectors b_i - b0 need the base's b0 (an input that did not train a bias leaves it at b0:
+  a zero task vector). A linear merge is b0 + sum_{i in T} c_i (b_i - b0), T the inputs that trained it; it is
+  free of b0, sum_{i in T} c_i b_i, exactly when sum_{i in T} c_i = 1. That case is merged and written as
+  values; any other is refused (``--base`` merges them exactly, as task vectors, with any method).
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ def trained_biases(m: registry.Method, adapters, weights_of: Callable, params: d
         raise PeftmergeError(f"{why} ({m.name} is not a weighted sum)")
     out = {}
     for name in names:
-        lacking = next((a for a in adapters if name not in a.biases), None)
-        if lacking is not None:
-            raise PeftmergeError(f"{why} ({lacking.path} did not train {name})")
         c = m.coefficients(weights_of(name.removesuffix(".bias")), params).double()
-        if abs(float(c.sum()) - 1.0) > AFFINE_TOL:
-            raise PeftmergeError(f"{why} (or give weights whose coefficients sum to 1, not {float(c.sum()):g})")
-        out[name] = sum(float(ci) * a.bias(name).double() for ci, a in zip(c, adapters)).float()
+        trained = [(float(ci), a) for ci, a in zip(c, adapters) if name in a.biases]
+        total = sum(ci for ci, _ in trained)
+        if abs(total - 1.0) > AFFINE_TOL:
+            raise PeftmergeError(f"{why} (or give the inputs that trained it weights whose coefficients sum to 1, "
+                                 f"not {total:g})")
+        out[name] = sum(ci * a.bias(name).double() for ci, a in trained).float()
     return out

@@ -14,14 +14,10 @@ So for each tied pair:
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..errors import PeftmergeError
 from ..io.checkpoint import Checkpoint
-
-log = logging.getLogger(__name__)
 
 
 def tied_pairs(base: Checkpoint) -> dict[str, str] | None:
@@ -32,9 +28,8 @@ def tied_pairs(base: Checkpoint) -> dict[str, str] | None:
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(base.path))
-    except (OSError, ValueError, KeyError) as e:  # an unknown model type: nothing is known to be tied
-        log.warning("%s: config not readable by transformers (%s); assuming untied embeddings", base.path, e)
-        return {}
+    except (OSError, ValueError, KeyError):  # a model type transformers does not know
+        return {} if base.config.get("tie_word_embeddings") is False else None
     if not getattr(config.get_text_config(), "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)):
         return {}
     classes = [getattr(transformers, name, None) for name in (getattr(config, "architectures", None) or [])]
