@@ -26,10 +26,11 @@ from .push import maybe_push, push_to_hub_option
 @click.option("--grams", type=click.Path(), default=None,
               help="RegMean: the inputs' Gram matrices, written by `peftmerge grams`.")
 @click.option("--rank", type=int, default=None, help="Output rank (default: sum of the input ranks).")
-@click.option("--seed", type=int, default=None, help="Seed of DARE's random masks.")
+@click.option("--seed", type=int, default=None, help="Random seed (DARE's masks, the randomized SVD); any method.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Output dtype (computation is float32).")
-@click.option("--alpha", type=float, default=None, help="lora_alpha of inputs that have no adapter_config.json.")
+@click.option("--alpha", type=float, default=None,
+              help="lora_alpha of inputs that have no adapter_config.json (others keep their own).")
 @click.option("--config", type=click.Path(), default=None, help="A mergekit-style YAML recipe.")
 @click.option("--base", default=None, help="Base model folder: write a full merged model (inputs may be "
               "LoRA adapters or full fine-tuned checkpoints of it).")

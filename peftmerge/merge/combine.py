@@ -13,6 +13,7 @@ For each module the inputs' task vectors dW_i = s_i B_i A_i are merged with the 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import zlib
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..errors import PeftmergeError
 from ..io import atomic
 from ..io.adapter import LoraAdapter
 from ..io.hub import describe_input
-from . import blocked, blocks, lowrank, ops, registry, sparse_lora
+from . import biases, blocked, blocks, lowrank, ops, registry, sparse_lora
 from .plan import ModulePlan, open_inputs, plan_modules
 from .recipe import Recipe, load_recipe
 
@@ -70,7 +71,8 @@ def stacked_deltas(adapters: list[LoraAdapter], plan: ModulePlan) -> torch.Tenso
 
 
 def merge_linear(adapters, plan, coeffs: torch.Tensor, rank: int | None):
-    """Exact factor-space merge of sum_i c_i dW_i; returns (A, B, relative error of the truncation)."""
+    """Exact factor-space merge of sum_i c_i dW_i; returns (A, B, relative error of the truncation).
+    Inputs with the same A add their B's (:func:`lowrank.sum_of_factors`), so x - x is exactly zero."""
     bs, as_ = [], []
     for i in plan.present:
         if float(coeffs[i]) == 0.0:
@@ -78,9 +80,7 @@ def merge_linear(adapters, plan, coeffs: torch.Tensor, rank: int | None):
         a, b = adapters[i].scaled_factors(plan.name)
         bs.append(b * coeffs[i])
         as_.append(a)
-    if not bs:
-        return torch.zeros(1, plan.shape[1]), torch.zeros(plan.shape[0], 1), 0.0
-    b, a = torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+    b, a = lowrank.sum_of_factors(bs, as_, plan.shape)
     total = b.shape[1]
     target = min(rank or total, *plan.shape)
     if target >= total:
@@ -99,14 +99,32 @@ def merge_dense(merged: torch.Tensor, rank: int, generator: torch.Generator):
     return a, b, err
 
 
+def merge_stacked(m: registry.Method, deltas: torch.Tensor, plan, weights, params: dict, rank: int,
+                  ctx: registry.Context):
+    """A dense method on this module's stacked task vectors (n, d_out, d_in), computed in the weight's own layout
+    (rows are the weight's rows, as with --base: transposed for embeddings and Conv1D), refactorized to ``rank``;
+    returns (A, B, relative error)."""
+    if plan.transposed:
+        deltas = deltas.transpose(1, 2).contiguous()
+    a, b, err = merge_dense(m.merge(deltas, weights, params, ctx), rank, ctx.generator)
+    return (b.T, a.T, err) if plan.transposed else (a, b, err)
+
+
 def merge_factored(m: registry.Method, adapters, plan, weights, params: dict, rank: int, ctx=None):
     """A factored method (TSV, Iso-C, RegMean) on this module's LoRA inputs, exactly in factor space (no dense
-    dW), truncated optimally where ``rank`` is below its output rank; returns (A, B, relative error)."""
+    dW), truncated optimally where ``rank`` is below its output rank (or by the method's own rule, when it
+    returns its error); returns (A, B, relative error)."""
     factors = [None] * len(adapters)
     for i in plan.present:
         a, b = adapters[i].scaled_factors(plan.name)
         factors[i] = (b * weights[i], a)
-    b, a = m.factored(factors, len(adapters), plan.shape, params, ctx or registry.Context(plan.name))
+    ctx = ctx or registry.Context(plan.name)
+    ctx.rank = rank
+    out = m.factored(factors, len(adapters), plan.shape, params, ctx)
+    if len(out) == 3:  # truncated to ctx.rank by the method itself
+        b, a, err = out
+        return a, b, float(err)
+    b, a = out
     if rank >= b.shape[1]:
         return a, b, 0.0
     a_k, b_k, s = lowrank.truncate_factors(b, a, rank)
@@ -115,12 +133,19 @@ def merge_factored(m: registry.Method, adapters, plan, weights, params: dict, ra
 
 def merge_sparse(m: registry.Method, adapters, plan, weights, params: dict, rank: int, generator, thresholds=None):
     """A sparse method's merge of this module's LoRA inputs refactorized to ``rank``, straight from their
-    factors (:func:`sparse_lora.merge_to_rank`); returns (A, B, relative error)."""
+    factors (:func:`sparse_lora.merge_to_rank`), in the weight's own layout (rows are the weight's rows, as with
+    --base: for embeddings and Conv1D the factors of dW^T); returns (A, B, relative error)."""
     with blocked.single_threaded_caller():  # small reads and checks: no OpenMP barrier on shared cores
-        factors = [adapters[i].scaled_factors(plan.name)[::-1] if i in plan.present else None
-                   for i in range(len(adapters))]
-        return sparse_lora.merge_to_rank(m.sparse, factors, plan.shape, weights, params, rank, generator,
-                                         thresholds)
+        factors = []
+        for i in range(len(adapters)):
+            if i not in plan.present:
+                factors.append(None)
+                continue
+            a, b = adapters[i].scaled_factors(plan.name)
+            factors.append((a.T.contiguous(), b.T.contiguous()) if plan.transposed else (b, a))
+        shape = plan.shape[::-1] if plan.transposed else plan.shape
+        a, b, err = sparse_lora.merge_to_rank(m.sparse, factors, shape, weights, params, rank, generator, thresholds)
+        return (b.T, a.T, err) if plan.transposed else (a, b, err)
 
 
 def _refuse_checkpoints(inputs) -> None:
@@ -145,7 +170,7 @@ def _module_weights(given: dict | None, plans, n: int) -> dict[str, torch.Tensor
     for name, ws in given.items():
         if len(ws) != n:
             raise PeftmergeError(f"module_weights[{name!r}] has {len(ws)} weights for {n} inputs; give one per input")
-        out[name] = torch.tensor([float(x) for x in ws], dtype=torch.float32)
+        out[name] = torch.tensor([float(x) for x in registry.WEIGHT.check(list(ws), n)], dtype=torch.float32)
     return out
 
 
@@ -222,6 +247,9 @@ def combine(
     if len(w) != n:
         raise PeftmergeError(f"{len(w)} weights for {n} inputs; give one weight per input (e.g. --weights "
                              f"{','.join(['1'] * n)})")
+    w = registry.WEIGHT.check(list(w), n)  # finite numbers, like every parameter
+    if alpha is not None:
+        registry.ALPHA.check(alpha, n)
     params = m.resolve(recipe.params, n)
     if recipe.rank is not None and (not isinstance(recipe.rank, int) or recipe.rank < 1):
         raise PeftmergeError(f"rank {recipe.rank} must be a positive integer")
@@ -243,7 +271,7 @@ def combine(
         raise PeftmergeError("--shard-size applies to full merged models; pass --base BASE or drop it")
     _refuse_checkpoints(recipe.inputs)
 
-    adapters = open_inputs(recipe.inputs, alpha=alpha, force=force)
+    adapters = open_inputs(recipe.inputs, alpha=alpha, force=force, merges_biases=True)
     plans = plan_modules(adapters, force=force)
     if gram_file is not None:
         gram_file.check(adapters)
@@ -252,10 +280,16 @@ def combine(
                              "use --method task_arithmetic --rank R to truncate")
     weights_t = torch.tensor(w, dtype=torch.float32)
     per_module = _module_weights(module_weights, plans, n)
+    bias_stacks = {p.name: st for p in plans if (st := biases.lora_bias_stack(adapters, p)) is not None}
+    if bias_stacks and any(p.kind == "embedding" for p in plans):
+        raise PeftmergeError(f"{next(a.path for a in adapters if a.config.get('lora_bias'))}: lora_bias updates and "
+                             "an embedding LoRA cannot share one PEFT adapter (PEFT has no lora_bias on embeddings); "
+                             "pass --base BASE for a full merged model, or merge them separately")
+    trained = biases.trained_biases(m, adapters, lambda name: per_module.get(name, weights_t), params)
     thresholds = None
-    if params.get("granularity") == "global":
-        thresholds = ops.global_thresholds(lambda: (stacked_deltas(adapters, p) for p in plans), n,
-                                           params["density"])
+    if params.get("granularity") == "global":  # over every task vector the adapter changes, biases included
+        thresholds = ops.global_thresholds(lambda: (*(stacked_deltas(adapters, p) for p in plans),
+                                                    *bias_stacks.values()), n, params["density"])
 
     start = time.perf_counter()
     tasks = [a.task for a in adapters]
@@ -272,7 +306,7 @@ def combine(
             ctx = registry.Context(plan.name, gen, grams=gram_file and gram_file.of(plan.name, tasks))
             return merge_factored(m, adapters, plan, w_plan, params, target, ctx)
         ctx = registry.Context(plan.name, gen, thresholds)
-        return merge_dense(m.merge(stacked_deltas(adapters, plan), w_plan, params, ctx), target, gen)
+        return merge_stacked(m, stacked_deltas(adapters, plan), plan, w_plan, params, target, ctx)
 
     # sparse merges: a module per core (each single-threaded) beats every core on one module at a time
     workers = None if m.sparse is not None and not m.linear else 1
@@ -286,10 +320,20 @@ def combine(
     tensors, rows = {}, []
     for k, plan in enumerate(plans):
         a, b, err = done[k]
-        tensors[plan.name] = (plan.kind, a.to(out_dtype).contiguous(), b.to(out_dtype).contiguous())
+        norm = lowrank.factor_norm(b.float(), a.float())
+        a, b = _finite(plan.name, a, out_dtype), _finite(plan.name, b, out_dtype)
+        if not math.isfinite(norm):
+            raise PeftmergeError(f"merged module {plan.name}: its dW overflows float32 (norm {norm}); check the "
+                                 "inputs' weights and scalings")
+        tensors[plan.name] = (plan.kind, a.contiguous(), b.contiguous())
         rows.append({"module": plan.name, "inputs": [adapters[i].task for i in plan.present],
-                     "rank_in": plan.ranks(adapters), "rank_out": a.shape[0], "relative_error": err,
-                     "norm": lowrank.factor_norm(b.float(), a.float())})
+                     "rank_in": plan.ranks(adapters), "rank_out": a.shape[0], "relative_error": err, "norm": norm})
+    lora_biases = {}
+    for name, stack in bias_stacks.items():  # lora_bias: merged like the --base path merges the bias tensor
+        ctx = registry.Context(f"{name}.bias", _module_generator(params.get("seed", 0), f"{name}.bias"), thresholds)
+        lora_biases[name] = _finite(f"{name}.bias", m.merge(stack, per_module.get(name, weights_t), params, ctx),
+                                    out_dtype)
+    trained = {name: _finite(name, t, out_dtype) for name, t in trained.items()}
     errors = [r["relative_error"] for r in rows]
     report = {
         "method": m.name, "params": params, "weights": w, "rank": recipe.rank, "dtype": str(out_dtype)[6:],
@@ -303,5 +347,16 @@ def combine(
     from ..io.adapter_writer import write_adapter  # imports peft: only needed here
 
     with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
-        write_adapter(tmp, tensors, adapters, report)
+        write_adapter(tmp, tensors, adapters, report, lora_biases=lora_biases, biases=trained)
     return report
+
+
+def _finite(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in the output ``dtype``, or a one-line refusal if it is not finite there (before anything is written)."""
+    out = t.to(dtype)
+    if bool(torch.isfinite(out).all()):
+        return out
+    if bool(torch.isfinite(t).all()):
+        raise PeftmergeError(f"merged module {name} overflows {str(dtype)[6:]} (largest entry "
+                             f"{float(t.abs().max()):.3g}); write with --dtype float32 or bfloat16")
+    raise PeftmergeError(f"merged module {name} is not finite (NaN/Inf); check the inputs' weights and scalings")

@@ -34,8 +34,8 @@ from ..io import atomic
 from ..io.adapter import LoraAdapter
 from ..io.checkpoint import Checkpoint, is_checkpoint
 from ..io.hub import resolve
-from ..io.model_writer import ShardedWriter, Slot, copy_model_files, parse_size
-from . import blocked, ops, registry
+from ..io.model_writer import ShardedWriter, Slot, copy_model_files, parse_size, update_config
+from . import blocked, ops, registry, tied
 from .combine import _module_generator, file_sha256  # one seeding rule for adapters and models
 from .plan import open_inputs
 from .recipe import Recipe
@@ -62,21 +62,34 @@ class Source:
     adapter: LoraAdapter | None = None
     checkpoint: Checkpoint | None = None
     targets: dict[str, tuple[str, bool]] = field(default_factory=dict)  # tensor -> (module, transpose)
+    bias_targets: dict[str, str] = field(default_factory=dict)  # bias tensor -> module whose lora_B.bias changes it
+
+    def adapts(self, name: str) -> bool:
+        """A LoRA input changes tensor ``name``: a LoRA weight, a lora_bias bias or a trained bias."""
+        return name in self.targets or name in self.bias_targets or name in self.adapter.biases
 
     def changes(self, name: str, base: Checkpoint) -> bool:
         if self.adapter is not None:
-            return name in self.targets
+            return self.adapts(name)
         return base.tensors[name].dtype.is_floating_point
 
-    def task_vector(self, name: str, w0: torch.Tensor, raw: torch.Tensor | None) -> torch.Tensor | None:
-        """This input's task vector for tensor ``name`` (float32, the weight's layout), or None if zero."""
-        if self.adapter is not None:
-            if name not in self.targets:
-                return None
+    def task_vector(self, name: str, w0: torch.Tensor | None, raw: torch.Tensor | None) -> torch.Tensor | None:
+        """This input's task vector for tensor ``name`` (float32, the weight's layout), or None if zero. A LoRA
+        input's biases: s * lora_B.bias (lora_bias) plus b_i - b0 (a trained bias, bias="all"/"lora_only")."""
+        if self.adapter is None:
+            return torch.sub(raw, w0, out=torch.empty_like(w0))
+        if not self.adapts(name):
+            return None
+        if name in self.targets:
             module, transpose = self.targets[name]
             delta = self.adapter.delta(module)
             return delta.T if transpose else delta
-        return torch.sub(raw, w0, out=torch.empty_like(w0))
+        delta = torch.zeros(w0.shape)
+        if name in self.bias_targets:
+            delta += self.adapter.bias_delta(self.bias_targets[name])
+        if name in self.adapter.biases:
+            delta += self.adapter.bias(name) - w0.float()
+        return delta
 
 
 def _lora_targets(adapter: LoraAdapter, base: Checkpoint) -> dict[str, tuple[str, bool]]:
@@ -98,22 +111,38 @@ def _lora_targets(adapter: LoraAdapter, base: Checkpoint) -> dict[str, tuple[str
             raise PeftmergeError(f"{adapter.path}: module {module} has an update of shape {list(shape)} but the base "
                                  f"model's {name} is {list(info.shape)}; pass the base model it was trained on")
         targets[name] = (module, transpose)
+        if m.bias_key is not None:
+            bias = base.tensors.get(f"{module}.bias")
+            if bias is None:
+                raise PeftmergeError(f"{adapter.path}: module {module} has a lora_bias update, but the base model "
+                                     f"{base.path} has no tensor {module}.bias to add it to (PEFT cannot merge it "
+                                     "either); merge it into an adapter instead (no --base)")
+    for name in adapter.biases:
+        info = base.tensors.get(name)
+        if info is None or tuple(info.shape) != tuple(adapter.file.shape(adapter.biases[name])):
+            raise PeftmergeError(f"{adapter.path}: has a trained bias {name} that the base model {base.path} "
+                                 f"{'lacks' if info is None else 'has in another shape'}; pass the base model this "
+                                 "adapter was trained on")
     return targets
 
 
-def open_sources(inputs: list[str], base: Checkpoint, alpha: float | None, force: bool) -> list[Source]:
-    """Open every input as a LoRA adapter or a full checkpoint of ``base`` (shapes checked)."""
+def open_sources(inputs: list[str], base: Checkpoint, alpha: float | None, force: bool,
+                 aliases: dict[str, str] | None = None) -> list[Source]:
+    """Open every input as a LoRA adapter or a full checkpoint of ``base`` (shapes checked). ``aliases``: tied
+    output tensors read as their input embedding where a checkpoint does not store them (:mod:`tied`)."""
     paths = [_resolve(p) for p in inputs]
     is_full = [is_checkpoint(p) for p in paths]
-    lora = open_inputs([p for p, f in zip(paths, is_full) if not f], alpha=alpha, force=force) \
+    lora = open_inputs([p for p, f in zip(paths, is_full) if not f], alpha=alpha, force=force, merges_biases=True) \
         if not all(is_full) else []
     sources, it = [], iter(lora)
     for path, full in zip(paths, is_full):
         if not full:
             a = next(it)
-            sources.append(Source(path, a.task, adapter=a, targets=_lora_targets(a, base)))
+            sources.append(Source(path, a.task, adapter=a, targets=_lora_targets(a, base),
+                                  bias_targets={f"{k}.bias": k for k, m in a.modules.items() if m.bias_key}))
             continue
         ck = Checkpoint(path)
+        tied.alias(ck, aliases or {})
         for name, info in base.tensors.items():
             other = ck.tensors.get(name)
             if other is None:
@@ -156,14 +185,14 @@ def _read(name: str, base: Checkpoint, sources: list[Source], changed: bool, ws:
     return w0, raws
 
 
-def _inputs(name: str, sources: list[Source], raws: list) -> list:
+def _inputs(name: str, sources: list[Source], raws: list, w0_raw: torch.Tensor) -> list:
     """What :class:`blocked.Deltas` takes: each input's full tensor (``theta``), LoRA task vector, or None."""
     out = []
     for src, raw in zip(sources, raws):
         if src.checkpoint is not None:
             out.append(("theta", raw))
-        elif name in src.targets:
-            out.append(("delta", src.task_vector(name, None, raw)))
+        elif src.adapts(name):
+            out.append(("delta", src.task_vector(name, w0_raw, raw)))
         else:
             out.append(None)
     return out
@@ -182,7 +211,7 @@ def merge_tensor(name: str, w0_raw: torch.Tensor, raws: list, sources: list[Sour
     into workspace buffer ``slot``; checked finite. Linear and sparse methods run row-blocked from the raw
     inputs (:mod:`blocked`); others on the stacked float32 task vectors."""
     out = ws.get(("cast", slot), w0_raw.shape, dtype or w0_raw.dtype)
-    src = blocked.Deltas(_inputs(name, sources, raws), w0_raw, tuple(w0_raw.shape))
+    src = blocked.Deltas(_inputs(name, sources, raws, w0_raw), w0_raw, tuple(w0_raw.shape))
     ranges: list = []  # (min, max) of each block of the output: NaN and overflow show there
     module = name.removesuffix(".weight")
     gen = _module_generator(params.get("seed", 0), module)
@@ -206,7 +235,7 @@ def stacked(name: str, w0: torch.Tensor, raws: list, sources: list[Source], out:
     for i, (src, raw) in enumerate(zip(sources, raws)):
         if src.checkpoint is not None:
             deltas[i].copy_(raw).sub_(w0)
-        elif name in src.targets:
+        elif src.adapts(name):
             deltas[i].copy_(src.task_vector(name, w0, raw))
         else:
             deltas[i].zero_()
@@ -243,7 +272,19 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
                              "--base takes the base model, not an adapter")
     atomic.check_output(out, [base_path] + [Path(p) for p in recipe.inputs], overwrite)
     ckpt = Checkpoint(base_path)
-    sources = open_sources(recipe.inputs, ckpt, alpha, force)
+    pairs = tied.tied_pairs(ckpt)
+    aliases = {out_name: inp for out_name, inp in (pairs or {}).items() if out_name not in ckpt.tensors}
+    tied.alias(ckpt, aliases)
+    sources = open_sources(recipe.inputs, ckpt, alpha, force, aliases)
+    if pairs is None:
+        tied.refuse_unknown(sources, base_path)
+        pairs = {}
+    untied = [o for o, i in pairs.items() if not tied.changes_both_alike(sources, o, i)]
+    for o in set(aliases) - set(untied):  # stays tied: written once, as the input embedding
+        for c in [ckpt] + [s.checkpoint for s in sources if s.checkpoint is not None]:
+            c.tensors.pop(o, None)
+        for s in sources:
+            s.targets.pop(o, None)
     weights_t = torch.tensor(weights, dtype=torch.float32)
     names = ckpt.names()
     changed = {n: any(s.changes(n, ckpt) for s in sources) for n in names}
@@ -296,7 +337,10 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
                 io.shutdown(wait=True, cancel_futures=True)  # nothing writes into OUT's temp folder after this
                 writer.abort()
             report = _report(recipe, method, params, weights, base, sources, changed, writer, slots, dtype, start)
+            report["untied"] = untied
             copy_model_files(base_path, tmp, dtype)
+            if untied:
+                update_config(tmp, {"tie_word_embeddings": False})
             _write_metadata(tmp, report, base)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -13,6 +13,7 @@ stays the readable composition of :mod:`peftmerge.merge.ops` that the tests hold
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -49,9 +50,13 @@ class Param:
                     raise PeftmergeError(f"{self.name} {v!r} is not one of {', '.join(map(str, self.choices))}")
                 continue
             try:
+                if isinstance(v, bool):
+                    raise TypeError
                 fv = float(v)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise PeftmergeError(f"{self.name} {v!r} is not a number") from None
+            if not math.isfinite(fv):
+                raise PeftmergeError(f"{self.name} {v} is not a finite number; give a finite value")
             if self.low is not None and (fv <= self.low if self.low_open else fv < self.low):
                 raise PeftmergeError(f"{self.name} {v} is out of range: {self._range()}")
             if self.high is not None and fv > self.high:
@@ -72,7 +77,10 @@ SIGN = Param("sign", "total", "sign election: 'total' (sign of the sum) or 'freq
              choices=("total", "frequency"))
 GRANULARITY = Param("granularity", "tensor", "magnitude trim per tensor, or over the whole adapter ('global')",
                     choices=("tensor", "global"))
-SEED = Param("seed", 0, "random seed of the drop masks", low=0)
+SEED = Param("seed", 0, "random seed (DARE's drop masks; the start block of the randomized SVD)", low=0)
+# Not method hyperparameters, checked with the same rule (finite numbers):
+WEIGHT = Param("weight", 1.0, "per-input weight", per_model=True)
+ALPHA = Param("alpha", None, "lora_alpha of inputs that have no adapter_config.json")
 
 
 @dataclass
@@ -83,6 +91,7 @@ class Context:
     generator: torch.Generator | None = None
     thresholds: torch.Tensor | None = None  # (n,) per-input magnitude thresholds for granularity=global
     grams: list | None = None  # data-aware methods (regmean): each input's Gram matrix of this module's inputs
+    rank: int | None = None  # the output rank (factored methods that truncate by their own rule, e.g. Iso-C)
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,7 @@ class Method:
     aliases: tuple[str, ...] = ()
     exact_concat: bool = False  # `cat`: never truncated
     sparse: Sparse | None = None  # computed by the blocked engine (``fn`` is the reference composition)
-    factored: Callable | None = None  # on LoRA inputs: (factors, n, shape, params, ctx) -> (B, A)
+    factored: Callable | None = None  # on LoRA inputs: (factors, n, shape, params, ctx) -> (B, A[, error])
     needs_grams: bool = False  # reads per-input Gram matrices (``peftmerge grams``) from ctx.grams
     components: Callable | None = None  # (deltas, params, ctx) -> (n, *shape) shares c_i, merged = sum_i w_i c_i
 
@@ -116,16 +125,23 @@ class Method:
         return self.fn(deltas, weights, params, ctx)
 
     def resolve(self, given: dict, n: int) -> dict:
-        """Defaults filled in, values checked; an unknown parameter is an error naming the valid ones."""
+        """Defaults filled in, values checked; an unknown parameter is an error naming the valid ones.
+
+        ``seed`` is accepted by every method (a sweep over methods passes one seed to all): methods that
+        draw random masks declare it (default 0); for the others it is kept only when given, and seeds the
+        start block of the randomized SVD that refactorizes a dense merge."""
         known = {p.name: p for p in self.params}
         for key, value in given.items():
             if value is None:
                 continue
-            if key not in known:
+            if key not in known and key != SEED.name:
                 valid = ", ".join(known) or "none"
                 raise PeftmergeError(f"method {self.name} takes no parameter {key!r} (its parameters: {valid})")
-        return {p.name: p.check(given[p.name], n) if given.get(p.name) is not None else p.default
-                for p in self.params}
+        out = {p.name: p.check(given[p.name], n) if given.get(p.name) is not None else p.default
+               for p in self.params}
+        if SEED.name not in known and given.get(SEED.name) is not None:
+            out[SEED.name] = SEED.check(given[SEED.name], n)
+        return out
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -140,7 +156,9 @@ def register(name: str, *, paper: str, params: tuple[Param, ...] = (), linear: b
     With ``sparse``, merges run on the blocked engine and ``fn`` is the reference it must equal. With
     ``factored``, LoRA inputs merge exactly in factor space: ``factored([(w_i s_i B_i, A_i) or None, ...], n,
     shape, params, ctx) -> (B, A)`` (None: that input does not adapt the module), equal to ``fn`` on the dense
-    task vectors (``fn`` still serves full models). ``needs_grams``: the method reads ``ctx.grams``.
+    task vectors (``fn`` still serves full models); a method whose rank-k result is not the best rank-k
+    approximation of its full one truncates to ``ctx.rank`` itself and returns ``(B, A, relative error against
+    the full-rank result)``. ``needs_grams``: the method reads ``ctx.grams``.
     ``components``: the merge is linear in per-input shares, ``sum_i w_i c_i`` (a layer-wise search learns the
     w_i per module)."""
 

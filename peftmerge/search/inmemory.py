@@ -14,7 +14,7 @@ import torch
 from ..errors import PeftmergeError
 from ..io.adapter import PREFIX, LoraAdapter
 from ..merge import ops, registry
-from ..merge.combine import _module_generator, merge_dense, merge_factored, merge_sparse, stacked_deltas
+from ..merge.combine import _module_generator, merge_factored, merge_sparse, merge_stacked, stacked_deltas
 from ..merge.plan import ModulePlan
 
 
@@ -65,8 +65,8 @@ class InMemoryMerge:
             elif m.factored is not None:
                 a, b, _ = merge_factored(m, self.adapters, plan, w, params, target, self.context(plan, gen))
             else:  # the sparse and factored paths above never form the dense task vectors
-                merged = m.merge(self.deltas(plan), w, params, self.context(plan, gen, thresholds))
-                a, b, _ = merge_dense(merged, target, gen)
+                a, b, _ = merge_stacked(m, self.deltas(plan), plan, w, params, target,
+                                        self.context(plan, gen, thresholds))
             out[plan.name] = b @ a
         return out
 
@@ -76,10 +76,15 @@ class InMemoryMerge:
 
 
 class Patcher:
-    """W = W0 + dW on a loaded (non-PEFT) model; W0 kept for the targeted modules only."""
+    """W = W0 + dW on a loaded (non-PEFT) model; W0 kept for the targeted modules only.
+
+    Where the model ties its input embedding to its output layer (``tie_word_embeddings``) and either is patched,
+    they are untied first: PEFT applies an embedding LoRA in the embedding only and an output-layer LoRA in the
+    output layer only (a tied adapter adapts both, as two modules), and so does the patched model."""
 
     def __init__(self, model, plans: list[ModulePlan], fan_in_fan_out: bool = False):
         self.model, self.targets = model, {}
+        _untie_patched_embeddings(model, plans)
         for plan in plans:
             try:
                 module = model.get_submodule(plan.name)
@@ -102,6 +107,28 @@ class Patcher:
                 weight.copy_(w0)
             else:
                 weight.copy_(w0 + (d.T if transpose else d).to(w0.dtype))
+
+
+def _untie_patched_embeddings(model, plans: list[ModulePlan]) -> None:
+    """Give the output layer its own copy of W0 where it shares its weight with the input embedding and either
+    is patched."""
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if inp is None or out is None or out.weight is not inp.weight:
+        return
+    if not any(model.get_submodule(plan.name) in (inp, out) for plan in plans if _has(model, plan.name)):
+        return
+    out.weight = torch.nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False  # so nothing ties them again
+
+
+def _has(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def load_head(model, adapter: LoraAdapter) -> None:
