@@ -170,6 +170,9 @@ def _resolve_recipe(inputs, method, weights, params, rank, dtype, config) -> Rec
         raise PeftmergeError(f"inputs are given both on the command line and in {config}; give them in one place")
     if not config:
         recipe.inputs = [str(p) for p in inputs]
+    else:  # the recipe defines the merge (mergekit's conventions); only the seed of random masks may be added
+        recipe.set_overrides(method, weights, params)
+        method, weights, params = None, None, {}
     recipe.method = method or recipe.method
     recipe.weights = list(weights) if weights is not None else recipe.weights
     recipe.params.update({k: v for k, v in params.items() if v is not None})
@@ -214,7 +217,7 @@ def combine(
     given = {"lambda": lam, "density": density, "gamma": gamma, "sign": sign, "granularity": granularity,
              "seed": seed, "off_diagonal": off_diagonal}
     recipe = _resolve_recipe(inputs, method, weights, given, rank, dtype, config)
-    m = registry.get(recipe.method)
+    m = recipe.mergekit or registry.get(recipe.method)  # a YAML recipe of a mergekit method: mergekit's definition
     n = len(recipe.inputs)
     if n == 0:
         raise PeftmergeError("no inputs; give one or more LoRA adapters (folders or .safetensors files)")
@@ -250,7 +253,8 @@ def combine(
     if m.exact_concat and recipe.rank is not None:
         raise PeftmergeError(f"{m.name} is exact concatenation and takes no --rank; "
                              "use --method task_arithmetic --rank R to truncate")
-    weights_t = torch.tensor(w, dtype=torch.float32)
+    recipe.check_adapter_output(adapters, plans)
+    weights_t = torch.tensor(w, dtype=torch.float32) if recipe.mergekit is None else None
     per_module = _module_weights(module_weights, plans, n)
     thresholds = None
     if params.get("granularity") == "global":
@@ -261,6 +265,8 @@ def combine(
     tasks = [a.task for a in adapters]
 
     def merge_module(plan):
+        if recipe.mergekit is not None:  # weights and parameters per module (gradients, filters)
+            return recipe.mergekit.merge_module(adapters, plan, recipe.rank)
         w_plan = per_module.get(plan.name, weights_t)
         if m.linear:
             return merge_linear(adapters, plan, m.coefficients(w_plan, params), recipe.rank)
