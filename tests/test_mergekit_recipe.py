@@ -314,3 +314,23 @@ def test_missing_weight_fails_before_writing(tmp_path):
     assert not (tmp_path / "m").exists()
     with pytest.raises(PeftmergeError, match="has no weight"):
         combine(config=r, out=tmp_path / "m", progress=False)
+
+
+def test_module_weights_cannot_change_a_recipe(adapters, tmp_path):
+    r = _recipe(tmp_path / "r.yml", "ties", [{"model": str(a), "parameters": {"weight": 1}} for a in adapters[:2]])
+    with pytest.raises(PeftmergeError, match="r.yml defines the weights of ties"):
+        combine(config=r, out=tmp_path / "m", module_weights={"model.layers.0.self_attn.q_proj": [1, 0]},
+                progress=False)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_ties_in_magnitude_are_broken_as_mergekit_breaks_them(method):
+    """bfloat16 fine-tunes give many task-vector entries of equal magnitude: the same ones must be kept."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.zeros(40, 30)
+    inputs = [torch.randint(-3, 4, (40, 30), generator=g).float() / 8 for _ in range(2)]  # 7 distinct values
+    p = {"density": [0.3, 0.45], "normalize": False, "rescale": False, "lambda": 1.0, "gamma": [0.05, 0.1]}
+    ours = mk.merge_delta(mk.METHODS[method], torch.stack(inputs), [1.0, 0.5], p)
+    extra = {"gamma": p["gamma"]} if method == "breadcrumbs" else {}
+    theirs = _theirs(method, inputs, base, weight=[1.0, 0.5], density=p["density"], normalize=False, **extra)
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)

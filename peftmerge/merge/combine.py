@@ -209,7 +209,8 @@ def combine(
     """Merge LoRA adapters into one LoRA adapter folder ``out``; returns the merge report.
 
     ``method`` defaults to ``ties``; every hyperparameter left ``None`` takes the method's (paper's)
-    default, shown by ``peftmerge methods``. ``config`` reads a mergekit-style YAML recipe. ``grams``: the
+    default, shown by ``peftmerge methods``. ``config`` reads a YAML recipe in mergekit's format, merged as
+    mergekit defines it (:mod:`peftmerge.merge.recipe`; only ``seed`` may be added to it). ``grams``: the
     file of :func:`peftmerge.grams` that data-aware methods (regmean) read.
     With ``base`` (or ``base_model`` in the recipe) the output is a full merged model instead, and inputs
     may also be full fine-tuned checkpoints of it (see :mod:`peftmerge.merge.full_model`).
@@ -253,7 +254,7 @@ def combine(
     if m.exact_concat and recipe.rank is not None:
         raise PeftmergeError(f"{m.name} is exact concatenation and takes no --rank; "
                              "use --method task_arithmetic --rank R to truncate")
-    recipe.check_adapter_output(adapters, plans)
+    recipe.check_adapter_output(adapters, plans, module_weights)
     weights_t = torch.tensor(w, dtype=torch.float32) if recipe.mergekit is None else None
     per_module = _module_weights(module_weights, plans, n)
     thresholds = None

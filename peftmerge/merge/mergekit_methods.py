@@ -105,10 +105,13 @@ REFUSED_METHODS = {
 
 # --- sparsifiers: keep-masks (or the tensor itself where nothing is dropped) ---------------------------
 
+# Ranks come from torch's default (unstable) sorts, as mergekit's do, so that entries tied in magnitude are
+# ranked the same way by both.
+
 def _magnitude(d: torch.Tensor, density: float) -> torch.Tensor:
     k = max(1, int(density * d.numel()))
     mask = torch.zeros(d.numel(), dtype=torch.bool)
-    mask[torch.topk(d.abs().reshape(-1), k, sorted=False).indices] = True
+    mask[torch.argsort(d.abs().reshape(-1), descending=True)[:k]] = True
     return mask.reshape(d.shape)
 
 
@@ -117,7 +120,7 @@ def _outliers(d: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)  # fewer outliers dropped where keeping `keep` needs them
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[torch.sort(d.abs().reshape(-1), stable=True).indices[bottom:bottom + keep]] = True
+    mask[torch.sort(d.abs().reshape(-1)).indices[bottom:bottom + keep]] = True
     return mask.reshape(d.shape)
 
 
@@ -127,7 +130,7 @@ def _della(d: torch.Tensor, density: float, epsilon: float, generator, name: str
     if cols < 2:
         raise PeftmergeError(f"della ranks entries along dim 1, and tensor {name} has {cols} there; "
                              "use dare_ties or ties for this model")
-    rank = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).float()  # 0 .. cols - 1
+    rank = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).float()  # 0 .. cols - 1
     probs = (density - epsilon) + rank / (cols - 1) * (2 * epsilon)
     return torch.bernoulli(probs, generator=generator).bool().reshape(d.shape)
 

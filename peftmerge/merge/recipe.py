@@ -68,8 +68,11 @@ class Recipe:
             else:
                 self.params["seed"] = params["seed"]
 
-    def check_adapter_output(self, adapters, plans) -> None:
+    def check_adapter_output(self, adapters, plans, module_weights=None) -> None:
         """Refuse what an adapter output cannot hold exactly (full-model-only keys, mergekit's gradients)."""
+        if self.mergekit is not None and module_weights:
+            raise PeftmergeError(f"{self.file} defines the weights of {self.mergekit.name}; give per-module ones in "
+                                 "it (weight: [{filter: NAME, value: W}, ...]), not module_weights")
         if self.tokenizer_source is not None:
             raise PeftmergeError(f"{self.file}: tokenizer_source applies to full merged models; set base_model "
                                  "(or pass --base) to write one, or remove it")
