@@ -228,8 +228,8 @@ def test_command_line_flags_cannot_change_a_recipe(adapters, tmp_path):
     (lambda c: c["models"][0]["parameters"].update(density="lots"), ["density 'lots' is not a number"]),
     (lambda c: c.pop("merge_method"), ["no merge_method"]),
     (lambda c: c.update(merge_method="slerp"), ["merge_method slerp", "mergekit-yaml"]),
-    (lambda c: c.update(slices=[]), ["slices is not supported", "models:"]),
-    (lambda c: c.update(chat_template="chatml"), ["chat_template is not supported"]),
+    (lambda c: c.update(slices=[]), ["slices (layer ranges and layer stacking) is not supported", "models"]),
+    (lambda c: c.update(chat_template="chatml"), ["chat_template (a chat template for the output) is not supported"]),
     (lambda c: c.update(merge_method="pcb", parameters={"density": [0.1, 0.5]}), ["gradients and filters"]),
     (lambda c: c["models"][0].update(model="elsewhere+" + c["models"][0]["model"]), ["not the base model"]),
 ])

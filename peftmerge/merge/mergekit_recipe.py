@@ -344,6 +344,5 @@ def differences_table() -> str:
     rows += [f"| {what} | {flags} | {recipe} |" for what, flags, recipe in CONVENTIONS]
     rows += [f"| `merge_method: {name}` | – | refused ({what}): use `mergekit-yaml` |"
              for name, what in mk.REFUSED_METHODS.items()]
-    rows += [f"| `{key}` | – | refused ({what.split(':')[0]}): {what.split(': ', 1)[1]} |"
-             for key, what in REFUSED_KEYS.items()]
+    rows += [f"| `{key}` | – | refused ({what}): {fix} |" for key, (what, fix) in REFUSED_KEYS.items()]
     return "\n".join(rows)

@@ -29,15 +29,14 @@ from . import mergekit_methods as mk
 from .mergekit_recipe import MergekitRecipe, base_entries, warn_ignored
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "rank"}
-# mergekit keys peftmerge refuses: what they do, and what to do instead
+# mergekit keys peftmerge refuses: (what they do, what to do instead)
 REFUSED_KEYS = {
-    "slices": "layer ranges, stacking (frankenmerges): list whole models under models:",
-    "modules": "per-module model lists: list whole models under models:",
-    "tokenizer": "per-token embedding sources: use tokenizer_source: base, union or a model",
-    "chat_template": "set a chat template: use tokenizer_source: MODEL to take that model's tokenizer and template",
+    "slices": ("layer ranges and layer stacking", "list whole models under models"),
+    "modules": ("per-module model lists", "list whole models under models"),
+    "tokenizer": ("per-token embedding sources", "use tokenizer_source: base, union or a model"),
+    "chat_template": ("a chat template for the output",
+                      "use tokenizer_source: MODEL to take that model's tokenizer and its template"),
 }
-TOKENIZER_SOURCES = ("base", "union")
-
 
 @dataclass
 class Recipe:
@@ -100,9 +99,9 @@ def load_recipe(path: str | Path) -> Recipe:
     data = read_yaml(path, "a merge recipe (--config)")
     if not isinstance(data, dict):
         raise PeftmergeError(f"{path}: a recipe is a mapping with merge_method and models; see the README")
-    for key, what in REFUSED_KEYS.items():
+    for key, (what, fix) in REFUSED_KEYS.items():
         if key in data:
-            raise PeftmergeError(f"{path}: {key} is not supported ({what.split(':')[0]}); {what.split(': ', 1)[1]}")
+            raise PeftmergeError(f"{path}: {key} ({what}) is not supported; {fix}")
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise PeftmergeError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; "
