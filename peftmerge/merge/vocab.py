@@ -44,7 +44,8 @@ def _rows(folder: Path) -> int | None:
 
 def output_tokenizer(recipe, base: Path, sources) -> Path | None:
     """The folder whose tokenizer the output gets instead of BASE's (None: BASE's), after checking that
-    mergekit's embedding re-mapping would be the identity."""
+    mergekit's embedding re-mapping would be the identity. (Then ``union`` is the base's vocabulary too: every
+    id below the row count holds the base's token in every model.)"""
     source = recipe.tokenizer_source
     if source is None:
         return None
@@ -69,11 +70,6 @@ def output_tokenizer(recipe, base: Path, sources) -> Path | None:
                 raise PeftmergeError(f"{where}: token {tok!r} is id {i} in the output vocabulary but "
                                      f"{theirs.get(tok)} in {folder}; mergekit would re-map the embeddings, peftmerge "
                                      "does not: merge models that share a vocabulary, or use mergekit-yaml")
-        if source == "union" and len(theirs) > len(out):
-            extra = min(set(theirs) - set(out))
-            raise PeftmergeError(f"{where}: {folder} has token {extra!r} that the base model lacks, so the union "
-                                 "vocabulary grows; mergekit would extend the embeddings, peftmerge does not: use "
-                                 "tokenizer_source: base, or mergekit-yaml")
     return None if chosen.resolve() == base.resolve() else chosen
 
 
