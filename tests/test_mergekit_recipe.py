@@ -334,3 +334,13 @@ def test_ties_in_magnitude_are_broken_as_mergekit_breaks_them(method):
     extra = {"gamma": p["gamma"]} if method == "breadcrumbs" else {}
     theirs = _theirs(method, inputs, base, weight=[1.0, 0.5], density=p["density"], normalize=False, **extra)
     torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+
+def test_base_model_and_base_flag_may_name_one_folder_two_ways(tmp_path, monkeypatch):
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    tiny_llama(0).save_pretrained(str(base))
+    tiny_llama(1).save_pretrained(str(ft))
+    monkeypatch.chdir(tmp_path)
+    r = _recipe(tmp_path / "r.yml", "task_arithmetic", [{"model": "ft", "parameters": {"weight": 0.5}}],
+                base_model="base")
+    assert invoke("combine", "--config", r, "--base", base, "-o", tmp_path / "m", "--quiet").exit_code == 0

@@ -8,8 +8,11 @@ tensor of BASE, in storage order:
     merged  = method(dW_1, ..., dW_n)     # float32; linear methods as sum_i c_i dW_i without a stack
     W       = W0 + merged                 # written in --dtype (default: the tensor's own dtype)
 
-tensors no input changes are copied. Memory: one tensor from each input (plus the next one, read ahead
-on a background thread while this one is merged); the output goes straight to its shard file.
+tensors no input changes are copied. A YAML recipe of one of mergekit's methods merges each tensor with
+mergekit's definition instead, its weights and parameters resolved for that tensor (gradients over the
+layers, filters by name: :mod:`peftmerge.merge.mergekit_recipe`). Memory: one tensor from each input (plus
+the next one, read ahead on a background thread while this one is merged); the output goes straight to its
+shard file.
 Sparsifying methods act on the tensor as stored (rows are the weight's rows); DARE masks are seeded
 with the module name as in the adapter path, so on Linear modules a full merge of LoRA inputs equals
 ``merge_and_unload`` of the merged adapter (at full rank).
@@ -248,7 +251,7 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
     if not is_checkpoint(base_path):
         raise PeftmergeError(f"{base_path}: not a full model folder (config.json + model*.safetensors); "
                              "--base takes the base model, not an adapter")
-    if recipe.base is not None and str(base) != recipe.base:
+    if recipe.base is not None and Path(str(base)).resolve() != Path(recipe.base).resolve():
         raise PeftmergeError(f"{recipe.file} sets base_model {recipe.base} but --base is {base}; give the base "
                              "model in one place")
     atomic.check_output(out, [base_path] + [Path(p) for p in recipe.inputs], overwrite)
