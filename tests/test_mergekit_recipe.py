@@ -232,6 +232,7 @@ def test_command_line_flags_cannot_change_a_recipe(adapters, tmp_path):
     (lambda c: c.update(chat_template="chatml"), ["chat_template (a chat template for the output) is not supported"]),
     (lambda c: c.update(merge_method="pcb", parameters={"density": [0.1, 0.5]}), ["gradients and filters"]),
     (lambda c: c["models"][0].update(model="elsewhere+" + c["models"][0]["model"]), ["not the base model"]),
+    (lambda c: c["models"].append(dict(c["models"][0])), ["models[3] lists", "a second time"]),
 ])
 def test_recipe_refusals(adapters, tmp_path, edit, fragments):
     cfg = {"merge_method": "ties", "models": [{"model": str(a), "parameters": {"weight": 1.0}} for a in adapters],

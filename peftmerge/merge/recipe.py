@@ -126,7 +126,11 @@ def load_recipe(path: str | Path) -> Recipe:
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise PeftmergeError(f"{path}: models[{i}].parameters must be a mapping of name: value")
-        inputs.append(_model_ref(entry["model"], f"{path}: models[{i}]", base))
+        ref = _model_ref(entry["model"], f"{path}: models[{i}]", base)
+        if ref in inputs:
+            raise PeftmergeError(f"{path}: models[{i}] lists {entry['model']} a second time (mergekit refuses "
+                                 "duplicate inputs); give each model once, with its weight")
+        inputs.append(ref)
         labels.append(f"models[{i}] ({entry['model']})")
         per_model.append(dict(params))
     shared = data.get("parameters") or {}
