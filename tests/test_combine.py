@@ -264,7 +264,8 @@ def test_yaml_recipe(adapters, tmp_path):
     )
     report = combine(config=recipe, out=tmp_path / "m", progress=False)
     assert report["method"] == "ties" and report["weights"] == [0.5, 1.5]
-    assert report["params"]["density"] == [0.5, 0.3] and report["params"]["lambda"] == 0.9
+    assert report["params"]["models"] == [{"weight": 0.5, "density": 0.5}, {"weight": 1.5, "density": 0.3}]
+    assert report["params"]["lambda"] == 0.9 and report["params"]["dialect"] == "mergekit"
     state = load_file(str(tmp_path / "m" / "adapter_model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in state.values())
     card = (tmp_path / "m" / "README.md").read_text()

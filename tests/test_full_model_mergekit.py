@@ -1,23 +1,23 @@
-"""Parity of full-model merges with mergekit (0.1.5) where the definitions agree.
+"""peftmerge's own flags (the papers' conventions) against mergekit (0.1.5), where the definitions agree.
 
 They agree for task_arithmetic (any weights and lambda) and for ties with all weights 1: mergekit elects
 TIES signs on the *weighted* task vectors and divides by the sum of the agreeing weights, PEFT and
-peftmerge elect on the unweighted ones and divide by their count, which is the same only at weights 1.
+peftmerge's flags elect on the unweighted ones and divide by their count, which is the same only at weights 1.
 They differ by definition for dare (mergekit rescales to the L1 norm instead of by 1/density, and its
 masks come from another generator) and breadcrumbs (mergekit ranks over the whole tensor; the official
-code and peftmerge per row).
+code and peftmerge per row). A YAML recipe (``--config``) takes mergekit's definitions instead:
+tests/test_mergekit_parity.py.
 """
 
 from __future__ import annotations
 
+import mergekit  # noqa: F401  (a test dependency: fail loudly without it)
 import pytest
 import torch
 from conftest import tiny_llama
 from safetensors.torch import load_file
 
 from peftmerge.merge.combine import combine
-
-mergekit = pytest.importorskip("mergekit")
 
 
 def _fine_tune(folder, seed):

@@ -195,6 +195,9 @@ def _resolve_recipe(inputs, method, weights, params, rank, dtype, config) -> Rec
         raise PeftmergeError(f"inputs are given both on the command line and in {config}; give them in one place")
     if not config:
         recipe.inputs = [str(p) for p in inputs]
+    else:  # the recipe defines the merge (mergekit's conventions); only the seed of random masks may be added
+        recipe.set_overrides(method, weights, params)
+        method, weights, params = None, None, {}
     recipe.method = method or recipe.method
     recipe.weights = list(weights) if weights is not None else recipe.weights
     recipe.params.update({k: v for k, v in params.items() if v is not None})
@@ -231,7 +234,8 @@ def combine(
     """Merge LoRA adapters into one LoRA adapter folder ``out``; returns the merge report.
 
     ``method`` defaults to ``ties``; every hyperparameter left ``None`` takes the method's (paper's)
-    default, shown by ``peftmerge methods``. ``config`` reads a mergekit-style YAML recipe. ``grams``: the
+    default, shown by ``peftmerge methods``. ``config`` reads a YAML recipe in mergekit's format, merged as
+    mergekit defines it (:mod:`peftmerge.merge.recipe`; only ``seed`` may be added to it). ``grams``: the
     file of :func:`peftmerge.grams` that data-aware methods (regmean) read.
     With ``base`` (or ``base_model`` in the recipe) the output is a full merged model instead, and inputs
     may also be full fine-tuned checkpoints of it (see :mod:`peftmerge.merge.full_model`).
@@ -239,7 +243,7 @@ def combine(
     given = {"lambda": lam, "density": density, "gamma": gamma, "sign": sign, "granularity": granularity,
              "seed": seed, "off_diagonal": off_diagonal}
     recipe = _resolve_recipe(inputs, method, weights, given, rank, dtype, config)
-    m = registry.get(recipe.method)
+    m = recipe.mergekit or registry.get(recipe.method)  # a YAML recipe of a mergekit method: mergekit's definition
     n = len(recipe.inputs)
     if n == 0:
         raise PeftmergeError("no inputs; give one or more LoRA adapters (folders or .safetensors files)")
@@ -247,7 +251,8 @@ def combine(
     if len(w) != n:
         raise PeftmergeError(f"{len(w)} weights for {n} inputs; give one weight per input (e.g. --weights "
                              f"{','.join(['1'] * n)})")
-    w = registry.WEIGHT.check(list(w), n)  # finite numbers, like every parameter
+    if recipe.mergekit is None:  # a mergekit recipe checks its own (gradient lists, filters)
+        w = registry.WEIGHT.check(list(w), n)  # finite numbers, like every parameter
     if alpha is not None:
         registry.ALPHA.check(alpha, n)
     params = m.resolve(recipe.params, n)
@@ -278,7 +283,8 @@ def combine(
     if m.exact_concat and recipe.rank is not None:
         raise PeftmergeError(f"{m.name} is exact concatenation and takes no --rank; "
                              "use --method task_arithmetic --rank R to truncate")
-    weights_t = torch.tensor(w, dtype=torch.float32)
+    recipe.check_adapter_output(adapters, plans, module_weights)
+    weights_t = torch.tensor(w, dtype=torch.float32) if recipe.mergekit is None else None
     per_module = _module_weights(module_weights, plans, n)
     bias_stacks = {p.name: st for p in plans if (st := biases.lora_bias_stack(adapters, p)) is not None}
     if bias_stacks and any(p.kind == "embedding" for p in plans):
@@ -295,6 +301,8 @@ def combine(
     tasks = [a.task for a in adapters]
 
     def merge_module(plan):
+        if recipe.mergekit is not None:  # weights and parameters per module (gradients, filters)
+            return recipe.mergekit.merge_module(adapters, plan, recipe.rank)
         w_plan = per_module.get(plan.name, weights_t)
         if m.linear:
             return merge_linear(adapters, plan, m.coefficients(w_plan, params), recipe.rank)

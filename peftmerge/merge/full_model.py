@@ -8,8 +8,11 @@ tensor of BASE, in storage order:
     merged  = method(dW_1, ..., dW_n)     # float32; linear methods as sum_i c_i dW_i without a stack
     W       = W0 + merged                 # written in --dtype (default: the tensor's own dtype)
 
-tensors no input changes are copied. Memory: one tensor from each input (plus the next one, read ahead
-on a background thread while this one is merged); the output goes straight to its shard file.
+tensors no input changes are copied. A YAML recipe of one of mergekit's methods merges each tensor with
+mergekit's definition instead, its weights and parameters resolved for that tensor (gradients over the
+layers, filters by name: :mod:`peftmerge.merge.mergekit_recipe`). Memory: one tensor from each input (plus
+the next one, read ahead on a background thread while this one is merged); the output goes straight to its
+shard file.
 Sparsifying methods act on the tensor as stored (rows are the weight's rows); DARE masks are seeded
 with the module name as in the adapter path, so on Linear modules a full merge of LoRA inputs equals
 ``merge_and_unload`` of the merged adapter (at full rank).
@@ -35,8 +38,9 @@ from ..io.adapter import LoraAdapter
 from ..io.checkpoint import Checkpoint, is_checkpoint
 from ..io.hub import resolve
 from ..io.model_writer import ShardedWriter, Slot, copy_model_files, parse_size, update_config
-from . import blocked, ops, registry, tied
+from . import blocked, ops, registry, tied, vocab
 from .combine import _module_generator, file_sha256  # one seeding rule for adapters and models
+from .mergekit_recipe import MergekitRecipe, layer_positions
 from .plan import open_inputs
 from .recipe import Recipe
 
@@ -206,16 +210,22 @@ def _read_after(write, *args):
 
 def merge_tensor(name: str, w0_raw: torch.Tensor, raws: list, sources: list[Source], method: registry.Method,
                  weights: torch.Tensor, params: dict, thresholds, ws: Workspace,
-                 dtype: torch.dtype | None = None, slot: int = 0) -> torch.Tensor:
+                 dtype: torch.dtype | None = None, slot: int = 0, position: float = 0.0) -> torch.Tensor:
     """W0 + merged task vectors of one tensor, computed in float32 and written in ``dtype`` (default: W0's)
     into workspace buffer ``slot``; checked finite. Linear and sparse methods run row-blocked from the raw
-    inputs (:mod:`blocked`); others on the stacked float32 task vectors."""
+    inputs (:mod:`blocked`); others, and YAML recipes of mergekit's methods (``position``: the tensor's
+    place in the layers, for gradients), on the stacked float32 task vectors."""
     out = ws.get(("cast", slot), w0_raw.shape, dtype or w0_raw.dtype)
     src = blocked.Deltas(_inputs(name, sources, raws, w0_raw), w0_raw, tuple(w0_raw.shape))
     ranges: list = []  # (min, max) of each block of the output: NaN and overflow show there
     module = name.removesuffix(".weight")
     gen = _module_generator(params.get("seed", 0), module)
-    if method.linear:  # W0 + sum_i c_i dW_i
+    if isinstance(method, MergekitRecipe):  # a YAML recipe: mergekit's definition, weights and parameters per tensor
+        w0 = ws.get("w0", w0_raw.shape).copy_(w0_raw)
+        deltas = stacked(name, w0, raws, sources, ws.get("stack", (len(sources), *w0.shape)))
+        out.copy_(method.merge(name, w0, deltas, position))
+        ranges = [tuple(map(float, torch.aminmax(out)))] if out.numel() else []
+    elif method.linear:  # W0 + sum_i c_i dW_i
         blocked.linear(src, method.coefficients(weights, params).tolist(), out, ranges=ranges)
     elif method.sparse is not None:
         blocked.merge(method.sparse, src, weights, params, seed=blocked.mask_seed(gen), thresholds=thresholds,
@@ -270,6 +280,9 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
     if not is_checkpoint(base_path):
         raise PeftmergeError(f"{base_path}: not a full model folder (config.json + model*.safetensors); "
                              "--base takes the base model, not an adapter")
+    if recipe.base is not None and Path(str(base)).resolve() != Path(recipe.base).resolve():
+        raise PeftmergeError(f"{recipe.file} sets base_model {recipe.base} but --base is {base}; give the base "
+                             "model in one place")
     atomic.check_output(out, [base_path] + [Path(p) for p in recipe.inputs], overwrite)
     ckpt = Checkpoint(base_path)
     pairs = tied.tied_pairs(ckpt)
@@ -285,11 +298,22 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
             c.tensors.pop(o, None)
         for s in sources:
             s.targets.pop(o, None)
-    weights_t = torch.tensor(weights, dtype=torch.float32)
     names = ckpt.names()
     changed = {n: any(s.changes(n, ckpt) for s in sources) for n in names}
     if not any(changed.values()):
         raise PeftmergeError("no input changes any tensor of the base model; check the inputs")
+    positions = {}
+    if isinstance(method, MergekitRecipe):
+        weights_t = None
+        if method.spec.name == "linear":  # a weighted sum of the models themselves: every tensor, the base's too
+            changed = {n: ckpt.tensors[n].dtype.is_floating_point for n in names}
+        positions = layer_positions(names)
+        for n in names:  # every setting resolved once up front: a missing weight fails before anything is written
+            if changed[n]:
+                method.at(n, positions[n])
+    else:
+        weights_t = torch.tensor(weights, dtype=torch.float32)
+    tokenizer = vocab.output_tokenizer(recipe, base_path, sources)  # a recipe's tokenizer_source, checked
     slots = [Slot(n, dtype if (dtype is not None and ckpt.tensors[n].dtype.is_floating_point)
                   else ckpt.tensors[n].dtype, ckpt.tensors[n].shape) for n in names]
 
@@ -320,7 +344,7 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
                                               changed[names[k + 1]], ws, (k + 1) % 2)
                     if changed[slot.name]:
                         result = merge_tensor(slot.name, w0, raws, sources, method, weights_t, params, thresholds,
-                                              ws, slot.dtype, k % 2)
+                                              ws, slot.dtype, k % 2, positions.get(slot.name, 0.0))
                     elif w0.dtype != slot.dtype:
                         result = ws.get(("cast", k % 2), w0.shape, slot.dtype).copy_(w0)
                     else:
@@ -341,6 +365,7 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
             copy_model_files(base_path, tmp, dtype)
             if untied:
                 update_config(tmp, {"tie_word_embeddings": False})
+            vocab.copy_tokenizer(tokenizer, base_path, tmp)
             _write_metadata(tmp, report, base)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
