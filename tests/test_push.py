@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard
 from peftmerge.card import with_results
 from peftmerge.cli.main import main
 from peftmerge.errors import PeftmergeError
-from peftmerge.push import detect_kind, push
+from peftmerge.push import detect_kind, push, scrub
 
 TOKENS = {"hf_bob": "bob", "hf_alice": "alice"}
 
@@ -91,8 +91,15 @@ def test_push_merged_adapter_from_cli(hub, merged_adapter, monkeypatch):
     repo = hub.repos["bob/merged"]
     files = repo.branches["main"]
     assert set(files) == set(before) | {".gitattributes"}
-    for path in set(before) - {"README.md"}:
-        assert hashlib.sha256(files[path]).hexdigest() == before[path], path
+    for path in set(before) - {"README.md"}:  # as they are, but for the local paths replaced by names
+        local = (merged_adapter / path).read_bytes()
+        if path.endswith(".json"):
+            assert json.loads(files[path]) == scrub(json.loads(local)), path
+        else:
+            assert files[path] == local, path
+    inputs = json.loads(files["merge_report.json"])["inputs"]
+    assert [i["path"] for i in inputs] == ["a", "b"]  # not the absolute local folders
+    assert not [p for p, data in files.items() if str(merged_adapter.parent).encode() in data]
     # the weights went through LFS, the JSON files as regular git blobs
     assert "adapter_model.safetensors" in repo.lfs_paths and "adapter_config.json" not in repo.lfs_paths
     assert hashlib.sha256(files["adapter_model.safetensors"]).hexdigest() in hub.lfs
@@ -108,9 +115,9 @@ def test_push_merged_adapter_from_cli(hub, merged_adapter, monkeypatch):
     assert "| sst2 | 0.7500 |" in card.text
     local = ModelCard.load(merged_adapter / "README.md")
     assert "## Results" not in local.text and 'from_pretrained(base, "REPO_ID")' in local.text
-    # the same card, with the repo id in the usage snippet and the results added
-    assert card.text == with_results(ModelCard(local.content.replace("REPO_ID", "bob/merged")), {
-        "sst2": {"accuracy": 0.75}}).text
+    # the same card, with the repo id in the usage snippet, the results added and no local path
+    assert card.text == scrub(with_results(ModelCard(local.content.replace("REPO_ID", "bob/merged")), {
+        "sst2": {"accuracy": 0.75}}).text)
 
 
 def test_push_generates_card_without_touching_folder(hub, merged_model):
@@ -305,5 +312,6 @@ def test_train_push_to_hub(hub, tmp_path, monkeypatch):
     pushed = hub.repos["bob/sst2"].branches["main"]
     assert pushed["adapter_model.safetensors"] == (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
     assert json.loads(pushed["peftmerge.json"])["task"] == "sst2"
-    card = card_of(pushed)  # trained from a local folder: named in the text, not in the Hub's metadata
-    assert card.data.base_model is None and f"`{llama}`" in card.text and "tags" in card.data.to_dict()
+    card = card_of(pushed)  # trained from a local folder: named (not its local path), not in the Hub's metadata
+    assert card.data.base_model is None and "`llama`" in card.text and "tags" in card.data.to_dict()
+    assert not [p for p, data in pushed.items() if str(tmp_path).encode() in data]
