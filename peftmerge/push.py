@@ -74,12 +74,16 @@ def card_from_folder(folder: str | Path, kind: str | None = None, repo_id: str |
     adapter_cfg = _read_json(folder / "adapter_config.json")
     report = _read_json(folder / "merge_report.json")
     router = _read_json(folder / "router.json") if kind == "router" else {}
+    meta = _read_json(folder / "peftmerge.json")
     if "recipe" in report:
         recipe = report["recipe"]
     elif report:  # the merge report: keep what decided the merge, not the per-module diagnostics
         recipe = {k: report[k] for k in _RECIPE_KEYS if k in report}
-    else:
-        recipe = {"router": router} if router else {}
+    elif router:
+        recipe = {"router": router}
+    else:  # a trained adapter: its training settings (peftmerge.json's config)
+        recipe = {"task": meta.get("task"), "method": meta.get("method"), **(meta.get("config") or {})} \
+            if isinstance(meta.get("config"), dict) else {}
     base = (
         adapter_cfg.get("base_model_name_or_path")
         or report.get("base_model")
@@ -88,9 +92,12 @@ def card_from_folder(folder: str | Path, kind: str | None = None, repo_id: str |
     )
     if not base and kind == "merged-model":
         base = _read_json(folder / "config.json").get("_name_or_path")
+    from .card import classifier_heads
+
     return make_card(
         kind=kind,
         base_model=base,
+        heads=classifier_heads(folder) if kind in ("adapter", "merged-adapter") else None,
         recipe=recipe or None,
         results=load_results(folder / RESULTS_FILE),
         tags=tuple(report.get("tags", ())),

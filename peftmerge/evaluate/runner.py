@@ -24,7 +24,7 @@ from ..errors import PeftmergeError
 from ..io.heads import head_tasks
 from . import metrics as M
 from .data import Task, icl_examples, load_task, parse_pairs, read_meta
-from .model import ModelCache, adapter_has_head, base_config, is_classifier
+from .model import ModelCache, adapter_has_head, base_config, check_adapter, is_classifier
 from .predict import predict_generate, predict_head, predict_label_words
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,17 @@ class Settings:
     limit: int | None = None  # first N rows of each data file (quick runs)
     seed: int = 0  # torch seed and the draw of in-context examples
     progress: bool = True
+
+    def check(self) -> "Settings":
+        """One line naming the option for a count that is not a whole number >= 1 (``limit``: or None)."""
+        for name in ("batch_size", "max_length", "max_new_tokens", "limit", "seed"):
+            v = getattr(self, name)
+            if name == "limit" and v is None:
+                continue
+            low = 0 if name == "seed" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise PeftmergeError(f"--{name.replace('_', '-')} {v!r} must be a whole number >= {low}")
+        return self
 
 
 @dataclass
@@ -202,11 +213,11 @@ def evaluate(model: str, data, *, adapter=None, router=None, name: str | None = 
     ``data``, ``reference`` and ``train`` map task names to paths (dicts, or ``NAME=PATH`` strings).
     ``reference_results``: a results.json whose "individual" row is reused instead of evaluating ``reference``.
     """
-    s = settings or Settings()
+    s = (settings or Settings()).check()
     if adapter and router:
         raise PeftmergeError("give --adapter or --router, not both")
-    if icl_shots < 0:
-        raise PeftmergeError(f"--icl-shots {icl_shots} must be >= 0")
+    if isinstance(icl_shots, bool) or not isinstance(icl_shots, int) or icl_shots < 0:
+        raise PeftmergeError(f"--icl-shots {icl_shots!r} must be a whole number >= 0")
     data = data if isinstance(data, dict) else parse_pairs(data, "--data")
     reference = reference if isinstance(reference, dict) else parse_pairs(reference, "--reference")
     train = train if isinstance(train, dict) else parse_pairs(train, "--train")
@@ -220,8 +231,16 @@ def evaluate(model: str, data, *, adapter=None, router=None, name: str | None = 
     for p in [adapter, router, *reference.values()]:
         if p is not None and not Path(p).exists():
             raise PeftmergeError(f"{p}: no such adapter folder; check the path")
-    if out is not None and Path(out).exists() and not overwrite:
-        raise PeftmergeError(f"output {out} already exists; pass --overwrite to replace it or choose another path")
+    for p in [adapter, *reference.values()]:
+        if p is not None:
+            check_adapter(p)
+    if router is not None:
+        _routing().load_router(router)  # a damaged router.json fails now, not after the other systems ran
+    if out is not None:
+        from .report import check_results_output
+
+        check_results_output(out, [model, adapter, router, reference_results, *data.values(), *reference.values(),
+                                   *train.values()], overwrite)
 
     metas = {t: task_meta(t, adapter, reference) for t in data}
     tasks = [load_task(t, p, limit=s.limit, meta=metas[t]) for t, p in data.items()]
