@@ -300,6 +300,11 @@ def plan_push(folder: str | Path, repo_id: str, *, revision: str | None = None) 
     check_repo_id(repo_id, revision)
     kind = detect_kind(folder)
     files, skipped = _files(folder, kind)
+    from .io.safetensors_file import read_header
+
+    for _, real in files:
+        if real.suffix == ".safetensors":
+            read_header(real)  # a damaged weights file is named now, not found by whoever downloads it
     card = _card_to_upload(folder, kind, repo_id)
     if card is None:
         card = (folder / CARD).read_text(encoding="utf-8") if (folder / CARD).is_file() else ""

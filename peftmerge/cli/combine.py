@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .common import Command, common_options, is_quiet, parse_floats
+from .common import Command, common_options, is_quiet, parse_floats, show_progress
 from .push import maybe_push, push_to_hub_option
 
 
@@ -73,7 +73,7 @@ def combine_command(inputs, out, method, weights, lam, density, gamma, sign, gra
                      density=density, gamma=gamma, sign=sign, granularity=granularity, off_diagonal=off_diagonal,
                      grams=grams, seed=seed, rank=rank,
                      dtype=dtype, alpha=alpha, config=config, base=base, shard_size=shard_size, overwrite=overwrite,
-                     force=force, progress=not quiet)
+                     force=force, progress=show_progress())
     if quiet:
         pass
     elif report.get("kind") == "merged-model":

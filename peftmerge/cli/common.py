@@ -68,6 +68,11 @@ def is_quiet() -> bool:
     return bool(ctx and ctx.meta.get(QUIET_KEY))
 
 
+def show_progress() -> bool:
+    """Progress bars: on a terminal, unless ``--quiet`` (a log file or a pipe gets the result and errors only)."""
+    return not is_quiet() and sys.stderr.isatty()
+
+
 def is_debug() -> bool:
     ctx = click.get_current_context(silent=True)
     return bool(ctx and ctx.meta.get(DEBUG_KEY))

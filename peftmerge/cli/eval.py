@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from ..errors import PeftmergeError
-from .common import SubGroup, common_options, is_quiet, runtime
+from .common import SubGroup, common_options, is_quiet, runtime, show_progress
 
 
 @click.group("eval", cls=SubGroup, invoke_without_command=True)
@@ -52,7 +52,7 @@ def eval_command(ctx, model, adapter, router, data, reference, reference_results
         from ..evaluate.report import markdown, systems_of
 
         settings = Settings(batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
-                            limit=limit, seed=seed, progress=not is_quiet())
+                            limit=limit, seed=seed, progress=show_progress())
         results = evaluate(model, list(data), adapter=adapter, router=router, name=name, reference=list(reference),
                            train=list(train), icl_shots=icl_shots, zero_shot=zero_shot,
                            reference_results=reference_results, settings=settings, out=out,

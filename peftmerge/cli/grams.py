@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from .common import Command, common_options, is_quiet
+from .common import Command, common_options, is_quiet, show_progress
 
 
 @click.command("grams", cls=Command)
@@ -28,7 +28,7 @@ def grams_command(inputs, out, data, model, limit, batch_size, max_length, alpha
 
     quiet = is_quiet()
     r = grams(list(inputs), out, data=list(data), model=model, limit=limit, batch_size=batch_size,
-              max_length=max_length, alpha=alpha, force=force, overwrite=overwrite, progress=not quiet)
+              max_length=max_length, alpha=alpha, force=force, overwrite=overwrite, progress=show_progress())
     if not quiet:
         counts = ", ".join(f"{t} {n} tokens" for t, n in r["tokens"].items())
         click.echo(f"grams: {r['modules']} modules x {len(r['tasks'])} tasks ({counts}) into {out}")

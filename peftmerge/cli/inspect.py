@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import Command, common_options, is_quiet
+from .common import Command, common_options, show_progress
 
 
 @click.command("inspect", cls=Command)
@@ -21,5 +21,5 @@ def inspect_command(inputs, out, density, alpha, force, overwrite):
     from ..inspect import inspect, markdown
 
     result = inspect(list(inputs), out, density=density, alpha=alpha, force=force, overwrite=overwrite,
-                     progress=not is_quiet())
+                     progress=show_progress())
     click.echo(markdown(result))

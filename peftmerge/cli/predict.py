@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from .common import Command, common_options, is_quiet
+from .common import Command, common_options, is_quiet, show_progress
 
 
 @click.command("predict", cls=Command)
@@ -26,7 +26,7 @@ def predict_command(router, input_, out, model, mode, route_only, max_new_tokens
 
     quiet = is_quiet()
     rows = predict(router, input_, out, model=model, mode=mode, route_only=route_only,
-                   max_new_tokens=max_new_tokens, batch_size=batch_size, overwrite=overwrite, progress=not quiet)
+                   max_new_tokens=max_new_tokens, batch_size=batch_size, overwrite=overwrite, progress=show_progress())
     if not quiet:
         counts: dict[str, int] = {}
         for r in rows:

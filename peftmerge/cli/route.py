@@ -8,7 +8,7 @@ import json
 import click
 
 from ..errors import PeftmergeError
-from .common import SubGroup, common_options, debug_option, is_quiet
+from .common import SubGroup, common_options, debug_option, is_quiet, show_progress
 
 
 def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -80,7 +80,7 @@ def eval_command(router, data, model, limit, out, overwrite):
     from ..routing.api import route_eval
 
     report = route_eval(router, parse_pairs(data, "--data"), model=model, limit=limit, out=out, overwrite=overwrite,
-                        progress=not is_quiet())
+                        progress=show_progress())
     for task, r in report["tasks"].items():
         click.echo(f"{task}: {r['accuracy']:.4f} ({r['n']} queries, {r['abstained']} abstained)")
     click.echo(f"overall: {report['accuracy']:.4f}")

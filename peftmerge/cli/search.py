@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import Command, common_options, is_quiet, parse_floats
+from .common import Command, common_options, is_quiet, parse_floats, show_progress
 
 
 @click.command("search", cls=Command)
@@ -59,7 +59,7 @@ def search_command(inputs, out, method, data, model, strategy, grid, budget, pop
                weights=parse_floats(weights, "--weights"), lam=lam, density=density, gamma=gamma, sign=sign,
                rank=rank, limit=limit, batch_size=batch_size, max_length=max_length, alpha=alpha, force=force,
                epochs=epochs, lr=lr, by=by, average=average, off_diagonal=off_diagonal, grams=grams,
-               overwrite=overwrite, progress=not quiet)
+               overwrite=overwrite, progress=show_progress())
     if not quiet and strategy == "layerwise":
         b = r["best"]
         when = f"at epoch {b['epoch']}" if isinstance(b["epoch"], int) else f"for the {b['epoch']}"

@@ -7,7 +7,7 @@ import logging
 
 import click
 
-from .common import Command, common_options, is_quiet
+from .common import Command, common_options, is_quiet, show_progress
 from .push import maybe_push, push_to_hub_option
 
 
@@ -82,7 +82,7 @@ def train(push_to_hub, **kw) -> None:
     if not isinstance(extra, dict):
         raise PeftmergeError(f"--training-args {kw['extra']!r} is not a JSON object; e.g. '{{\"deepspeed\": \"ds.json\"}}'")
     kw["extra"] = extra
-    result = train_fn(TrainConfig(**kw), progress=not is_quiet())
+    result = train_fn(TrainConfig(**kw), progress=show_progress())
     _echo_result(result)
     maybe_push(result.out, push_to_hub)
 
@@ -95,5 +95,5 @@ def train_many(tasks_yaml: str, overwrite: bool) -> None:
     """Train one adapter per task listed in TASKS_YAML (defaults, output_dir, tasks)."""
     from ..train import train_many as train_many_fn
 
-    for r in train_many_fn(tasks_yaml, overwrite=overwrite, progress=not is_quiet()):
+    for r in train_many_fn(tasks_yaml, overwrite=overwrite, progress=show_progress()):
         _echo_result(r)

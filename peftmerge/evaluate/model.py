@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PeftmergeError
+from ..io.checkpoint import refuse_pickle_weights
 from ..io.heads import head_tasks, load_head, load_merged
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,13 @@ def _check_base(base: str) -> None:
     looks_local = base.startswith((".", "/", "~")) or p.suffix == ".gguf"
     if looks_local and not p.exists():
         raise PeftmergeError(f"{base}: no such model file or folder; pass a model folder, a .gguf file or a Hub id")
-    pickles = [f for pattern in ("*.bin", "*.pt", "*.pth") for f in p.glob(pattern)] if p.is_dir() else []
-    if pickles and (p / "config.json").is_file() and not any(p.glob("*.safetensors")):
-        raise PeftmergeError(f"{base}: only pickle (.bin/.pt) weights, which peftmerge never loads; re-save the model "
-                             "with safetensors (save_pretrained(..., safe_serialization=True))")
+    refuse_pickle_weights(p)
 
 
 def check_adapter(adapter: str | Path) -> None:
     """An adapter folder that can be loaded safely: adapter_config.json (a JSON object) and safetensors weights
     with a sound header (pickle weights are never loaded)."""
-    from ..io.safetensors_file import read_header
+    from ..io.safetensors_file import TensorFile
 
     folder = Path(adapter)
     if not folder.is_dir():
@@ -64,7 +62,9 @@ def check_adapter(adapter: str | Path) -> None:
             raise PeftmergeError(f"{folder}: only adapter_model.bin (pickle), which peftmerge never loads; re-save it "
                                  "with safetensors (PeftModel.save_pretrained(..., safe_serialization=True))")
         raise PeftmergeError(f"{folder}: no adapter_model.safetensors; pass a PEFT adapter folder")
-    read_header(weights)
+    tensors = TensorFile(weights)
+    for name in tensors.keys():
+        tensors.get(name, dtype=None)  # refuses NaN and infinity: an adapter is small, reading it all is cheap
 
 
 def base_config(base: str) -> dict:

@@ -82,12 +82,26 @@ def _is_causal(base: str) -> bool:
     return archs is None or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
+def _merge_report(adapter: str | Path) -> dict:
+    """The adapter folder's merge_report.json ({} when there is none)."""
+    path = Path(adapter) / "merge_report.json"
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise PeftmergeError(f"{path}: not valid JSON; merge again or remove it") from None
+    if not isinstance(report, dict) or not isinstance(report.get("inputs", []), list) or \
+            not isinstance(report.get("method"), (str, type(None))):
+        raise PeftmergeError(f"{path}: not a merge report (no inputs list / method name); merge again or remove it")
+    return report
+
+
 def _merged_input_metas(adapter: str | Path) -> list[dict]:
-    report = Path(adapter) / "merge_report.json"
-    if not report.is_file():
-        return []
     metas = []
-    for inp in json.loads(report.read_text()).get("inputs", []):
+    for inp in _merge_report(adapter).get("inputs", []):
+        if not isinstance(inp, dict) or not isinstance(inp.get("path", ""), str):
+            continue
         meta = read_meta(inp.get("path"))
         metas.append({**meta, "task": meta.get("task") or inp.get("task")})
     return metas
@@ -182,9 +196,11 @@ def average(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def _individual_from(path: str | Path, tasks: list[str]) -> dict:
+    from .report import load_results
+
     try:
-        row = json.loads(Path(path).read_text())["baselines"]["individual"]["tasks"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        row = load_results([path])[0]["baselines"]["individual"]["tasks"]
+    except (KeyError, TypeError):
         raise PeftmergeError(f"{path}: no 'individual' results in it; pass a results.json written by "
                              "`peftmerge eval --reference ...`") from None
     missing = [t for t in tasks if t not in row]
@@ -198,8 +214,7 @@ def _describe(adapter) -> tuple[str, str | None, int]:
     if adapter is None:
         return "base", None, 0
     meta = read_meta(adapter)
-    report = Path(adapter) / "merge_report.json"
-    method = json.loads(report.read_text()).get("method") if report.is_file() else None
+    method = _merge_report(adapter).get("method")
     n = len(meta.get("tasks") or []) or 1
     return (method or Path(adapter).name), method, n
 
@@ -257,10 +272,11 @@ def evaluate(model: str, data, *, adapter=None, router=None, name: str | None = 
     if reference:
         systems.append(System("individual", per_task={t: str(p) for t, p in reference.items()}))
 
+    reused = _individual_from(reference_results, [t.name for t in tasks]) if reference_results is not None else None
     cache = ModelCache(model)
     table = {sys.name: run_system(sys, tasks, model, cache, s, train_tasks) for sys in systems}
-    if reference_results is not None:
-        table["individual"] = _individual_from(reference_results, [t.name for t in tasks])
+    if reused is not None:
+        table["individual"] = reused
     results = {
         "name": main.name, "model": str(model), "adapter": str(adapter) if adapter else None,
         "router": str(router) if router else None, "method": method, "n_tasks": n_tasks,

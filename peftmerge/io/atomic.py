@@ -118,16 +118,23 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def _resolve(p: Path) -> Path:
+    try:
+        return p.resolve()
+    except (RuntimeError, OSError):  # a symlink loop
+        raise PeftmergeError(f"{p}: a loop of symbolic links; fix the link") from None
+
+
 def check_overlap(out: str | Path, inputs) -> None:
     """Refuse an output that is, contains or lies inside an input (both as written and with symlinks
     resolved): writing it would replace or change that input."""
     out = Path(out)
-    outs = {Path(os.path.abspath(out)), out.resolve()}
+    outs = {Path(os.path.abspath(out)), _resolve(out)}
     for p in inputs:
         if p is None or not os.path.lexists(p):  # a Hub id or a missing path: nothing on disk to protect
             continue
         p = Path(p)
-        for q in {Path(os.path.abspath(p)), p.resolve()}:
+        for q in {Path(os.path.abspath(p)), _resolve(p)}:
             for o in outs:
                 if o == q:
                     raise PeftmergeError(f"output {out} is an input ({p}); write the output elsewhere")
@@ -142,7 +149,7 @@ def check_overlap(out: str | Path, inputs) -> None:
 def _replaceable(out: Path, folder: bool) -> None:
     """With ``overwrite``: refuse to replace what peftmerge did not write (the working folder, home, a folder
     that is not an output)."""
-    resolved = out.resolve()
+    resolved = _resolve(out)
     for special, what in ((Path.cwd().resolve(), "the working folder"), (Path.home().resolve(), "your home folder")):
         if _inside(special, resolved):
             raise PeftmergeError(f"output {out} is or holds {what}; --overwrite only replaces an earlier output: "

@@ -12,7 +12,7 @@ from ..errors import PeftmergeError
 from ..io.atomic import atomic_file, check_output
 from . import registry
 from .decide import Decision, decide
-from .embed import encode, query_text, read_jsonl, record_query, record_text
+from .embed import encode, query_text, read_jsonl, record_query
 from .load import (adapter_info, base_model_of, examples_of, load_base, load_embedder, open_adapters,
                    open_routed)
 from .registry import BuildContext

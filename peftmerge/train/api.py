@@ -20,6 +20,7 @@ from .. import __version__
 from ..card import write_card
 from ..errors import PeftmergeError
 from ..io.atomic import as_disk_error, atomic_dir, check_output
+from ..io.checkpoint import refuse_pickle_weights
 from ..io.meta import read_yaml
 from . import base, methods
 from .config import TrainConfig
@@ -148,8 +149,10 @@ def _claim_checkpoints(folder: Path, out: Path) -> None:
     killed or disk-full run of ``out`` left them: resuming never starts from them)."""
     owner = _owner(folder)
     created = owner.get("created") if owner.get("out") == str(out.resolve()) else not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / OWNER).write_text(json.dumps({"out": str(out.resolve()), "created": bool(created)}) + "\n")
+    record = {"out": str(out.resolve()), "created": bool(created)}
+    if owner != record:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / OWNER).write_text(json.dumps(record) + "\n")
     for p in _checkpoint_folders(folder):
         if not (p / COMPLETE).is_file():
             shutil.rmtree(p, ignore_errors=True)
@@ -176,7 +179,7 @@ def _release_checkpoints(folder: Path, everything: bool) -> None:
 
 def _during_save(e: BaseException) -> bool:
     """Whether ``e`` was raised while transformers wrote a checkpoint."""
-    names = {f.name for f, _ in traceback.walk_tb(e.__traceback__)}
+    names = {frame.f_code.co_name for frame, _ in traceback.walk_tb(e.__traceback__)}
     return bool(names & {"_save_checkpoint", "save_model", "_save", "_save_optimizer_and_scheduler",
                          "_save_rng_state", "save_to_json"})
 
@@ -214,6 +217,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         inputs.append(Path(config.model))
     out = check_output(config.out, inputs, config.overwrite)
     resume = _check_checkpoints(config, out, inputs)
+    refuse_pickle_weights(config.model)
     src, gguf = base.resolve(config.model, config.gguf_file)
     task = load_task(config)
     causal = base.can_generate(base.load_config(src, gguf))
@@ -302,8 +306,16 @@ def read_tasks(yaml_path: str | Path) -> list[TrainConfig]:
     if bad:
         raise PeftmergeError(f"{path}: unknown top-level key(s) {', '.join(bad)}; use defaults, output_dir, tasks")
     tasks = doc["tasks"]
+    if not isinstance(doc.get("defaults") or {}, dict):
+        raise PeftmergeError(f"{path}: 'defaults' is not a mapping of fields")
+    if doc.get("output_dir") is not None and not isinstance(doc["output_dir"], str):
+        raise PeftmergeError(f"{path}: 'output_dir' {doc['output_dir']!r} is not a folder path")
     if isinstance(tasks, dict):
+        if not all(isinstance(f, dict) or f is None for f in tasks.values()):
+            raise PeftmergeError(f"{path}: each task under 'tasks' must be a mapping of fields")
         tasks = [{"task": name, **(fields or {})} for name, fields in tasks.items()]
+    if not isinstance(tasks, list):
+        raise PeftmergeError(f"{path}: 'tasks' is not a list of tasks (task, data, ...)")
     here = path.parent
 
     def rel(p):
@@ -314,6 +326,10 @@ def read_tasks(yaml_path: str | Path) -> list[TrainConfig]:
         if not isinstance(t, dict):
             raise PeftmergeError(f"{path}: task {i} is not a mapping of fields")
         d = {**(doc.get("defaults") or {}), **t}
+        wrong = next((k for k in ("task", "data", "validation", "out", "checkpoint_dir", "model")
+                      if d.get(k) is not None and not isinstance(d[k], str)), None)
+        if wrong:
+            raise PeftmergeError(f"{path} task {i}: {wrong} {d[wrong]!r} is not a string; fix the YAML value")
         if "out" not in d and doc.get("output_dir") and d.get("task"):
             d["out"] = str(Path(doc["output_dir"]) / d["task"])
         for k in ("data", "validation", "out", "checkpoint_dir"):
