@@ -128,7 +128,8 @@ def _check_checkpoints(config: TrainConfig, out: Path, inputs: list[Path]) -> Pa
             raise PeftmergeError(f"--checkpoint-dir {folder} is or lies inside the input {p}; put checkpoints "
                                  "elsewhere (inputs are never modified)")
     owner = _owner(folder)
-    ours = owner.get("out") == str(out_resolved)
+    # this output's runs wrote them; or peftmerge did, for another output, and --resume takes them over
+    ours = owner.get("out") == str(out_resolved) or (config.resume and bool(owner.get("out")))
     theirs = [p.name for p in _checkpoint_folders(folder)] if not ours else []
     if theirs:
         raise PeftmergeError(f"--checkpoint-dir {folder} holds {', '.join(theirs[:3])} that this output's runs did "
@@ -138,17 +139,18 @@ def _check_checkpoints(config: TrainConfig, out: Path, inputs: list[Path]) -> Pa
     last = last_complete_checkpoint(folder) if ours else None
     if last is None:
         half = [p.name for p in _checkpoint_folders(folder)]
-        what = f"only half-written ones ({', '.join(half)})" if half else "none"
-        raise PeftmergeError(f"--resume: no complete checkpoint of {out} in {folder} ({what}); drop --resume to start "
-                             "over, or pass the --checkpoint-dir of the interrupted run")
+        what = f"only half-written ones ({', '.join(half)}), no" if half else "no"
+        raise PeftmergeError(f"--resume: no checkpoint in {folder} to resume from ({what} complete ones); drop "
+                             "--resume to start over, or pass the --checkpoint-dir of the interrupted run")
     return last
 
 
-def _claim_checkpoints(folder: Path, out: Path) -> None:
-    """Record that ``folder``'s checkpoint-N folders belong to ``out``'s runs; drop half-written ones (a
-    killed or disk-full run of ``out`` left them: resuming never starts from them)."""
+def _claim_checkpoints(folder: Path, out: Path, created: bool) -> None:
+    """Record that ``folder``'s checkpoint-N folders belong to ``out``'s runs (``created``: this run made the
+    folder); drop half-written ones (a killed or disk-full run of ``out`` left them: resuming never starts there)."""
     owner = _owner(folder)
-    created = owner.get("created") if owner.get("out") == str(out.resolve()) else not folder.exists()
+    if owner.get("out"):  # this output's folder, or another output's that --resume takes over
+        created = owner.get("created")
     record = {"out": str(out.resolve()), "created": bool(created)}
     if owner != record:
         folder.mkdir(parents=True, exist_ok=True)
@@ -158,22 +160,22 @@ def _claim_checkpoints(folder: Path, out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _release_checkpoints(folder: Path, everything: bool) -> None:
+def _release_checkpoints(folder: Path, everything: bool, created: bool = False) -> None:
     """Remove what this output's runs wrote in ``folder``: its checkpoint-N folders (``everything``; else only
-    if none was completed), the ownership record, and the folder itself when peftmerge made it and it is empty."""
-    if not (folder / OWNER).is_file():
-        return
-    checkpoints = _checkpoint_folders(folder)
-    if not everything and any((p / COMPLETE).is_file() for p in checkpoints):
-        return  # a failed run leaves what --resume needs
-    created = _owner(folder).get("created")
-    for p in checkpoints:
-        shutil.rmtree(p, ignore_errors=True)
-    (folder / OWNER).unlink(missing_ok=True)
+    if none was completed, so that --resume has what it needs), the ownership record, and the folder itself
+    when peftmerge made it (``created``, or as recorded) and it is empty."""
+    if (folder / OWNER).is_file():
+        checkpoints = _checkpoint_folders(folder)
+        if not everything and any((p / COMPLETE).is_file() for p in checkpoints):
+            return
+        created = bool(_owner(folder).get("created"))
+        for p in checkpoints:
+            shutil.rmtree(p, ignore_errors=True)
+        (folder / OWNER).unlink(missing_ok=True)
     if created:
         try:
             folder.rmdir()
-        except OSError:  # not empty: it holds something else
+        except OSError:  # not empty (it holds something else), or not there
             pass
 
 
@@ -236,17 +238,17 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                             config.dtype, tokenizer.pad_token_id)
     task_type = "SEQ_CLS" if shape == "classify" else "CAUSAL_LM"
     model = method.build(model, config, task_type)
-    trainer = make_trainer(model, tokenizer, train_ex, val_ex, config, shape, left_pad=shape == "classify" and causal,
-                           progress=progress)
-
-    metrics: dict = {}
-    if val_ex and config.eval_before:
-        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-    _claim_checkpoints(config.checkpoints, out)
+    made = not config.checkpoints.exists()  # transformers makes the folder when the Trainer is built
     try:
+        trainer = make_trainer(model, tokenizer, train_ex, val_ex, config, shape,
+                               left_pad=shape == "classify" and causal, progress=progress)
+        metrics: dict = {}
+        if val_ex and config.eval_before:
+            metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        _claim_checkpoints(config.checkpoints, out, created=made)
         out_train = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     except BaseException as e:
-        _release_checkpoints(config.checkpoints, everything=False)
+        _release_checkpoints(config.checkpoints, everything=False, created=made)
         explained = _train_failure(e, config, resume)
         if explained is not None:
             raise explained from e
