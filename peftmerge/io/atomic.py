@@ -313,9 +313,9 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 def _swap_in(tmp: Path, out: Path, overwrite: bool) -> None:
     if os.path.lexists(out):
-        if not overwrite:
-            raise PeftmergeError(f"output {out} already exists (another run wrote it meanwhile?); pass --overwrite "
-                                 "to replace it or choose another path")
+        if not overwrite:  # it did not exist when this run started
+            raise PeftmergeError(f"output {out} was written by another run meanwhile; its output is kept, this one is "
+                                 "dropped")
         trash = Path(tempfile.mkdtemp(prefix=f"{_trash_prefix(out)}{os.getpid()}-", dir=out.parent))
         os.replace(out, trash / out.name)
         try:
