@@ -315,3 +315,97 @@ def test_train_push_to_hub(hub, tmp_path, monkeypatch):
     card = card_of(pushed)  # trained from a local folder: named (not its local path), not in the Hub's metadata
     assert card.data.base_model is None and "`llama`" in card.text and "tags" in card.data.to_dict()
     assert not [p for p, data in pushed.items() if str(tmp_path).encode() in data]
+
+
+# --- what goes up: the allow-list, no symlink out of the folder, no local path, never the token ------------------
+
+@pytest.fixture
+def cluttered(merged_adapter, tmp_path):
+    """A merged adapter folder that also holds what must never be uploaded."""
+    import shutil
+
+    folder = tmp_path / "cluttered"
+    shutil.copytree(merged_adapter, folder)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "private.safetensors").write_bytes(b"not for the Hub")
+    (outside / "notes.md").write_text("private")
+    (folder / ".env").write_text("HF_TOKEN=hf_secret_in_env\n")
+    (folder / "secrets").mkdir()
+    (folder / "secrets" / "key.txt").write_text("ssh key")
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "linked.safetensors").symlink_to(outside / "private.safetensors")
+    (folder / "README.md").unlink()  # a generated card, this time
+    os_link_dir = folder / "heads_link"
+    os_link_dir.symlink_to(outside, target_is_directory=True)
+    (folder / "heads").mkdir()
+    (folder / "heads" / "sst2.safetensors").write_bytes((merged_adapter / "adapter_model.safetensors").read_bytes())
+    (folder / "bars.png").write_bytes(b"\x89PNG fake")
+    return folder
+
+
+ALLOWED_UPLOAD = {"adapter_config.json", "adapter_model.safetensors", "peftmerge.json", "merge_report.json",
+                  "results.json", "README.md", "heads/sst2.safetensors", "bars.png"}
+
+
+def test_push_uploads_only_what_peftmerge_writes(hub, cluttered, tmp_path, monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("HF_TOKEN", "hf_bob")
+    before = snapshot(cluttered)
+    r = CliRunner().invoke(main, ["push", str(cluttered), "--repo-id", "bob/clean"])
+    assert r.exit_code == 0, r.output
+    files = hub.repos["bob/clean"].branches["main"]
+    assert set(files) - {".gitattributes"} == ALLOWED_UPLOAD
+    assert snapshot(cluttered) == before
+    for path, data in files.items():  # no local path, no token, nothing from outside the folder
+        assert str(tmp_path).encode() not in data and b"hf_bob" not in data and b"not for the Hub" not in data, path
+    assert "hf_bob" not in r.output and "hf_bob" not in caplog.text
+    card = card_of(files)
+    assert "## Inputs" in card.text and "| `a` | 1.0 |" in card.text  # names and weights, not local paths
+
+
+def test_push_dry_run_lists_and_uploads_nothing(hub, cluttered, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # no token needed
+    r = CliRunner().invoke(main, ["push", str(cluttered), "--repo-id", "bob/clean", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"would upload {len(ALLOWED_UPLOAD)} files of {cluttered} to bob/clean")
+    listed = {line.split()[0] for line in lines[1:1 + len(ALLOWED_UPLOAD)]}
+    assert listed == ALLOWED_UPLOAD and not lines[1 + len(ALLOWED_UPLOAD)].startswith("  ")
+    skipped = next(line for line in r.stdout.splitlines() if line.startswith("not uploaded:"))
+    for name in (".env", "secrets/key.txt", "notes.txt", "linked.safetensors (symlink out of the folder)",
+                 "heads_link/ (symlink)"):
+        assert name in skipped, (name, skipped)
+    assert "--- README.md ---" in r.stdout and "library_name: peft" in r.stdout
+    assert not hub.requests  # not one request went out
+    quiet = CliRunner().invoke(main, ["push", str(cluttered), "--repo-id", "bob/clean", "--dry-run", "--quiet"])
+    assert {line.split()[0] for line in quiet.stdout.splitlines()} == ALLOWED_UPLOAD and quiet.stderr == ""
+
+
+def test_the_token_never_shows_in_errors(hub, merged_adapter, monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_and_secret")
+    r = CliRunner().invoke(main, ["push", str(merged_adapter), "--repo-id", "bob/merged"])
+    assert r.exit_code == 2 and "refused the token" in r.output
+    assert "hf_wrong_and_secret" not in r.output and "hf_wrong_and_secret" not in caplog.text
+
+
+@pytest.mark.parametrize("repo, revision", [("user/name@../../etc", None), ("bob/x", "../../x"), ("bob/x", "-rf"),
+                                            ("bob/x", "a/.hidden"), ("bob/x", "main.lock")])
+def test_repo_ids_and_branches_that_climb_are_refused(repo, revision, merged_adapter):
+    from peftmerge.push import plan_push
+
+    with pytest.raises(PeftmergeError, match="not a Hub repo id|not a branch name"):
+        plan_push(merged_adapter, repo, revision=revision)
+
+
+def test_scrub_replaces_local_paths_only():
+    assert scrub({"path": "/home/u/adapters/sst2", "source": "bob/sst2", "url": "https://hf.co/a/b",
+                  "note": "merged /data/x and ./rel", "n": 3}) == {
+        "path": "sst2", "source": "bob/sst2", "url": "https://hf.co/a/b", "note": "merged x and ./rel", "n": 3}
+    cached = "/root/.cache/huggingface/hub/models--org--tiny/snapshots/abc123/adapter"
+    assert scrub(cached) == "org/tiny"

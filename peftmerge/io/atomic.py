@@ -174,20 +174,25 @@ def _name_max(folder: Path) -> int:
         return 255
 
 
+def _check_names(out: Path) -> None:
+    """Every part of ``out``'s path fits the file system's name length."""
+    limit = _name_max(Path("/"))
+    for part in Path(os.path.abspath(out)).parts:
+        if len(part.encode()) > limit:
+            raise PeftmergeError(f"cannot write output {out}: the name {part[:40]}... is {len(part.encode())} bytes, "
+                                 f"more than the file system's {limit}; use a shorter name")
+
+
 def probe_location(out: str | Path) -> None:
-    """Check now that ``out`` can be written: every missing folder on its path can be made and the nearest
-    existing one accepts a new entry; names fit the file system."""
+    """Check now that ``out`` can be written: names fit the file system, every missing folder on its path can be
+    made and the nearest existing one accepts a new entry."""
+    _check_names(Path(out))
     out = Path(os.path.abspath(out))
     existing = out.parent
     while not os.path.lexists(existing):
         existing = existing.parent
     if not existing.is_dir():
         raise PeftmergeError(f"cannot write output {out}: {existing} is a file, not a folder; choose another output")
-    limit = _name_max(existing)
-    for part in out.relative_to(existing).parts:
-        if len(part.encode()) > limit:
-            raise PeftmergeError(f"cannot write output {out}: the name {part[:40]}... is {len(part.encode())} bytes, "
-                                 f"more than the file system's {limit}; use a shorter name")
     try:
         probe = tempfile.mkdtemp(prefix=f"{temp_prefix(out)}{os.getpid()}-probe-", dir=existing)
         os.rmdir(probe)
@@ -204,6 +209,7 @@ def check_output(out: str | Path, inputs=(), overwrite: bool = False, *, folder:
     if out is None or str(out).strip() == "":
         raise PeftmergeError("no output given; pass -o OUT")
     out = Path(out)
+    _check_names(out)
     if out.is_symlink():
         raise PeftmergeError(f"output {out} is a symbolic link (to {os.readlink(out)}); peftmerge does not write "
                              "through links: give the real path or another name")

@@ -289,7 +289,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                    tags=[shape, method.name], title=f"{config.task} adapter ({method.name})")
     if not config.keep_checkpoints:
         _release_checkpoints(config.checkpoints, everything=True)
-    log.info("wrote %s (%s)", out, ", ".join(f"{k}={v:.4g}" for k, v in meta["metrics"].items()))
+    log.debug("wrote %s (%s)", out, ", ".join(f"{k}={v:.4g}" for k, v in meta["metrics"].items()))
     return TrainResult(out=out, meta=meta, model=model, tokenizer=tokenizer, history=trainer.state.log_history)
 
 

@@ -391,9 +391,11 @@ for opt, value, marks in [("--lambda", "nan", [MERGE_SIDE]), ("--lambda", "inf",
 case("combine--gamma-inf", lambda w, d: combine(w, d, extra=["--method", "breadcrumbs", "--gamma", "inf"]))
 case("combine-nan-in-recipe", lambda w, d: recipe(w, d, "merge_method: ties\nparameters: {lambda: .nan}\n"
                                                         + MODELS.format(a=w.a, b=w.b)), marks=[MERGE_SIDE])
-for opt, value in [("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "0"), ("--temperature", "-1"),
-                   ("--abstain", "nan"), ("--top-k", "0"), ("--max-examples", "0"), ("--layer", "nan")]:
-    case(f"route-build{opt}-{value}", lambda w, d, o=opt, v=value: route_build(w, d, extra=[o, v]))
+for opt, value, fragment in [("--temperature", "nan", "not a finite number"), ("--temperature", "inf", None),
+                             ("--temperature", "0", "temperature 0.0 is out of range: must be > 0.0"),
+                             ("--temperature", "-1", "must be > 0"), ("--abstain", "nan", None), ("--top-k", "0", None),
+                             ("--max-examples", "0", None), ("--layer", "nan", None)]:
+    case(f"route-build{opt}-{value}", lambda w, d, o=opt, v=value: route_build(w, d, extra=[o, v]), fragment)
 case("route-build--hidden-negative", lambda w, d: route_build(w, d, extra=["--strategy", "probe", "--hidden", "-1"]))
 case("route-build--steps-zero", lambda w, d: route_build(w, d, extra=["--strategy", "probe", "--steps", "0"]))
 for opt, value in [("--lr", "nan"), ("--lr", "0"), ("--lr", "inf"), ("--epochs", "-1"), ("--epochs", "nan"),
