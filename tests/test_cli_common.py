@@ -96,10 +96,17 @@ def test_eval_without_model_fails_before_loading_anything():
 def test_threads_option_and_default_rule(monkeypatch):
     from peftmerge import threads
 
-    before = torch.get_num_threads()
+    from peftmerge.merge import registry
+
+    before, seen = torch.get_num_threads(), []
+    real = registry.methods
+    monkeypatch.setattr(registry, "methods", lambda: seen.append((torch.get_num_threads(),
+                                                                  os.environ.get("OMP_NUM_THREADS"))) or real())
     try:
-        r = CliRunner().invoke(main, ["methods", "--threads", "1"])
-        assert r.exit_code == 0 and torch.get_num_threads() == 1
+        for n in (1, 3):
+            r = CliRunner().invoke(main, ["methods", "--threads", str(n)])
+            assert r.exit_code == 0 and seen[-1] == (n, str(n))  # while the command runs
+            assert torch.get_num_threads() == before  # and given back after it
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         monkeypatch.setattr(threads, "cores", lambda: 8)
         for load, want in ((0.0, 8), (2.6, 5), (7.4, 1), (30.0, 1)):

@@ -110,7 +110,9 @@ def runtime(ctx: click.Context, log_level: int = logging.WARNING, load_torch: bo
     handler.setFormatter(logging.Formatter("%(message)s"))
     saved_levels = {name: logging.getLogger(name).level for name in (*_LIBRARY_LOGGERS, "peftmerge")}
     saved_propagate = ours.propagate
-    with _env(**env), warnings.catch_warnings():
+    threads_before = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+    thread_env = dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"))
+    with _env(**env, **thread_env), warnings.catch_warnings():
         if not debug:
             warnings.simplefilter("ignore")  # the libraries' Deprecation/Future/UserWarnings
             for name in _LIBRARY_LOGGERS:
@@ -125,6 +127,8 @@ def runtime(ctx: click.Context, log_level: int = logging.WARNING, load_torch: bo
             set_threads(ctx.meta.get(THREADS_KEY))
             yield
         finally:
+            if threads_before is not None:  # a caller in the same process gets its thread count back
+                sys.modules["torch"].set_num_threads(threads_before)
             ours.removeHandler(handler)
             ours.propagate = saved_propagate
             for name, level in saved_levels.items():

@@ -154,6 +154,8 @@ def _replaceable(out: Path, folder: bool) -> None:
         if _inside(special, resolved):
             raise PeftmergeError(f"output {out} is or holds {what}; --overwrite only replaces an earlier output: "
                                  "choose another output")
+    if folder and not out.is_dir():
+        raise PeftmergeError(f"output {out} is a file; peftmerge writes a folder there: choose another output")
     if out.is_dir():
         if not folder:
             raise PeftmergeError(f"output {out} is a folder; give a file name")

@@ -489,6 +489,9 @@ case("train-out-named-like-a-checkpoint", lambda w, d: train(w, d, out=d / "chec
                                                              extra=["--checkpoint-dir", S(d)]))
 case("combine-overwrite-a-foreign-folder", lambda w, d: combine(w, d, out=_foreign(d), extra=["--overwrite"]),
      "did not write")
+case("combine-overwrite-a-file", lambda w, d: combine(w, d, out=write(d, "notes.txt", "mine"), extra=["--overwrite"]),
+     "is a file")
+case("inspect-overwrite-a-foreign-folder", lambda w, d: inspect_(w, d, out=_foreign(d), extra=["--overwrite"]))
 case("combine-overwrite-the-working-folder", lambda w, d: combine(w, d, out=Path.cwd(), extra=["--overwrite"]))
 
 
