@@ -11,7 +11,8 @@ class PeftmergeError(Exception):
 
 
 def did_you_mean(name, valid) -> str:
-    """`` (did you mean 'ties'?)`` for a name close to one of ``valid``, else ``""``: the end of an unknown-name error."""
+    """`` (did you mean 'ties'?)`` for a name close to one of ``valid``, else ``""``: the end of an unknown-name
+    error."""
     import difflib
 
     close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)

@@ -373,7 +373,8 @@ def push(
     folder = Path(folder)
     plan = plan_push(folder, repo_id, revision=revision)
     if is_offline():
-        raise PeftmergeError(f"HF_HUB_OFFLINE=1 is set: unset it to push to {repo_id} (the local output {folder} is kept)")
+        raise PeftmergeError(f"HF_HUB_OFFLINE=1 is set: unset it to push to {repo_id} (the local output {folder} is "
+                             "kept)")
     api = HfApi(token=_token(token), library_name="peftmerge", library_version=__version__)
     message = commit_message or f"Upload {plan.kind} with peftmerge {__version__}"
     files, _ = _files(folder, plan.kind)

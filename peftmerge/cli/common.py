@@ -97,14 +97,14 @@ def runtime(ctx: click.Context, log_level: int = logging.WARNING, load_torch: bo
     """Threads, logging, warnings and progress bars for one command, restored when it ends.
 
     ``log_level``: peftmerge's own log lines shown in a normal run (``--quiet``: errors only).
-    ``bars``: keep huggingface_hub's progress bars in a normal run (push: the upload).
+    ``bars``: keep huggingface_hub's progress bars in a normal run on a terminal (push: the upload).
     """
     from ..threads import set_threads
 
     debug, quiet = bool(ctx.meta.get(DEBUG_KEY)), bool(ctx.meta.get(QUIET_KEY))
     env = {} if debug else {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
                             "DATASETS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
-                            "HF_HUB_DISABLE_PROGRESS_BARS": None if bars and not quiet else "1"}
+                            "HF_HUB_DISABLE_PROGRESS_BARS": None if bars and not quiet and sys.stderr.isatty() else "1"}
     ours = logging.getLogger("peftmerge")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -151,19 +151,16 @@ def _quiet_transformers(debug: bool) -> None:
 class Command(click.Command):
     """A peftmerge command: :func:`common_options`, and :func:`runtime` around its body.
 
-    ``precheck(ctx)`` runs first, before any heavy import (a required value missing fails at once);
-    ``log_level`` is the level of peftmerge's own log lines in a normal run; ``load_torch=False`` for
-    commands that never need torch (push); ``bars`` keeps the Hub's upload progress bars.
+    ``log_level`` is the level of peftmerge's own log lines in a normal run; ``load_torch=False`` for commands
+    that never need torch (push); ``bars`` keeps the Hub's upload progress bars.
     """
 
-    def __init__(self, *args, precheck=None, log_level: int = logging.WARNING, load_torch: bool = True,
-                 bars: bool = False, **kwargs):
+    def __init__(self, *args, log_level: int = logging.WARNING, load_torch: bool = True, bars: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.precheck, self.log_level, self.load_torch, self.bars = precheck, log_level, load_torch, bars
+        self.log_level, self.load_torch, self.bars = log_level, load_torch, bars
 
     def invoke(self, ctx: click.Context):
-        if self.precheck is not None:
-            self.precheck(ctx)
         with runtime(ctx, self.log_level, self.load_torch, self.bars):
             return super().invoke(ctx)
 

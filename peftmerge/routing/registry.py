@@ -118,5 +118,6 @@ def get(name: str) -> Strategy:
     """The router called ``name``; an unknown name lists the valid ones."""
     _load_all()
     if name not in _REGISTRY:
-        raise PeftmergeError(f"unknown router {name!r}; choose one of: {', '.join(names())}{did_you_mean(name, names())}")
+        raise PeftmergeError(f"unknown router {name!r}; choose one of: {', '.join(names())}"
+                             f"{did_you_mean(name, names())}")
     return _REGISTRY[name]
