@@ -30,7 +30,7 @@ from ..errors import PeftmergeError
 # What peftmerge writes at the top of an output folder: a folder holding one of these (or nothing) is an
 # output that --overwrite may replace.
 OUTPUT_MARKERS = ("peftmerge.json", "merge_report.json", "router.json", "search.json", "inspect.json",
-                  "report.json", "report.md", "adapter_config.json", "config.json")
+                  "report.json")
 _ALWAYS_DISK = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _DISK_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
 _DISK_TEXT = {"No space left on device": errno.ENOSPC, "File too large": errno.EFBIG,
