@@ -308,10 +308,32 @@ def plan_push(folder: str | Path, repo_id: str, *, revision: str | None = None) 
     card = _card_to_upload(folder, kind, repo_id)
     if card is None:
         card = (folder / CARD).read_text(encoding="utf-8") if (folder / CARD).is_file() else ""
-    card = scrub(card)
+    card = scrub(_hub_base_models(card))
     listed = [(rel, real.stat().st_size) for rel, real in files if rel != CARD]
     listed.append((CARD, len(card.encode())))
     return PushPlan(folder, kind, sorted(listed), skipped, card)
+
+
+def _hub_base_models(text: str) -> str:
+    """The card with only Hub repo ids as its metadata's ``base_model`` (a local path there names nothing on the
+    Hub: it is dropped, with ``base_model_relation`` when no base is left); any other card is returned as is."""
+    from .io.hub import repo_id_of
+
+    try:
+        card = ModelCard(text)
+    except Exception:  # noqa: BLE001  (no metadata block, or one huggingface_hub cannot read: left to the Hub)
+        return text
+    bases = card.data.base_model
+    if not bases:
+        return text
+    listed = [bases] if isinstance(bases, str) else list(bases)
+    kept = [b for b in listed if isinstance(b, str) and repo_id_of(b) == b]
+    if kept == listed:
+        return text
+    card.data.base_model = (kept[0] if isinstance(bases, str) else kept) if kept else None
+    if not kept:
+        card.data.base_model_relation = None
+    return str(card)
 
 
 def check_repo_id(repo_id: str, revision: str | None = None) -> None:

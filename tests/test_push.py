@@ -409,3 +409,21 @@ def test_scrub_replaces_local_paths_only():
         "path": "sst2", "source": "bob/sst2", "url": "https://hf.co/a/b", "note": "merged x and ./rel", "n": 3}
     cached = "/root/.cache/huggingface/hub/models--org--tiny/snapshots/abc123/adapter"
     assert scrub(cached) == "org/tiny"
+
+
+def test_a_local_base_path_in_an_older_cards_metadata_is_dropped(merged_adapter, tmp_path):
+    import shutil
+
+    from peftmerge.push import plan_push
+
+    folder = tmp_path / "older"
+    shutil.copytree(merged_adapter, folder)
+    card = (folder / "README.md").read_text()
+    head, body = card.split("---\n", 2)[1:]
+    head = "\n".join(f"base_model: {tmp_path}/models/llama" if line.startswith("base_model:") else line
+                     for line in head.splitlines())
+    (folder / "README.md").write_text(f"---\n{head}\n---\n{body}")
+    assert f"base_model: {tmp_path}" in (folder / "README.md").read_text()
+    uploaded = ModelCard(plan_push(folder, "bob/older").card)
+    assert uploaded.data.base_model is None and getattr(uploaded.data, "base_model_relation", None) is None
+    assert "peftmerge" in uploaded.data.tags and str(tmp_path) not in str(uploaded)
