@@ -4,11 +4,15 @@ __version__ = "0.1.0"
 
 from .errors import PeftmergeError  # noqa: E402
 
-__all__ = ["PeftmergeError", "__version__", "combine", "methods"]
+__all__ = ["PeftmergeError", "__version__", "combine", "methods", "set_threads"]
 
 
 def __getattr__(name):
     # Lazy: `import peftmerge` stays cheap; torch is imported when a function is used.
+    if name == "set_threads":
+        from .threads import set_threads
+
+        return set_threads
     if name in ("combine", "methods"):
         from .merge import combine as _combine_mod, registry
 

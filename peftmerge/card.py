@@ -27,7 +27,9 @@ _USAGE = {
         'base = AutoModelForCausalLM.from_pretrained("{base}")\nmodel = PeftModel.from_pretrained(base, "{repo}")'
     ),
     "merged-model": 'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("{repo}")',
-    "router": "peftmerge route --router {repo} ...",
+    "router": ("hf download {repo} --local-dir router\n"
+               "peftmerge predict --router router --input queries.jsonl -o predictions.jsonl\n"
+               "peftmerge route eval --router router --data TASK=queries.jsonl"),
 }
 _USAGE["merged-adapter"] = _USAGE["adapter"]
 _CLASSIFIER_USAGE = {  # adapters with a classification head (task_type SEQ_CLS)
@@ -86,15 +88,17 @@ def _results_table(results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def _inputs_table(inputs: list) -> str | None:
-    """Recipe inputs (dicts with ``source`` and ``revision`` or ``sha256``, or plain strings) -> a table."""
+def _inputs_table(inputs: list, weights: list | None = None) -> str | None:
+    """Recipe inputs (dicts with ``source`` and ``revision`` or ``sha256``, or plain strings) -> a table; an
+    input's weight is its own ``weight``, else the recipe's ``weights`` at its position."""
     rows = []
-    for i in inputs:
+    for k, i in enumerate(inputs):
+        weight = weights[k] if isinstance(weights, list) and k < len(weights) else ""
         if isinstance(i, dict):
             pin = f"revision `{i['revision']}`" if i.get("revision") else (f"sha256 `{i['sha256']}`" if i.get("sha256") else "")
-            rows.append(f"| `{i.get('source', i.get('path', '?'))}` | {i.get('weight', '')} | {pin} |")
+            rows.append(f"| `{i.get('source', i.get('path', '?'))}` | {i.get('weight', weight)} | {pin} |")
         else:
-            rows.append(f"| `{i}` |  |  |")
+            rows.append(f"| `{i}` | {weight} |  |")
     if not rows:
         return None
     return "\n".join(["| input | weight | pinned by |", "|---|---|---|", *rows])
@@ -169,7 +173,7 @@ def make_card(
               usage.format(base=base0, repo=repo_id or REPO_PLACEHOLDER, task=task, labels=labels,
                            tasks=", ".join(heads or ())), "```"]
     inputs = recipe.get("inputs")
-    if isinstance(inputs, list) and (table := _inputs_table(inputs)):
+    if isinstance(inputs, list) and (table := _inputs_table(inputs, recipe.get("weights"))):
         lines += ["", "## Inputs", "", table]
     lines += ["", "## Recipe", "", "```json", json.dumps(recipe, indent=2, sort_keys=True, default=str), "```"]
     if results:

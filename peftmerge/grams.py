@@ -84,9 +84,10 @@ def grams(inputs: Sequence[str | Path], out: str | Path, *, data, model: str | N
     data = data if isinstance(data, dict) else parse_pairs(data, "--data")
     for path in data.values():
         refuse_test_split(path, "--data")
-    if limit is not None and limit < 1:
-        raise PeftmergeError(f"--limit {limit} must be >= 1")
-    atomic.check_output(out, [Path(p) for p in inputs], overwrite)
+    for name, v in (("--limit", limit), ("--batch-size", batch_size), ("--max-length", max_length)):
+        if v is not None and v < 1:
+            raise PeftmergeError(f"{name} {v} must be >= 1")
+    atomic.check_output(out, [Path(p) for p in (*inputs, *data.values(), model) if p], overwrite, folder=False)
     adapters = open_inputs(list(inputs), alpha=alpha, force=force)
     missing = [a.task for a in adapters if a.task not in data]
     if missing:

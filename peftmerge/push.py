@@ -4,22 +4,31 @@
 sure it carries a model card (generated from the folder's own metadata when missing, without
 touching the folder), creates the repo and uploads through huggingface_hub's ``upload_folder``
 (which streams large files through Xet/LFS and commits in batches). Nothing here writes HTTP by hand.
+
+What is uploaded is an allow-list (:func:`plan_push`): the files peftmerge writes (weights, configs,
+tokenizer files, the card, ``peftmerge.json``, ``merge_report.json``, ``heads/``, plots), never a hidden
+file, another folder, or a symlink out of the folder; and the text files go up with every absolute local
+path replaced by a name (or the Hub repo id of a cache snapshot). ``push(..., dry_run=True)`` /
+``peftmerge push --dry-run`` shows all of it and uploads nothing.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
+import re
 import tempfile
-from pathlib import Path
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 from huggingface_hub import ModelCard
 
 from . import __version__
 from .card import KINDS, REPO_PLACEHOLDER, RESULTS_FILE, load_results, make_card, with_results
 from .errors import PeftmergeError
-from .io.hub import is_offline, looks_like_repo_id
+from .io.hub import is_offline, looks_like_repo_id, snapshot_of, valid_revision
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +74,16 @@ def card_from_folder(folder: str | Path, kind: str | None = None, repo_id: str |
     adapter_cfg = _read_json(folder / "adapter_config.json")
     report = _read_json(folder / "merge_report.json")
     router = _read_json(folder / "router.json") if kind == "router" else {}
+    meta = _read_json(folder / "peftmerge.json")
     if "recipe" in report:
         recipe = report["recipe"]
     elif report:  # the merge report: keep what decided the merge, not the per-module diagnostics
         recipe = {k: report[k] for k in _RECIPE_KEYS if k in report}
-    else:
-        recipe = {"router": router} if router else {}
+    elif router:
+        recipe = {"router": router}
+    else:  # a trained adapter: its training settings (peftmerge.json's config)
+        recipe = {"task": meta.get("task"), "method": meta.get("method"), **(meta.get("config") or {})} \
+            if isinstance(meta.get("config"), dict) else {}
     base = (
         adapter_cfg.get("base_model_name_or_path")
         or report.get("base_model")
@@ -79,9 +92,12 @@ def card_from_folder(folder: str | Path, kind: str | None = None, repo_id: str |
     )
     if not base and kind == "merged-model":
         base = _read_json(folder / "config.json").get("_name_or_path")
+    from .card import classifier_heads
+
     return make_card(
         kind=kind,
         base_model=base,
+        heads=classifier_heads(folder) if kind in ("adapter", "merged-adapter") else None,
         recipe=recipe or None,
         results=load_results(folder / RESULTS_FILE),
         tags=tuple(report.get("tags", ())),
@@ -110,25 +126,6 @@ def _card_to_upload(folder: Path, kind: str, repo_id: str) -> str | None:
     updated = with_results(card, results) if results else card
     updated = ModelCard(updated.content.replace(REPO_PLACEHOLDER, repo_id))
     return str(updated) if updated.content != card.content else None
-
-
-def _stage(folder: Path, stage: Path, card_text: str) -> None:
-    """Mirror ``folder`` into ``stage`` with symlinks (no copy of the weights) and add the card."""
-    for src in folder.rglob("*"):
-        if not src.is_file() or src == folder / CARD:  # never write the card through a link to the original
-            continue
-        dst = stage / src.relative_to(folder)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.symlink(src.resolve(), dst)
-        except OSError:  # no symlinks here (e.g. Windows without the privilege): hard link, then copy
-            try:
-                os.link(src, dst)
-            except OSError:
-                import shutil
-
-                shutil.copy2(src, dst)
-    (stage / CARD).write_text(card_text, encoding="utf-8")
 
 
 def _token(token: str | None) -> str:
@@ -183,6 +180,194 @@ def _explain(e: BaseException, repo_id: str, folder: Path) -> PeftmergeError | N
     return None
 
 
+# The files peftmerge writes (and a Hub repo of its outputs needs), by name at the top of the folder.
+ALLOWED = ("README.md", "peftmerge.json", "merge_report.json", "results.json", "results.md", "search.json",
+           "router.json", "router.safetensors", "adapter_config.json", "adapter_model.safetensors",
+           "bitfit_model.safetensors", "config.json", "generation_config.json", "model.safetensors",
+           "model-*-of-*.safetensors", "model.safetensors.index.json", "tokenizer*", "special_tokens_map.json",
+           "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template.*", "preprocessor_config.json",
+           "*.png")
+HEADS = "heads"  # merged adapters: heads/<task>.safetensors
+# Metadata files whose local paths are replaced (never tokenizer files: a vocabulary may hold "/..." tokens).
+SCRUBBED = ("README.md", "peftmerge.json", "merge_report.json", "results.json", "results.md", "search.json",
+            "router.json", "adapter_config.json", "config.json")
+_OUTPUT_FILES = ("adapter_config.json", "peftmerge.json", "router.json", "config.json")
+# An absolute path inside text: starts with / (or ~/, or a Windows drive) after a delimiter; runs to the next one.
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])(?:~|[A-Za-z]:)?[/\\][^\s`'\"()<>|,;*\[\]{}]*")
+
+
+@dataclass
+class PushPlan:
+    """What :func:`push` would upload: ``files`` [(path in the repo, size)], the ``card`` text, what was left out."""
+
+    folder: Path
+    kind: str
+    files: list[tuple[str, int]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    card: str = ""
+
+
+def _allowed(folder: Path, rel: PurePosixPath, kind: str) -> bool:
+    """Whether ``rel`` (a file under ``folder``) is on the allow-list. A router may hold its adapters in
+    subfolders: a subfolder that is itself an adapter (adapter_config.json / peftmerge.json) is allowed whole."""
+    parts = rel.parts
+    if any(p.startswith(".") for p in parts):
+        return False
+    if len(parts) == 1:
+        return any(fnmatch.fnmatchcase(parts[0], pat) for pat in ALLOWED)
+    if parts[0] == HEADS:
+        return len(parts) == 2 and parts[1].endswith(".safetensors")
+    if kind == "router":  # the adapters of a router kept inside its folder (e.g. adapters/<task>/)
+        for k in range(1, len(parts)):
+            sub = folder.joinpath(*parts[:k])
+            if any((sub / f).is_file() for f in _OUTPUT_FILES):
+                return _allowed(sub, PurePosixPath(*parts[k:]), "adapter")
+    return False
+
+
+def _files(folder: Path, kind: str) -> tuple[list[tuple[str, Path]], list[str]]:
+    """([(path in the repo, real file)], [left out]) of ``folder``: the allow-list, no symlink leaving it."""
+    root = folder.resolve()
+    keep, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        here = Path(dirpath)
+        for d in list(dirnames):
+            if (here / d).is_symlink():  # never walked: a linked folder may lead anywhere
+                dirnames.remove(d)
+                skipped.append((here / d).relative_to(folder).as_posix() + "/ (symlink)")
+        for name in sorted(filenames):
+            path = here / name
+            rel = PurePosixPath(path.relative_to(folder).as_posix())
+            real = path.resolve()
+            if path.is_symlink() and root not in real.parents:
+                skipped.append(f"{rel} (symlink out of the folder)")
+            elif not real.is_file():
+                skipped.append(f"{rel} (not a file)")
+            elif not _allowed(folder, rel, kind):
+                skipped.append(str(rel))
+            else:
+                keep.append((str(rel), real))
+    return sorted(keep), sorted(skipped)
+
+
+def _local_name(path: str) -> str:
+    """What stands for an absolute local path in an uploaded file: the repo id of a Hub cache snapshot, else
+    the last part of the path (a folder's or file's name says what it was without saying where)."""
+    snapshot = snapshot_of(path)
+    if snapshot:
+        return snapshot[0]
+    parts = [p for p in re.split(r"[/\\]", path) if p and p != "~" and not re.fullmatch(r"[A-Za-z]:", p)]
+    return parts[-1] if parts else "."
+
+
+def scrub(value):
+    """``value`` (JSON data or text) with every absolute local path replaced by :func:`_local_name`."""
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    if isinstance(value, str):
+        return _ABS_PATH.sub(lambda m: _local_name(m.group(0)) if _is_local_path(m.group(0)) else m.group(0), value)
+    return value
+
+
+def _is_local_path(s: str) -> bool:
+    """A path that names a place on this machine (at least two parts: ``/data/x``, not a lone ``/``)."""
+    return len([p for p in re.split(r"[/\\]", s) if p]) >= 1 and (s.startswith(("/", "~", "\\"))
+                                                                 or re.match(r"[A-Za-z]:", s) is not None)
+
+
+def _scrubbed_text(path: Path) -> bytes | None:
+    """The text file at ``path`` with local paths replaced, or None when it holds none (uploaded as it is)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if data is not None:
+            clean = scrub(data)
+            return None if clean == data else (json.dumps(clean, indent=2, ensure_ascii=False) + "\n").encode()
+    clean = scrub(text)
+    return None if clean == text else clean.encode()
+
+
+def plan_push(folder: str | Path, repo_id: str, *, revision: str | None = None) -> PushPlan:
+    """What :func:`push` would upload (no token, no network): the allowed files and the card."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PeftmergeError(f"{folder}: no such directory; pass the output folder to push")
+    check_repo_id(repo_id, revision)
+    kind = detect_kind(folder)
+    files, skipped = _files(folder, kind)
+    from .io.safetensors_file import read_header
+
+    for _, real in files:
+        if real.suffix == ".safetensors":
+            read_header(real)  # a damaged weights file is named now, not found by whoever downloads it
+    card = _card_to_upload(folder, kind, repo_id)
+    if card is None:
+        card = (folder / CARD).read_text(encoding="utf-8") if (folder / CARD).is_file() else ""
+    card = scrub(_hub_base_models(card))
+    listed = [(rel, real.stat().st_size) for rel, real in files if rel != CARD]
+    listed.append((CARD, len(card.encode())))
+    return PushPlan(folder, kind, sorted(listed), skipped, card)
+
+
+def _hub_base_models(text: str) -> str:
+    """The card with only Hub repo ids as its metadata's ``base_model`` (a local path there names nothing on the
+    Hub: it is dropped, with ``base_model_relation`` when no base is left); any other card is returned as is."""
+    from .io.hub import repo_id_of
+
+    try:
+        card = ModelCard(text)
+    except Exception:  # noqa: BLE001  (no metadata block, or one huggingface_hub cannot read: left to the Hub)
+        return text
+    bases = card.data.base_model
+    if not bases:
+        return text
+    listed = [bases] if isinstance(bases, str) else list(bases)
+    kept = [b for b in listed if isinstance(b, str) and repo_id_of(b) == b]
+    if kept == listed:
+        return text
+    card.data.base_model = (kept[0] if isinstance(bases, str) else kept) if kept else None
+    if not kept:
+        card.data.base_model_relation = None
+    return str(card)
+
+
+def check_repo_id(repo_id: str, revision: str | None = None) -> None:
+    """One line for a repo id or a branch name the Hub would refuse (or that climbs out like ``../..``)."""
+    if not looks_like_repo_id(repo_id) or "@" in repo_id:
+        raise PeftmergeError(f"--repo-id {repo_id!r} is not a Hub repo id; use user/name (use --revision for a branch)")
+    if revision is not None and not valid_revision(revision):
+        raise PeftmergeError(f"--revision {revision!r} is not a branch name; use letters, digits, '.', '_', '-' and "
+                             "'/' (no '..', no leading '.' or '-')")
+
+
+def _stage(folder: Path, stage: Path, files: list[tuple[str, Path]], card: str) -> None:
+    """The upload folder: text files scrubbed of local paths, weights as links to the originals (no copy)."""
+    for rel, real in files:
+        dst = stage / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if rel == CARD:
+            continue
+        clean = _scrubbed_text(real) if real.name in SCRUBBED else None
+        if clean is not None:
+            dst.write_bytes(clean)
+            continue
+        try:
+            os.symlink(real, dst)
+        except OSError:  # no symlinks here (e.g. Windows without the privilege): hard link, then copy
+            try:
+                os.link(real, dst)
+            except OSError:
+                import shutil
+
+                shutil.copy2(real, dst)
+    (stage / CARD).write_text(card, encoding="utf-8")
+
+
 def push(
     folder: str | Path,
     repo_id: str,
@@ -193,6 +378,9 @@ def push(
     token: str | None = None,
 ) -> str:
     """Upload an output folder to the Hub repo ``repo_id`` (created if needed); return the repo's URL.
+
+    Only the allow-listed files go up (see :func:`plan_push`, which lists them without uploading), with no
+    absolute local path in them; ``folder`` itself is never modified.
 
     Args:
         folder: an output of train, combine or route (see :func:`detect_kind`).
@@ -205,22 +393,19 @@ def push(
     from huggingface_hub import HfApi
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise PeftmergeError(f"{folder}: no such directory; pass the output folder to push")
-    if not looks_like_repo_id(repo_id) or "@" in repo_id:
-        raise PeftmergeError(f"--repo-id {repo_id!r} is not a Hub repo id; use user/name (use --revision for a branch)")
-    kind = detect_kind(folder)
+    plan = plan_push(folder, repo_id, revision=revision)
     if is_offline():
-        raise PeftmergeError(f"HF_HUB_OFFLINE=1 is set: unset it to push to {repo_id} (the local output {folder} is kept)")
+        raise PeftmergeError(f"HF_HUB_OFFLINE=1 is set: unset it to push to {repo_id} (the local output {folder} is "
+                             "kept)")
     api = HfApi(token=_token(token), library_name="peftmerge", library_version=__version__)
-    message = commit_message or f"Upload {kind} with peftmerge {__version__}"
+    message = commit_message or f"Upload {plan.kind} with peftmerge {__version__}"
+    files, _ = _files(folder, plan.kind)
+    if plan.skipped:
+        logger.info("not uploaded (not a file peftmerge writes): %s", ", ".join(plan.skipped))
 
     with tempfile.TemporaryDirectory(prefix="peftmerge-push-") as tmp:
-        upload_dir = folder
-        card = _card_to_upload(folder, kind, repo_id)
-        if card is not None:
-            upload_dir = Path(tmp)
-            _stage(folder, upload_dir, card)
+        upload_dir = Path(tmp)
+        _stage(folder, upload_dir, files, plan.card)
         try:
             url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
             if revision and revision != "main":

@@ -162,8 +162,16 @@ def test_out_is_an_input_or_exists(two, tmp_path):
     (out / "keep.txt").write_text("mine")
     r = invoke("combine", *two, "-o", out)
     assert r.exit_code == 2 and "--overwrite" in r.output and (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces an earlier output, never a folder peftmerge did not write
+    r = invoke("combine", *two, "-o", out, "--overwrite", "--quiet")
+    assert r.exit_code == 2 and "a folder peftmerge did not write" in r.output
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert invoke("combine", *two, "-o", out, "--quiet").exit_code == 2  # exists (empty): still needs --overwrite
     assert invoke("combine", *two, "-o", out, "--overwrite", "--quiet").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "adapter_config.json").exists()
+    (out / "notes.txt").write_text("an earlier output may hold more")
+    assert invoke("combine", *two, "-o", out, "--overwrite", "--quiet").exit_code == 0
+    assert not (out / "notes.txt").exists() and (out / "adapter_config.json").exists()
 
 
 def test_other_peft_type_is_refused(tmp_path):

@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard
 from peftmerge.card import with_results
 from peftmerge.cli.main import main
 from peftmerge.errors import PeftmergeError
-from peftmerge.push import detect_kind, push
+from peftmerge.push import detect_kind, push, scrub
 
 TOKENS = {"hf_bob": "bob", "hf_alice": "alice"}
 
@@ -91,8 +91,15 @@ def test_push_merged_adapter_from_cli(hub, merged_adapter, monkeypatch):
     repo = hub.repos["bob/merged"]
     files = repo.branches["main"]
     assert set(files) == set(before) | {".gitattributes"}
-    for path in set(before) - {"README.md"}:
-        assert hashlib.sha256(files[path]).hexdigest() == before[path], path
+    for path in set(before) - {"README.md"}:  # as they are, but for the local paths replaced by names
+        local = (merged_adapter / path).read_bytes()
+        if path.endswith(".json"):
+            assert json.loads(files[path]) == scrub(json.loads(local)), path
+        else:
+            assert files[path] == local, path
+    inputs = json.loads(files["merge_report.json"])["inputs"]
+    assert [i["path"] for i in inputs] == ["a", "b"]  # not the absolute local folders
+    assert not [p for p, data in files.items() if str(merged_adapter.parent).encode() in data]
     # the weights went through LFS, the JSON files as regular git blobs
     assert "adapter_model.safetensors" in repo.lfs_paths and "adapter_config.json" not in repo.lfs_paths
     assert hashlib.sha256(files["adapter_model.safetensors"]).hexdigest() in hub.lfs
@@ -108,9 +115,9 @@ def test_push_merged_adapter_from_cli(hub, merged_adapter, monkeypatch):
     assert "| sst2 | 0.7500 |" in card.text
     local = ModelCard.load(merged_adapter / "README.md")
     assert "## Results" not in local.text and 'from_pretrained(base, "REPO_ID")' in local.text
-    # the same card, with the repo id in the usage snippet and the results added
-    assert card.text == with_results(ModelCard(local.content.replace("REPO_ID", "bob/merged")), {
-        "sst2": {"accuracy": 0.75}}).text
+    # the same card, with the repo id in the usage snippet, the results added and no local path
+    assert card.text == scrub(with_results(ModelCard(local.content.replace("REPO_ID", "bob/merged")), {
+        "sst2": {"accuracy": 0.75}}).text)
 
 
 def test_push_generates_card_without_touching_folder(hub, merged_model):
@@ -305,5 +312,118 @@ def test_train_push_to_hub(hub, tmp_path, monkeypatch):
     pushed = hub.repos["bob/sst2"].branches["main"]
     assert pushed["adapter_model.safetensors"] == (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
     assert json.loads(pushed["peftmerge.json"])["task"] == "sst2"
-    card = card_of(pushed)  # trained from a local folder: named in the text, not in the Hub's metadata
-    assert card.data.base_model is None and f"`{llama}`" in card.text and "tags" in card.data.to_dict()
+    card = card_of(pushed)  # trained from a local folder: named (not its local path), not in the Hub's metadata
+    assert card.data.base_model is None and "`llama`" in card.text and "tags" in card.data.to_dict()
+    assert not [p for p, data in pushed.items() if str(tmp_path).encode() in data]
+
+
+# --- what goes up: the allow-list, no symlink out of the folder, no local path, never the token ------------------
+
+@pytest.fixture
+def cluttered(merged_adapter, tmp_path):
+    """A merged adapter folder that also holds what must never be uploaded."""
+    import shutil
+
+    folder = tmp_path / "cluttered"
+    shutil.copytree(merged_adapter, folder)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "private.safetensors").write_bytes(b"not for the Hub")
+    (outside / "notes.md").write_text("private")
+    (folder / ".env").write_text("HF_TOKEN=hf_secret_in_env\n")
+    (folder / "secrets").mkdir()
+    (folder / "secrets" / "key.txt").write_text("ssh key")
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "linked.safetensors").symlink_to(outside / "private.safetensors")
+    (folder / "README.md").unlink()  # a generated card, this time
+    os_link_dir = folder / "heads_link"
+    os_link_dir.symlink_to(outside, target_is_directory=True)
+    (folder / "heads").mkdir()
+    (folder / "heads" / "sst2.safetensors").write_bytes((merged_adapter / "adapter_model.safetensors").read_bytes())
+    (folder / "bars.png").write_bytes(b"\x89PNG fake")
+    return folder
+
+
+ALLOWED_UPLOAD = {"adapter_config.json", "adapter_model.safetensors", "peftmerge.json", "merge_report.json",
+                  "results.json", "README.md", "heads/sst2.safetensors", "bars.png"}
+
+
+def test_push_uploads_only_what_peftmerge_writes(hub, cluttered, tmp_path, monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("HF_TOKEN", "hf_bob")
+    before = snapshot(cluttered)
+    r = CliRunner().invoke(main, ["push", str(cluttered), "--repo-id", "bob/clean"])
+    assert r.exit_code == 0, r.output
+    files = hub.repos["bob/clean"].branches["main"]
+    assert set(files) - {".gitattributes"} == ALLOWED_UPLOAD
+    assert snapshot(cluttered) == before
+    for path, data in files.items():  # no local path, no token, nothing from outside the folder
+        assert str(tmp_path).encode() not in data and b"hf_bob" not in data and b"not for the Hub" not in data, path
+    assert "hf_bob" not in r.output and "hf_bob" not in caplog.text
+    card = card_of(files)
+    assert "## Inputs" in card.text and "| `a` | 1.0 |" in card.text  # names and weights, not local paths
+
+
+def test_push_dry_run_lists_and_uploads_nothing(hub, cluttered, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # no token needed
+    r = CliRunner().invoke(main, ["push", str(cluttered), "--repo-id", "bob/clean", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"would upload {len(ALLOWED_UPLOAD)} files of {cluttered} to bob/clean")
+    listed = {line.split()[0] for line in lines[1:1 + len(ALLOWED_UPLOAD)]}
+    assert listed == ALLOWED_UPLOAD and not lines[1 + len(ALLOWED_UPLOAD)].startswith("  ")
+    skipped = next(line for line in r.stdout.splitlines() if line.startswith("not uploaded:"))
+    for name in (".env", "secrets/key.txt", "notes.txt", "linked.safetensors (symlink out of the folder)",
+                 "heads_link/ (symlink)"):
+        assert name in skipped, (name, skipped)
+    assert "--- README.md ---" in r.stdout and "library_name: peft" in r.stdout
+    assert not hub.requests  # not one request went out
+    quiet = CliRunner().invoke(main, ["push", str(cluttered), "--repo-id", "bob/clean", "--dry-run", "--quiet"])
+    assert {line.split()[0] for line in quiet.stdout.splitlines()} == ALLOWED_UPLOAD and quiet.stderr == ""
+
+
+def test_the_token_never_shows_in_errors(hub, merged_adapter, monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_and_secret")
+    r = CliRunner().invoke(main, ["push", str(merged_adapter), "--repo-id", "bob/merged"])
+    assert r.exit_code == 2 and "refused the token" in r.output
+    assert "hf_wrong_and_secret" not in r.output and "hf_wrong_and_secret" not in caplog.text
+
+
+@pytest.mark.parametrize("repo, revision", [("user/name@../../etc", None), ("bob/x", "../../x"), ("bob/x", "-rf"),
+                                            ("bob/x", "a/.hidden"), ("bob/x", "main.lock")])
+def test_repo_ids_and_branches_that_climb_are_refused(repo, revision, merged_adapter):
+    from peftmerge.push import plan_push
+
+    with pytest.raises(PeftmergeError, match="not a Hub repo id|not a branch name"):
+        plan_push(merged_adapter, repo, revision=revision)
+
+
+def test_scrub_replaces_local_paths_only():
+    assert scrub({"path": "/home/u/adapters/sst2", "source": "bob/sst2", "url": "https://hf.co/a/b",
+                  "note": "merged /data/x and ./rel", "n": 3}) == {
+        "path": "sst2", "source": "bob/sst2", "url": "https://hf.co/a/b", "note": "merged x and ./rel", "n": 3}
+    cached = "/root/.cache/huggingface/hub/models--org--tiny/snapshots/abc123/adapter"
+    assert scrub(cached) == "org/tiny"
+
+
+def test_a_local_base_path_in_an_older_cards_metadata_is_dropped(merged_adapter, tmp_path):
+    import shutil
+
+    from peftmerge.push import plan_push
+
+    folder = tmp_path / "older"
+    shutil.copytree(merged_adapter, folder)
+    card = (folder / "README.md").read_text()
+    head, body = card.split("---\n", 2)[1:]
+    head = "\n".join(f"base_model: {tmp_path}/models/llama" if line.startswith("base_model:") else line
+                     for line in head.splitlines())
+    (folder / "README.md").write_text(f"---\n{head}\n---\n{body}")
+    assert f"base_model: {tmp_path}" in (folder / "README.md").read_text()
+    uploaded = ModelCard(plan_push(folder, "bob/older").card)
+    assert uploaded.data.base_model is None and getattr(uploaded.data, "base_model_relation", None) is None
+    assert "peftmerge" in uploaded.data.tags and str(tmp_path) not in str(uploaded)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import debug_option
+from .common import Command, common_options
 
 
 def _how(m) -> str:
@@ -19,9 +19,9 @@ def _how(m) -> str:
     return "dense per module, then rank-r SVD"
 
 
-@click.command("methods")
+@click.command("methods", cls=Command)
 @click.option("--verbose", "-v", is_flag=True, help="Also print each method's equation and paper.")
-@debug_option
+@common_options
 def methods_command(verbose):
     """List the merge methods, their parameters and the papers' defaults."""
     from ..merge.registry import methods

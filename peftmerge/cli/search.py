@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from .common import debug_option, parse_floats
+from .common import Command, common_options, is_quiet, parse_floats, show_progress
 
 
-@click.command("search")
+@click.command("search", cls=Command)
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output folder: the best merge + search trace.")
 @click.option("--method", default=None, help="Merge method (default: ties); see `peftmerge methods`.")
@@ -45,21 +45,21 @@ from .common import debug_option, parse_floats
 @click.option("--alpha", type=float, default=None, help="lora_alpha of inputs that have no adapter_config.json.")
 @click.option("--force", is_flag=True, help="Merge adapters of different base models.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
-@debug_option
+@common_options
 def search_command(inputs, out, method, data, model, strategy, grid, budget, population, sigma, l1, seed, epochs,
                    lr, by, average, weights, lam, density, gamma, sign, off_diagonal, grams, rank, limit, batch_size,
-                   max_length, alpha, force, overwrite, quiet):
+                   max_length, alpha, force, overwrite):
     """Tune lambda / density / per-model weights of a merge of INPUT... on validation splits; write the best."""
     from ..search import search
     from ..search.search import parse_grid
 
+    quiet = is_quiet()
     r = search(list(inputs), out, method, data=list(data), model=model, strategy=strategy, grid=parse_grid(grid),
                budget=budget, population=population, sigma=sigma, l1=l1, seed=seed,
                weights=parse_floats(weights, "--weights"), lam=lam, density=density, gamma=gamma, sign=sign,
                rank=rank, limit=limit, batch_size=batch_size, max_length=max_length, alpha=alpha, force=force,
                epochs=epochs, lr=lr, by=by, average=average, off_diagonal=off_diagonal, grams=grams,
-               overwrite=overwrite, progress=not quiet)
+               overwrite=overwrite, progress=show_progress())
     if not quiet and strategy == "layerwise":
         b = r["best"]
         when = f"at epoch {b['epoch']}" if isinstance(b["epoch"], int) else f"for the {b['epoch']}"

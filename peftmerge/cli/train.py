@@ -7,17 +7,19 @@ import logging
 
 import click
 
-from .common import debug_option
+from .common import Command, common_options, is_quiet, show_progress
 from .push import maybe_push, push_to_hub_option
 
 
 def _echo_result(r) -> None:
+    if is_quiet():
+        return
     m = r.meta["metrics"]
     shown = ", ".join(f"{k}={m[k]:.4f}" for k in ("train_loss", "eval_loss", "eval_accuracy") if k in m)
     click.echo(f"{r.meta['task']}: wrote {r.out} ({r.meta['method']}, {r.meta['shape']}; {shown})")
 
 
-@click.command("train")
+@click.command("train", cls=Command, log_level=logging.INFO)
 @click.option("--model", required=True, help="Base model: local folder, Hub id, or .gguf file.")
 @click.option("--gguf-file", default=None, help="GGUF file name inside the --model folder.")
 @click.option("--data", required=True, help="Training rows: .jsonl/.json/.csv/.parquet, a datasets folder, or a task folder.")
@@ -65,7 +67,7 @@ def _echo_result(r) -> None:
 @click.option("--training-args", "extra", default=None, help="Extra transformers TrainingArguments as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @push_to_hub_option
-@debug_option
+@common_options
 def train(push_to_hub, **kw) -> None:
     """Train one task adapter on a base model (transformers' Trainer underneath)."""
     from ..errors import PeftmergeError
@@ -74,26 +76,24 @@ def train(push_to_hub, **kw) -> None:
     if kw["labels"]:
         kw["labels"] = [x.strip() for x in kw["labels"].split(",") if x.strip()]
     try:
-        extra = json.loads(kw["extra"]) if kw["extra"] else {}
+        extra = json.loads(kw["extra"]) if kw["extra"] is not None else {}
     except json.JSONDecodeError:
         extra = None
     if not isinstance(extra, dict):
         raise PeftmergeError(f"--training-args {kw['extra']!r} is not a JSON object; e.g. '{{\"deepspeed\": \"ds.json\"}}'")
     kw["extra"] = extra
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = train_fn(TrainConfig(**kw))
+    result = train_fn(TrainConfig(**kw), progress=show_progress())
     _echo_result(result)
     maybe_push(result.out, push_to_hub)
 
 
-@click.command("train-many")
+@click.command("train-many", cls=Command, log_level=logging.INFO)
 @click.argument("tasks_yaml", type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace existing output folders.")
-@debug_option
+@common_options
 def train_many(tasks_yaml: str, overwrite: bool) -> None:
     """Train one adapter per task listed in TASKS_YAML (defaults, output_dir, tasks)."""
     from ..train import train_many as train_many_fn
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for r in train_many_fn(tasks_yaml, overwrite=overwrite):
+    for r in train_many_fn(tasks_yaml, overwrite=overwrite, progress=show_progress()):
         _echo_result(r)

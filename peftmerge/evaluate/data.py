@@ -85,9 +85,13 @@ def load_task(name: str, path: str | Path, *, limit: int | None = None, meta: di
         spec = path.parent / "task.json"
         if spec.is_file():
             try:
-                labels = json.loads(spec.read_text()).get("labels")
-            except json.JSONDecodeError:
-                labels = None
+                labels = json.loads(spec.read_text(encoding="utf-8")).get("labels")
+            except (ValueError, AttributeError):  # bad JSON, bytes that are not UTF-8, not an object
+                raise PeftmergeError(f"{spec}: not a valid task.json; fix it (\"labels\": [...]) or remove it") \
+                    from None
+            if labels is not None and (not isinstance(labels, list)
+                                       or not all(isinstance(x, (str, int)) for x in labels)):
+                raise PeftmergeError(f"{spec}: 'labels' is not a list of label names; fix it or remove it")
     if not labels:
         labels = sorted({str(r["label"]) for r in rows})
         log.warning("%s: no label set in a peftmerge.json or task.json; using the sorted labels seen: %s",

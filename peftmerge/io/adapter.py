@@ -168,12 +168,38 @@ def _task_name(path: Path) -> str:
     return folder.resolve().name
 
 
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _config_error(config: dict) -> str | None:
+    """What makes an adapter config's scaling unusable (a wrong-typed or non-finite value), or None."""
+    if config.get("lora_alpha") is not None and not _finite_number(config["lora_alpha"]):
+        return f"lora_alpha {config['lora_alpha']!r} is not a finite number"
+    if config.get("r") is not None and not (isinstance(config["r"], int) and not isinstance(config["r"], bool)):
+        return f"r {config['r']!r} is not a whole number"
+    for key in ("use_rslora", "use_dora"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            return f"{key} {config[key]!r} is not true or false"
+    for key in ("alpha_pattern", "rank_pattern"):
+        pattern = config.get(key)
+        if pattern is not None and (not isinstance(pattern, dict) or not all(_finite_number(v)
+                                                                               for v in pattern.values())):
+            return f"{key} is not a mapping of module patterns to numbers"
+    return None
+
+
 def load_adapter(path: str | Path, alpha: float | None = None, merges_biases: bool = False) -> LoraAdapter:
     """Open a LoRA adapter (folder or ``.safetensors``). ``alpha`` is required when no config is found.
     ``merges_biases``: the caller merges bias changes (lora_bias, trained biases); other callers refuse adapters
     that have them, since applying the LoRA factors alone would be silently wrong."""
     path = Path(path)
+    if alpha is not None and (not _finite_number(alpha) or alpha == 0):
+        raise PeftmergeError(f"--alpha {alpha!r} must be a finite, non-zero number (the lora_alpha the adapters were "
+                             "trained with)")
     file_path, config = _locate(path, alpha)
+    if config is not None and (bad := _config_error(config)):
+        raise PeftmergeError(f"{path}: adapter_config.json: {bad}; fix or re-save the adapter")
     tensors = TensorFile(file_path)
     if config is None:
         if alpha is None:
@@ -248,6 +274,9 @@ def load_adapter(path: str | Path, alpha: float | None = None, merges_biases: bo
             raise PeftmergeError(f"{path}: module {module} has factors of shapes {list(b_shape)} @ {list(a_shape)} "
                                  "that do not multiply; only Linear and Embedding LoRA layers are supported")
         rank = a_shape[0]
+        if rank == 0 or 0 in a_shape or 0 in b_shape:
+            raise PeftmergeError(f"{path}: module {module} has empty factors (shapes {list(b_shape)} @ "
+                                 f"{list(a_shape)}, rank {rank}); the file is broken: retrain or re-save it")
         a = _pattern_value(config.get("alpha_pattern"), module, lora_alpha)
         if a is None:
             a = rank  # no alpha anywhere and --alpha not given is caught above; configs always carry it

@@ -259,7 +259,7 @@ def combine(
     if recipe.rank is not None and (not isinstance(recipe.rank, int) or recipe.rank < 1):
         raise PeftmergeError(f"rank {recipe.rank} must be a positive integer")
     out_dtype = _dtype(recipe.dtype)
-    out = atomic.check_output(out, [Path(p) for p in recipe.inputs], overwrite)
+    out = atomic.check_output(out, [Path(p) for p in (*recipe.inputs, config, grams, base) if p], overwrite)
     gram_file = open_grams(m, grams, recipe.inputs)
     if base or recipe.base:
         if gram_file is not None:

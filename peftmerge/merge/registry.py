@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import PeftmergeError
+from ..errors import PeftmergeError, did_you_mean
 from . import blocked
 from .blocked import Sparse
 
@@ -193,7 +193,8 @@ def get(name: str) -> Method:
     _load_all()
     key = _ALIASES.get(name, name)
     if key not in _REGISTRY:
-        raise PeftmergeError(f"unknown merge method {name!r}; choose one of: {', '.join(names())}")
+        raise PeftmergeError(f"unknown merge method {name!r}; choose one of: {', '.join(names())}"
+                             f"{did_you_mean(name, [*names(), *_ALIASES])}")
     return _REGISTRY[key]
 
 

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import PeftmergeError
-from ..io.atomic import check_output
+from ..io.atomic import atomic_file, check_output
 from . import registry
 from .decide import Decision, decide
-from .embed import encode, query_text, read_jsonl, record_query, record_text
+from .embed import encode, query_text, read_jsonl, record_query
 from .load import (adapter_info, base_model_of, examples_of, load_base, load_embedder, open_adapters,
                    open_routed)
 from .registry import BuildContext
@@ -38,7 +36,9 @@ def route_build(adapters: list, out, strategy: str = "centroid", *, top_k: int |
     model = str(model) if model else None
     given = {"top_k": top_k, "temperature": temperature, "abstain": abstain, "layer": layer, **(params or {})}
     resolved = spec.resolve(given)
-    check_output(out, [Path(p) for p in adapters], overwrite)
+    _positive("max_examples", max_examples)
+    used = [*adapters, *(general or []), *(examples or {}).values(), embedder, model]
+    check_output(out, [Path(p) for p in used if p], overwrite)
     opened = open_adapters(adapters)
     gen = open_adapters(general) if general else []
     if gen and strategy != "arrow":
@@ -60,6 +60,14 @@ def route_build(adapters: list, out, strategy: str = "centroid", *, top_k: int |
                     [str(g.path.resolve()) for g in gen])
     router.save(out, overwrite)
     return router
+
+
+def _positive(name: str, value, optional: bool = False) -> None:
+    """A count option (``--limit``, ``--batch-size``...): a whole number >= 1 (or None where ``optional``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PeftmergeError(f"--{name.replace('_', '-')} {value!r} must be a whole number >= 1")
 
 
 def _as_router(router) -> Router:
@@ -103,17 +111,11 @@ def _prompt(rec: dict, info=None) -> str | tuple[str, str]:
     return query if rec.get("text") is not None else query_text(query)
 
 
-def _write_jsonl(rows: list[dict], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+def _write_jsonl(rows: list[dict], out: Path, overwrite: bool) -> None:
+    with atomic_file(out, overwrite) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _open(router: Router, model: str | None, mode: str | None):
@@ -164,24 +166,31 @@ def _answer(router: Router, records: list[dict], routed, tokenizer, embed, mode:
                 texts_out = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
                 for row, t in zip(rows[-len(batch):], texts_out):
                     row["output"] = t
-    for rec, row in zip(records, rows):
-        if "id" in rec:
-            row["id"] = rec["id"]
+    for n, (rec, row) in enumerate(zip(records, rows)):
+        query = record_query(rec)
+        ordered = {"id": rec.get("id", n), "text": list(query) if isinstance(query, tuple) else query}
+        ordered.update(row)
+        row.clear()
+        row.update(ordered)
     return rows
 
 
 def predict(router, input, out, *, model: str | None = None, mode: str | None = None, route_only: bool = False,
             max_new_tokens: int = 32, batch_size: int = 8, overwrite: bool = False, progress: bool = True):
-    """Route each query of ``input`` (JSONL) and answer it; write ``out`` (JSONL), one record per query:
-    ``adapters``/``weights`` (the routing), ``abstained``, and ``label`` (classification) or ``output``."""
-    router = _as_router(router)
+    """Route each query of ``input`` (JSONL) and answer it; write ``out`` (JSONL), one record per query: ``id``
+    (the query's own, else its line number from 0), ``text`` (the query), ``adapters``/``weights`` (the
+    routing), ``abstained``, and ``label`` (classification) or ``output``."""
+    _positive("max_new_tokens", max_new_tokens)
+    _positive("batch_size", batch_size)
     out = Path(out)
-    check_output(out, [Path(input)], overwrite)
+    check_output(out, [Path(p) for p in (input, router if not isinstance(router, Router) else router.path, model)
+                       if p], overwrite, folder=False)
+    router = _as_router(router)
     records = read_jsonl(input)
     routed, tokenizer, embed, mode = _open(router, model, mode)
     rows = _answer(router, records, routed, tokenizer, embed, mode, route_only=route_only,
                    max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    _write_jsonl(rows, out)
+    _write_jsonl(rows, out, overwrite)
     return rows
 
 
@@ -252,8 +261,16 @@ def predict_for_eval(router_dir, base: str | None, task, *, batch_size: int = 8,
 
 
 def route_eval(router, data: dict[str, str], *, model: str | None = None, limit: int | None = None,
-               batch_size: int = 16, progress: bool = True) -> dict:
-    """Routing accuracy: the share of each task's queries whose top-1 adapter is that task's."""
+               batch_size: int = 16, progress: bool = True, out: str | Path | None = None,
+               overwrite: bool = False) -> dict:
+    """Routing accuracy: the share of each task's queries whose top-1 adapter is that task's (written to ``out``
+    as JSON too, when given)."""
+    _positive("limit", limit, optional=True)
+    _positive("batch_size", batch_size)
+    if out is not None:
+        out = check_output(out, [Path(p) for p in (*data.values(), model,
+                                                   router if not isinstance(router, Router) else router.path) if p],
+                           overwrite, folder=False)
     router = _as_router(router)
     unknown = [t for t in data if t not in router.tasks]
     if unknown:
@@ -282,4 +299,7 @@ def route_eval(router, data: dict[str, str], *, model: str | None = None, limit:
         report["confusion"][task] = {str(t): top1.count(t) for t in sorted(set(top1), key=str)}
         correct, total = correct + hits, total + len(texts)
     report["accuracy"] = correct / total
+    if out is not None:
+        with atomic_file(out, overwrite) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
     return report

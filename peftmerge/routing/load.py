@@ -9,6 +9,7 @@ import torch
 from ..errors import PeftmergeError
 from ..io.meta import read_meta
 from ..io.adapter import PREFIX, LoraAdapter, load_adapter
+from ..io.checkpoint import refuse_pickle_weights
 from .embed import Embedder, as_query, read_jsonl, record_query
 from .router import AdapterInfo, Router
 
@@ -78,6 +79,7 @@ def load_base(path: str, classify: bool = False, num_labels: int = 2):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     src, kw = str(path), {}
+    refuse_pickle_weights(src)
     if src.endswith(".gguf"):
         src, kw = str(Path(path).parent), {"gguf_file": Path(path).name}
     cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
@@ -102,6 +104,7 @@ def load_embedder(path: str | None, base=None, base_tokenizer=None, layer: int =
         return Embedder(base, base_tokenizer, layer, pairs=pairs)
     from transformers import AutoModel, AutoTokenizer
 
+    refuse_pickle_weights(path)
     try:
         model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -16,10 +16,11 @@ Two kinds share this registry:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import PeftmergeError
+from ..errors import PeftmergeError, did_you_mean
 from ..merge.registry import Param
 
 TOP_K = lambda default: Param("top_k", default, "adapters combined per query/token", low=1)  # noqa: E731
@@ -62,8 +63,28 @@ class Strategy:
         out: dict[str, Any] = {}
         for p in self.params:
             v = given.get(p.name)
-            out[p.name] = p.check(v, 1) if v is not None else p.default
+            out[p.name] = p.check(_number(self.name, p, v), 1) if v is not None else p.default
         return out
+
+
+def _number(router: str, p: Param, v):
+    """A router parameter's value checked: a finite number (a whole one where the default is), in range."""
+    if p.choices is not None:
+        return v
+    whole = isinstance(p.default, int) and not isinstance(p.default, bool)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PeftmergeError(f"router {router}: {p.name} {v!r} is not a number; give {'a whole' if whole else 'a'} "
+                             "number")
+    if not math.isfinite(v):
+        raise PeftmergeError(f"router {router}: {p.name} {v} is not a finite number")
+    if whole and v != int(v):
+        raise PeftmergeError(f"router {router}: {p.name} {v} must be a whole number")
+    if p.low is not None and (v <= p.low if p.low_open else v < p.low):
+        raise PeftmergeError(f"router {router}: {p.name} {v} is out of range: must be {'>' if p.low_open else '>='} "
+                             f"{p.low}")
+    if p.high is not None and v > p.high:
+        raise PeftmergeError(f"router {router}: {p.name} {v} is out of range: must be <= {p.high}")
+    return int(v) if whole else v
 
 
 _REGISTRY: dict[str, Strategy] = {}
@@ -97,5 +118,6 @@ def get(name: str) -> Strategy:
     """The router called ``name``; an unknown name lists the valid ones."""
     _load_all()
     if name not in _REGISTRY:
-        raise PeftmergeError(f"unknown router {name!r}; choose one of: {', '.join(names())}")
+        raise PeftmergeError(f"unknown router {name!r}; choose one of: {', '.join(names())}"
+                             f"{did_you_mean(name, names())}")
     return _REGISTRY[name]

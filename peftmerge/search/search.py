@@ -20,6 +20,7 @@ read (a data file named ``test*`` is refused). The best merge is written by :fun
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 from pathlib import Path
@@ -121,6 +122,8 @@ def parse_grid(values: Sequence[str]) -> dict[str, list[float]]:
             out[name.strip()] = [float(x) for x in rest.split(",") if x.strip()]
         except ValueError:
             sep = ""
+        if sep and not all(math.isfinite(x) for x in out[name.strip()]):
+            raise PeftmergeError(f"--grid {v!r} holds a value that is not finite; give finite numbers")
         if not sep:
             raise PeftmergeError(f"--grid {v!r} is not NAME=V1,V2,... (e.g. --grid lambda=0.5,0.8,1.0)")
     return out
@@ -156,6 +159,12 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
         raise PeftmergeError(f"--limit {limit} must be >= 1")
     if budget < 1 or population < 2:
         raise PeftmergeError("--budget must be >= 1 and --population >= 2")
+    for name, v in (("--sigma", sigma), ("--l1", l1), ("--lr", lr)):
+        if not math.isfinite(v) or v < 0 or (name == "--sigma" and v == 0):
+            raise PeftmergeError(f"{name} {v} must be a finite number {'> 0' if name == '--sigma' else '>= 0'}")
+    for name, v in (("--batch-size", batch_size), ("--max-length", max_length), ("--max-new-tokens", max_new_tokens)):
+        if v < 1:
+            raise PeftmergeError(f"{name} {v} must be >= 1")
     n = len(inputs)
     fixed = {k: v for k, v in {"lambda": lam, "density": density, "gamma": gamma, "sign": sign,
                                "granularity": granularity, "off_diagonal": off_diagonal}.items() if v is not None}
@@ -164,7 +173,7 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
     w0 = list(weights) if weights is not None else [1.0] * n
     if len(w0) != n:
         raise PeftmergeError(f"{len(w0)} weights for {n} inputs; give one weight per input")
-    out = atomic.check_output(out, [Path(p) for p in inputs], overwrite)
+    out = atomic.check_output(out, [Path(p) for p in (*inputs, *data.values(), grams, model) if p], overwrite)
     gram_file = open_grams(m, grams, inputs)
 
     adapters = open_inputs(list(inputs), alpha=alpha, force=force)

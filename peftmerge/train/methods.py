@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import PeftmergeError
+from ..errors import PeftmergeError, did_you_mean
 
 HEAD_NAMES = ("classifier", "score")  # sequence-classification heads (BERT-like, decoder-like)
 BITFIT_FILE = "bitfit_model.safetensors"
@@ -64,7 +64,8 @@ def names() -> list[str]:
 def get(name: str) -> Method:
     """The method called ``name``; an unknown name gets an error listing the valid ones."""
     if name not in _METHODS:
-        raise PeftmergeError(f"unknown method {name!r}; choose one of {', '.join(names())}")
+        raise PeftmergeError(f"unknown method {name!r}; choose one of {', '.join(names())}"
+                             f"{did_you_mean(name, names())}")
     return _METHODS[name]
 
 
