@@ -31,7 +31,8 @@ def _echo_result(r) -> None:
               help="Default: classify for labelled rows on an encoder, else text2text.")
 @click.option("--labels", default=None, help="Label names in order, comma-separated (default: task.json or sorted).")
 @click.option("--template", default=None, help="Prompt template for labelled rows in text2text ({task} {labels} {text} {text_pair}).")
-@click.option("--r", "r", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--r", "--lora-r", "r", type=int, default=16, show_default=True,
+              help="LoRA rank (--lora-r under torchrun / accelerate launch, whose parsers take --r for their own).")
 @click.option("--alpha", type=float, default=32.0, show_default=True, help="LoRA alpha.")
 @click.option("--dropout", type=float, default=0.05, show_default=True, help="LoRA dropout.")
 @click.option("--target-modules", default=None, help="Comma-separated module names, or all-linear.")
@@ -70,6 +71,7 @@ def train(push_to_hub, **kw) -> None:
     """Train one task adapter on a base model (transformers' Trainer underneath)."""
     from ..errors import PeftmergeError
     from ..train import TrainConfig, train as train_fn
+    from ..train.distributed import is_main_process
 
     if kw["labels"]:
         kw["labels"] = [x.strip() for x in kw["labels"].split(",") if x.strip()]
@@ -82,8 +84,9 @@ def train(push_to_hub, **kw) -> None:
     kw["extra"] = extra
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = train_fn(TrainConfig(**kw))
-    _echo_result(result)
-    maybe_push(result.out, push_to_hub)
+    if is_main_process():  # under torchrun / accelerate launch: one report, one push
+        _echo_result(result)
+        maybe_push(result.out, push_to_hub)
 
 
 @click.command("train-many")

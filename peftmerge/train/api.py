@@ -147,6 +147,9 @@ def train(config: TrainConfig) -> TrainResult:
         "config": recipe,
         "peftmerge_version": __version__,
     }
+    if not trainer.is_world_process_zero():  # one writer under torchrun / accelerate launch: the main process
+        trainer.accelerator.wait_for_everyone()
+        return TrainResult(out=out, meta=meta, model=model, tokenizer=tokenizer, history=trainer.state.log_history)
     with atomic_dir(out, config.overwrite) as tmp:
         methods.save_trained(model, method, tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -156,6 +159,7 @@ def train(config: TrainConfig) -> TrainResult:
     if not config.keep_checkpoints:
         shutil.rmtree(config.checkpoints, ignore_errors=True)
     log.info("wrote %s (%s)", out, ", ".join(f"{k}={v:.4g}" for k, v in meta["metrics"].items()))
+    trainer.accelerator.wait_for_everyone()  # the other processes return once OUT exists
     return TrainResult(out=out, meta=meta, model=model, tokenizer=tokenizer, history=trainer.state.log_history)
 
 
