@@ -26,7 +26,7 @@ def _echo_result(r) -> None:
 @click.option("--task", required=True, help="Task name (stored in peftmerge.json).")
 @click.option("-o", "--out", required=True, help="Output adapter folder.")
 @click.option("--method", default="lora", show_default=True,
-              help="lora, qlora, dora, prompt_tuning, ia3, bitfit, llama_adapter.")
+              help="lora, qlora, dora, prompt_tuning, ia3, bitfit, llama_adapter, context_distillation.")
 @click.option("--shape", type=click.Choice(["text2text", "classify"]), default=None,
               help="Default: classify for labelled rows on an encoder, else text2text.")
 @click.option("--labels", default=None, help="Label names in order, comma-separated (default: task.json or sorted).")
@@ -39,6 +39,8 @@ def _echo_result(r) -> None:
 @click.option("--rslora", is_flag=True, help="Rank-stabilised LoRA scaling alpha/sqrt(r).")
 @click.option("--num-virtual-tokens", type=int, default=20, show_default=True, help="Prompt tuning / LLaMA-Adapter length.")
 @click.option("--adapter-layers", type=int, default=8, show_default=True, help="LLaMA-Adapter: number of top layers.")
+@click.option("--teacher-prompt", default=None,
+              help="context_distillation: a text file with the prompt the adapter learns to do without.")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate.")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Epochs (ignored with --max-steps).")
 @click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps.")

@@ -82,6 +82,8 @@ def train(config: TrainConfig) -> TrainResult:
     """Train one adapter as ``config`` says and write it to ``config.out``."""
     import transformers
 
+    from . import distill  # imports transformers' Trainer
+
     config.check()
     method = methods.get(config.method)
     inputs = [Path(p) for p in (config.data, config.validation) if p]
@@ -89,15 +91,16 @@ def train(config: TrainConfig) -> TrainResult:
         inputs.append(Path(config.model))
     out = check_output(config.out, inputs, config.overwrite)
     src, gguf = base.resolve(config.model, config.gguf_file)
-    task = load_task(config)
+    task = (distill.load_task if method.distill else load_task)(config)
     causal = base.can_generate(base.load_config(src, gguf))
     shape = _shape(config, task, causal, method)
     template = _template(config, task)
     tokenizer = base.load_tokenizer(src, gguf)
     if task.format == "chat" and not tokenizer.chat_template:
         raise PeftmergeError(f"base model {config.model}: its tokenizer has no chat template for 'messages' rows")
-    train_ex = _examples(task.train, task, tokenizer, config, shape, template)
-    val_ex = _examples(task.validation, task, tokenizer, config, shape, template)
+    make_examples = distill.examples if method.distill else _examples
+    train_ex = make_examples(task.train, task, tokenizer, config, shape, template)
+    val_ex = make_examples(task.validation, task, tokenizer, config, shape, template)
     if config.packing and shape == "text2text":
         train_ex = pack(train_ex, config.max_length)
 
@@ -106,7 +109,8 @@ def train(config: TrainConfig) -> TrainResult:
                             config.dtype, tokenizer.pad_token_id)
     task_type = "SEQ_CLS" if shape == "classify" else "CAUSAL_LM"
     model = method.build(model, config, task_type)
-    trainer = make_trainer(model, tokenizer, train_ex, val_ex, config, shape, left_pad=shape == "classify" and causal)
+    trainer = (distill.make_trainer if method.distill else make_trainer)(
+        model, tokenizer, train_ex, val_ex, config, shape, left_pad=shape == "classify" and causal)
 
     metrics: dict = {}
     if val_ex and config.eval_before:
@@ -124,7 +128,7 @@ def train(config: TrainConfig) -> TrainResult:
     metrics["train_steps"] = trainer.state.global_step
     if val_ex:
         metrics.update({k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy", "eval_macro_f1")})
-        if shape == "text2text" and task.format == "labelled":
+        if shape == "text2text" and task.format == "labelled" and all("label" in r for r in task.validation):
             metrics["eval_accuracy"] = label_word_accuracy(model, tokenizer, task.validation, task.labels, template,
                                                            config.task, config.max_length, config.batch_size)
     model = trainer.model
