@@ -134,6 +134,24 @@ def test_low_rank_of_wide_and_tall_matrices_is_the_truncated_svd():
     assert a.shape == (0, 7) and b.shape == (5, 0) and err == 0.0
 
 
+@pytest.mark.parametrize("decay", [1.0, 0.1])
+def test_small_ranks_of_large_matrices_take_block_krylov_and_stay_optimal(decay, monkeypatch):
+    """Rank 4 of a 400 x 300 change goes through the block Krylov SVD, to the optimum within 1e-6 (a flat
+    spectrum, decay 0.1, is the slow case); an exact rank-3 change comes back at rank 3."""
+    from peftmerge.merge import extract, lowrank
+
+    calls, original = [], lowrank.randomized_svd
+    monkeypatch.setattr(extract.lowrank, "randomized_svd", lambda *a, **k: calls.append(1) or original(*a, **k))
+    m = _decaying_change((400, 300), 5, decay)
+    a, b, err = low_rank(m, rank=4)
+    assert calls and a.shape == (4, 300)
+    u, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    assert err == pytest.approx(float((s[4:].square().sum() / s.square().sum()).sqrt()), abs=1e-6)
+    m3 = _low_rank_change((400, 300), 3, 6)
+    a, b, err = low_rank(m3, rank=4)
+    assert a.shape == (3, 300) and err < 1e-6
+
+
 @pytest.mark.filterwarnings("ignore:.*tie_word_embeddings.*", "ignore:fan_in_fan_out is set to True")
 def test_conv1d_and_tied_embeddings_reproduce_the_finetune_in_peft(tmp_path):
     """GPT-2: Conv1D weights are (in, out) and the LM head is tied to the token embeddings."""

@@ -7,11 +7,12 @@ For every Linear, Conv1D and Embedding weight of FINETUNED that differs from BAS
     err  = ||dW - B A||_F / ||dW||_F = sqrt(sum_{i>k} s_i^2 / sum_i s_i^2)
 
 k is ``rank`` (at most), or the smallest k keeping the fraction ``energy`` of ||dW||_F^2, never more than
-the numerical rank of dW (directions below float32 rounding carry nothing). The SVD comes from the
-float64 Gram matrix of dW's smaller side (G = M^T M, accumulated by row blocks, then ``eigh``): the whole
-spectrum, hence the exact error and the energy rank, at the cost of one GEMM. B A = dW V_k V_k^T is the
-projection onto the top right singular vectors, so the reported error is exactly that of the written
-factors. Only one weight of each model is in memory at a time (``io.checkpoint`` reads them lazily).
+the numerical rank of dW (directions below float32 rounding carry nothing). The SVD: for a rank well below
+the smaller dimension, a seeded block Krylov iteration (``lowrank.randomized_svd``) run until the error
+stops falling; otherwise (and for ``energy``, which needs the whole spectrum) the float64 Gram matrix of
+dW's smaller side (G = M^T M, accumulated by row blocks, then ``eigh``), B A = dW V_k V_k^T. The reported
+error is measured on the written factors, ||dW - B A||_F / ||dW||_F. Only one weight of each model is in
+memory at a time (``io.checkpoint`` reads them lazily).
 
 Embeddings are written in PEFT's ``lora_embedding_A/B`` layout (dW^T = B A), transformers' Conv1D with
 ``fan_in_fan_out``. Changed tensors a LoRA cannot carry (norms, biases) are listed in the report.
@@ -35,11 +36,14 @@ from ..io import atomic
 from ..io.adapter_writer import lora_keys
 from ..io.checkpoint import Checkpoint, is_checkpoint
 from ..io.hub import resolve
+from . import lowrank
 
 log = logging.getLogger(__name__)
 REPORT = "extract_report.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ROWS = 4096  # rows of M per block of the Gram matrix (float64 copies of that size only)
+ROWS = 4096  # rows per block of the Gram matrix and of the error (float64 copies of that size only)
+KRYLOV_OVERSAMPLE = 8
+KRYLOV_RATIO = 10  # block Krylov when (rank + oversample) * ratio <= min(d_out, d_in): measured faster there
 
 
 # --- math ------------------------------------------------------------------------------------------------
@@ -76,20 +80,44 @@ def choose_rank(s2: Tensor, shape: tuple[int, int], rank: int | None, energy: fl
 
 
 def low_rank(m: Tensor, rank: int | None = None, energy: float | None = None) -> tuple[Tensor, Tensor, float]:
-    """LoRA factors ``(A, B)`` of the best rank-k approximation of ``m`` (d_out, d_in) and its relative
-    Frobenius error, k chosen by :func:`choose_rank`. The singular values are split evenly between the
-    factors (B = U sqrt(S), A = sqrt(S) V^T). ``m`` all zero: k = 0, error 0."""
-    s2, v, transposed = gram_svd(m)
-    k = choose_rank(s2, tuple(m.shape), rank, energy)
-    total = float(s2.sum())
+    """LoRA factors ``(A, B)`` of the best rank-k approximation of ``m`` (d_out, d_in) and the relative
+    Frobenius error of ``B @ A``, k chosen by :func:`choose_rank`. The singular values are split evenly
+    between the factors (B = U sqrt(S), A = sqrt(S) V^T). ``m`` all zero: k = 0, error 0.
+
+    A rank well below the smaller dimension (without ``energy``) takes the seeded block Krylov SVD of
+    :func:`lowrank.randomized_svd` (it iterates until the error stops falling, to ~1e-7, and falls back to
+    the exact SVD when that would not be cheaper); otherwise the float64 Gram matrix (:func:`gram_svd`).
+    """
+    if energy is None and rank is not None and (rank + KRYLOV_OVERSAMPLE) * KRYLOV_RATIO <= min(m.shape):
+        a, b, _ = lowrank.randomized_svd(m.contiguous(), rank, oversample=KRYLOV_OVERSAMPLE,
+                                         generator=torch.Generator().manual_seed(0))
+        s = a.square().sum(dim=1).double()  # the singular values: A's rows are sqrt(s_i) v_i
+        k = choose_rank(s.square(), tuple(m.shape), rank, None)
+        a, b = a[:k], b[:, :k]
+    else:
+        s2, v, transposed = gram_svd(m)
+        k = choose_rank(s2, tuple(m.shape), rank, energy)
+        if k == 0:
+            return m.new_zeros(0, m.shape[1]), m.new_zeros(m.shape[0], 0), 0.0
+        vk, root = v[:, :k].to(m.dtype), s2[:k].sqrt().sqrt().to(m.dtype)  # (q, k), sqrt(s_i)
+        mv = (m if not transposed else m.T) @ vk  # (p, k) = U_k S_k of M
+        if not transposed:  # m = M: m ~ (M V_k) V_k^T
+            a, b = root[:, None] * vk.T, mv / root[None, :]
+        else:  # m^T = M: m ~ V_k (M V_k)^T
+            a, b = (mv / root[None, :]).T.contiguous(), vk * root[None, :]
     if k == 0:
         return m.new_zeros(0, m.shape[1]), m.new_zeros(m.shape[0], 0), 0.0
-    vk, root = v[:, :k].to(m.dtype), s2[:k].sqrt().sqrt().to(m.dtype)  # (q, k), sqrt(s_i)
-    mv = (m if not transposed else m.T) @ vk  # (p, k) = U_k S_k of M
-    err = max(0.0, 1.0 - float(s2[:k].sum()) / total) ** 0.5
-    if not transposed:  # m = M: m ~ (M V_k) V_k^T
-        return root[:, None] * vk.T, mv / root[None, :], err
-    return (mv / root[None, :]).T.contiguous(), vk * root[None, :], err  # m^T = M: m ~ V_k (M V_k)^T
+    return a, b, relative_error(m, a, b)
+
+
+def relative_error(m: Tensor, a: Tensor, b: Tensor) -> float:
+    """||m - b @ a||_F / ||m||_F, by blocks of rows (accumulated in float64)."""
+    err = norm = 0.0
+    for r in range(0, m.shape[0], ROWS):
+        block = m[r:r + ROWS]
+        err += float(torch.addmm(block, b[r:r + ROWS], a, alpha=-1).double().square().sum())
+        norm += float(block.double().square().sum())
+    return (err / norm) ** 0.5 if norm > 0 else 0.0
 
 
 # --- which weights ---------------------------------------------------------------------------------------
@@ -203,6 +231,9 @@ def extract(finetuned: str | Path, base: str | Path, out: str | Path, *, rank: i
         worst = max(skipped["not_lora"].items(), key=lambda kv: kv[1])
         log.warning("%d changed tensor(s) a LoRA cannot hold are not in the adapter (largest relative change: "
                     "%s %.2e); see %s", len(skipped["not_lora"]), worst[0], worst[1], REPORT)
+    if skipped["not_in_base"]:
+        log.warning("%d tensor(s) of %s are not in the base model and not in the adapter (e.g. %s); see %s",
+                    len(skipped["not_in_base"]), finetuned, skipped["not_in_base"][0], REPORT)
     return report
 
 
@@ -284,7 +315,7 @@ def _write(folder: Path, tensors: dict, ft: Checkpoint, base, task: str, report:
                             {n: k for n, (k, _, _) in tensors.items()}, str(base), task_type)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (folder / REPORT).write_text(json.dumps(report, indent=2))
-    meta = {"kind": "extracted-adapter", "task": task, "method": "lora", "mergeable": True, "base_model": str(base),
+    meta = {"task": task, "method": "extract", "mergeable": True, "base_model": str(base),
             "finetuned": report["finetuned"]}
     (folder / "peftmerge.json").write_text(json.dumps(meta, indent=2))
     recipe = {"method": "extract", "params": report["params"], "dtype": report["dtype"],
