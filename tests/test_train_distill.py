@@ -67,9 +67,12 @@ def test_registered_and_mergeable():
 
 def test_label_word_kl_to_the_prompted_teacher_falls(llama, tmp_path):
     rows = [{"text": r["text"]} for r in sentiment_rows(16, seed=1)]  # no labels
-    r = train(_config(llama, tmp_path, write_jsonl(tmp_path / "u.jsonl", rows), labels=LABELS))
+    val = write_jsonl(tmp_path / "v.jsonl", [{"text": r["text"]} for r in sentiment_rows(8, seed=9)])
+    r = train(_config(llama, tmp_path, write_jsonl(tmp_path / "u.jsonl", rows), labels=LABELS, validation=str(val)))
     losses = [h["loss"] for h in r.history if "loss" in h]
     assert len(losses) == 10 and losses[-1] < 0.2 * losses[0], losses
+    m = r.metrics  # eval_loss: the KL on held-out rows; no eval_accuracy without labels
+    assert m["eval_loss"] < 0.5 * m["eval_loss_before"] and "eval_accuracy" not in m, m
 
     # Independently of the training loss: score each label word + EOS after the prompted / bare template.
     model, tok = r.model, r.tokenizer
