@@ -98,7 +98,9 @@ def train(push_to_hub, **kw) -> None:
 def train_many(tasks_yaml: str, overwrite: bool) -> None:
     """Train one adapter per task listed in TASKS_YAML (defaults, output_dir, tasks)."""
     from ..train import train_many as train_many_fn
+    from ..train.distributed import is_main_process
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for r in train_many_fn(tasks_yaml, overwrite=overwrite):
-        _echo_result(r)
+        if is_main_process():
+            _echo_result(r)
