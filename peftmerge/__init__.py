@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .errors import PeftmergeError  # noqa: E402
 
-__all__ = ["PeftmergeError", "__version__", "combine", "methods", "set_threads"]
+__all__ = ["PeftmergeError", "__version__", "combine", "extract", "methods", "set_threads"]
 
 
 def __getattr__(name):
@@ -17,4 +17,8 @@ def __getattr__(name):
         from .merge import combine as _combine_mod, registry
 
         return {"combine": _combine_mod.combine, "methods": registry.methods}[name]
+    if name == "extract":
+        from .merge.extract import extract
+
+        return extract
     raise AttributeError(f"module 'peftmerge' has no attribute {name!r}")

@@ -8,6 +8,7 @@ from .. import __version__
 from .combine import combine_command
 from .common import Group, debug_option
 from .eval import eval_command
+from .extract import extract_command
 from .grams import grams_command
 from .inspect import inspect_command
 from .methods import methods_command
@@ -32,6 +33,7 @@ def main() -> None:
 # Commands (one line each; keep sorted).
 main.add_command(combine_command)
 main.add_command(eval_command)
+main.add_command(extract_command)
 main.add_command(grams_command)
 main.add_command(inspect_command)
 main.add_command(methods_command)

@@ -28,18 +28,21 @@ def _echo_result(r) -> None:
 @click.option("--task", required=True, help="Task name (stored in peftmerge.json).")
 @click.option("-o", "--out", required=True, help="Output adapter folder.")
 @click.option("--method", default="lora", show_default=True,
-              help="lora, qlora, dora, prompt_tuning, ia3, bitfit, llama_adapter.")
+              help="lora, qlora, dora, prompt_tuning, ia3, bitfit, llama_adapter, context_distillation.")
 @click.option("--shape", type=click.Choice(["text2text", "classify"]), default=None,
               help="Default: classify for labelled rows on an encoder, else text2text.")
 @click.option("--labels", default=None, help="Label names in order, comma-separated (default: task.json or sorted).")
 @click.option("--template", default=None, help="Prompt template for labelled rows in text2text ({task} {labels} {text} {text_pair}).")
-@click.option("--r", "r", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--r", "--lora-r", "r", type=int, default=16, show_default=True,
+              help="LoRA rank (--lora-r under torchrun / accelerate launch, whose parsers take --r for their own).")
 @click.option("--alpha", type=float, default=32.0, show_default=True, help="LoRA alpha.")
 @click.option("--dropout", type=float, default=0.05, show_default=True, help="LoRA dropout.")
 @click.option("--target-modules", default=None, help="Comma-separated module names, or all-linear.")
 @click.option("--rslora", is_flag=True, help="Rank-stabilised LoRA scaling alpha/sqrt(r).")
 @click.option("--num-virtual-tokens", type=int, default=20, show_default=True, help="Prompt tuning / LLaMA-Adapter length.")
 @click.option("--adapter-layers", type=int, default=8, show_default=True, help="LLaMA-Adapter: number of top layers.")
+@click.option("--teacher-prompt", default=None,
+              help="context_distillation: a text file with the prompt the adapter learns to do without.")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate.")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Epochs (ignored with --max-steps).")
 @click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps.")
@@ -72,6 +75,7 @@ def train(push_to_hub, **kw) -> None:
     """Train one task adapter on a base model (transformers' Trainer underneath)."""
     from ..errors import PeftmergeError
     from ..train import TrainConfig, train as train_fn
+    from ..train.distributed import is_main_process
 
     if kw["labels"]:
         kw["labels"] = [x.strip() for x in kw["labels"].split(",") if x.strip()]
@@ -83,8 +87,9 @@ def train(push_to_hub, **kw) -> None:
         raise PeftmergeError(f"--training-args {kw['extra']!r} is not a JSON object; e.g. '{{\"deepspeed\": \"ds.json\"}}'")
     kw["extra"] = extra
     result = train_fn(TrainConfig(**kw), progress=show_progress())
-    _echo_result(result)
-    maybe_push(result.out, push_to_hub)
+    if is_main_process():  # under torchrun / accelerate launch: one report, one push
+        _echo_result(result)
+        maybe_push(result.out, push_to_hub)
 
 
 @click.command("train-many", cls=Command, log_level=logging.INFO)
@@ -94,6 +99,8 @@ def train(push_to_hub, **kw) -> None:
 def train_many(tasks_yaml: str, overwrite: bool) -> None:
     """Train one adapter per task listed in TASKS_YAML (defaults, output_dir, tasks)."""
     from ..train import train_many as train_many_fn
+    from ..train.distributed import is_main_process
 
     for r in train_many_fn(tasks_yaml, overwrite=overwrite, progress=show_progress()):
-        _echo_result(r)
+        if is_main_process():
+            _echo_result(r)

@@ -212,6 +212,8 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     completely written."""
     import transformers
 
+    from . import distill  # imports transformers' Trainer
+
     config.check()
     method = methods.get(config.method)
     inputs = [Path(p) for p in (config.data, config.validation) if p]
@@ -221,15 +223,16 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     resume = _check_checkpoints(config, out, inputs)
     refuse_pickle_weights(config.model)
     src, gguf = base.resolve(config.model, config.gguf_file)
-    task = load_task(config)
+    task = (distill.load_task if method.distill else load_task)(config)
     causal = base.can_generate(base.load_config(src, gguf))
     shape = _shape(config, task, causal, method)
     template = _template(config, task)
     tokenizer = base.load_tokenizer(src, gguf)
     if task.format == "chat" and not tokenizer.chat_template:
         raise PeftmergeError(f"base model {config.model}: its tokenizer has no chat template for 'messages' rows")
-    train_ex = _examples(task.train, task, tokenizer, config, shape, template)
-    val_ex = _examples(task.validation, task, tokenizer, config, shape, template)
+    make_examples = distill.examples if method.distill else _examples
+    train_ex = make_examples(task.train, task, tokenizer, config, shape, template)
+    val_ex = make_examples(task.validation, task, tokenizer, config, shape, template)
     if config.packing and shape == "text2text":
         train_ex = pack(train_ex, config.max_length)
 
@@ -240,8 +243,9 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     model = method.build(model, config, task_type)
     made = not config.checkpoints.exists()  # transformers makes the folder when the Trainer is built
     try:
-        trainer = make_trainer(model, tokenizer, train_ex, val_ex, config, shape,
-                               left_pad=shape == "classify" and causal, progress=progress)
+        trainer = (distill.make_trainer if method.distill else make_trainer)(
+            model, tokenizer, train_ex, val_ex, config, shape, left_pad=shape == "classify" and causal,
+            progress=progress)
         metrics: dict = {}
         if val_ex and config.eval_before:
             metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
@@ -258,7 +262,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     metrics["train_steps"] = trainer.state.global_step
     if val_ex:
         metrics.update({k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy", "eval_macro_f1")})
-        if shape == "text2text" and task.format == "labelled":
+        if shape == "text2text" and task.format == "labelled" and all("label" in r for r in task.validation):
             metrics["eval_accuracy"] = label_word_accuracy(model, tokenizer, task.validation, task.labels, template,
                                                            config.task, config.max_length, config.batch_size)
     model = trainer.model
@@ -281,6 +285,9 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         "config": recipe,
         "peftmerge_version": __version__,
     }
+    if not trainer.is_world_process_zero():  # one writer under torchrun / accelerate launch: the main process
+        trainer.accelerator.wait_for_everyone()
+        return TrainResult(out=out, meta=meta, model=model, tokenizer=tokenizer, history=trainer.state.log_history)
     with atomic_dir(out, config.overwrite) as tmp:
         methods.save_trained(model, method, tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -290,6 +297,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     if not config.keep_checkpoints:
         _release_checkpoints(config.checkpoints, everything=True)
     log.debug("wrote %s (%s)", out, ", ".join(f"{k}={v:.4g}" for k, v in meta["metrics"].items()))
+    trainer.accelerator.wait_for_everyone()  # the other processes return once OUT exists
     return TrainResult(out=out, meta=meta, model=model, tokenizer=tokenizer, history=trainer.state.log_history)
 
 

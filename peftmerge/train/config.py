@@ -63,6 +63,9 @@ class TrainConfig:
     """Prompt tuning: number of soft-prompt tokens; LLaMA-Adapter: adapter length."""
     adapter_layers: int = 8
     """LLaMA-Adapter: number of top layers that get an adaption prompt."""
+    teacher_prompt: str | None = None
+    """Context distillation: a text file with the prompt (instructions, demonstrations) the teacher sees
+    before every input and the student learns to do without."""
 
     # --- optimisation -------------------------------------------------------------------------
     lr: float = 2e-4

@@ -12,6 +12,9 @@ merge methods can combine; the others train, evaluate and save for comparison.
 - bitfit: Ben Zaken et al. 2021 (arXiv:2106.10199): train only the bias terms (and the classification head).
 - llama_adapter: LLaMA-Adapter, Zhang et al. 2023 (arXiv:2303.16199): zero-gated adaption prompts in the top
   ``adapter_layers`` layers (PEFT's adaption prompt; Llama/Mistral causal LMs only).
+- context_distillation: Snell et al. 2022 (arXiv:2209.15189), Askell et al. 2021 (arXiv:2112.00861): a LoRA
+  adapter trained without labels so that base + LoRA *without* a prompt matches the base *with* it,
+  min KL(p_base(y | prompt, x) || p_lora(y | x)) (:mod:`peftmerge.train.distill`); merges like ``lora``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class Method:
     """Load the base in 4-bit NF4 (bitsandbytes) before ``build``."""
     causal_only: bool = False
     """Only for text2text on a causal LM."""
+    distill: bool = False
+    """Trained by context distillation (:mod:`peftmerge.train.distill` builds its rows, examples and Trainer)."""
 
 
 _METHODS: dict[str, Method] = {}
@@ -157,6 +162,11 @@ def build_bitfit(model, config, task_type: str):
             f"bitfit: {type(model).__name__} has no bias parameters to train; use a model with biases or another method"
         )
     return model
+
+
+@register("context_distillation", "https://arxiv.org/abs/2209.15189", mergeable=True, causal_only=True, distill=True)
+def build_context_distillation(model, config, task_type: str):
+    return build_lora(model, config, task_type)  # the student: base + LoRA; the teacher: the same, adapter off
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import PeftmergeError
+from .distributed import cpu_launch
 from .examples import IGNORE, Collator, text2text_example
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def training_args(config, has_eval: bool, shape: str, progress: bool = True):
         label_names=["labels"],  # PEFT wrappers hide the forward signature Trainer would read it from
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=cpu_launch(),  # torchrun / accelerate on CPUs: gloo data parallel, not N lone runs
     )
     # transformers 5 takes a warmup ratio as a float below 1 in warmup_steps; 4.x has warmup_ratio.
     known = inspect.signature(TrainingArguments).parameters
