@@ -107,6 +107,8 @@ def test_accelerate_resumes_the_torchrun_checkpoint(setup, torchrun_run):
     assert torchrun_run.returncode == 0, torchrun_run.stderr[-3000:]
     ck = root / "ck-resume"
     shutil.copytree(root / "ck" / "checkpoint-2", ck / "checkpoint-2")
+    # with its ownership record: --resume takes over another output's peftmerge checkpoints, never foreign ones
+    shutil.copy(root / "ck" / "peftmerge-checkpoints.json", ck / "peftmerge-checkpoints.json")
     r = _launch(["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", _port()],
                 ["--model", model, "--data", data, "-o", root / "accelerate", "--checkpoint-dir", ck, "--resume", *ARGS],

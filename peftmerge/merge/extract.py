@@ -20,7 +20,9 @@ Embeddings are written in PEFT's ``lora_embedding_A/B`` layout (dW^T = B A), tra
 
 from __future__ import annotations
 
+
 import json
+import math
 import logging
 import re
 import time
@@ -207,6 +209,9 @@ def extract(finetuned: str | Path, base: str | Path, out: str | Path, *, rank: i
             if not bool(dw.any()):
                 skipped["unchanged"].append(module)
                 continue
+            if not bool(torch.isfinite(dw).all()):
+                raise PeftmergeError(f"{name}: not finite (NaN/Inf) in {ft.path} or {bs.path}; fix the checkpoint or "
+                                     "leave the module out with --modules")
             a, b, err = low_rank(dw, rank, energy)
             del dw
             a, b = a.to(DTYPES[dtype]).contiguous(), b.to(DTYPES[dtype]).contiguous()
@@ -263,6 +268,8 @@ def _plan(ft: Checkpoint, bs: Checkpoint, kinds: dict[str, str], modules: list[s
         elif modules is None and info.dtype.is_floating_point and info.shape == other.shape:
             w0 = bs.raw(name).float()
             change = float((ft.raw(name).float() - w0).norm() / w0.norm().clamp(min=1e-30))
+            if not math.isfinite(change):
+                raise PeftmergeError(f"{name}: not finite (NaN/Inf) in {ft.path} or {bs.path}; fix the checkpoint")
             if change > 0:
                 skipped["not_lora"][name] = change
     if modules is not None:

@@ -28,6 +28,7 @@ def build_world(root: Path) -> SimpleNamespace:
     w = SimpleNamespace(root=root)
     w.llama = save_llama(root / "llama")
     w.bert = save_bert(root / "bert")
+    w.llama_ft = fine_tuned(w.llama, root / "llama-ft")
     w.a = make_adapter(root / "a", seed=1, r=4, alpha=8)
     w.b = make_adapter(root / "b", seed=2, r=2, alpha=4)
     kw = dict(classify=True, scale=0.5, targets=("query", "value"))
@@ -47,6 +48,22 @@ def build_world(root: Path) -> SimpleNamespace:
     w.recipe = root / "recipe.yaml"
     w.recipe.write_text(f"merge_method: ties\nmodels:\n  - model: {w.a}\n  - model: {w.b}\n")
     return w
+
+
+def fine_tuned(base: Path, out: Path) -> Path:
+    """A full fine-tune of ``base``: its folder with every weight moved a little (for ``extract``)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, out)
+    g = torch.Generator().manual_seed(0)
+    for f in out.glob("*.safetensors"):
+        sd = load_file(str(f))
+        save_file({k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                   for k, v in sd.items()}, str(f), metadata={"format": "pt"})
+    return out
 
 
 def snapshot(*roots: Path) -> dict[str, str]:

@@ -589,6 +589,44 @@ case("train-missing-data", lambda w, d: train(w, d, data=d / "nope.jsonl"))
 case("train-model-missing", lambda w, d: train(w, d, model=d / "no-model"))
 
 
+# extract: a LoRA adapter from a full fine-tune
+def extract(w, d, ft=None, base=None, out=None, extra=("--rank", "2")):
+    return ["extract", S(ft or w.llama_ft), "--base", S(base or w.llama), "-o", S(out or d / "out"), *extra]
+
+
+def damaged_model(w, d, kind):
+    folder = copy(w.llama_ft, d / "ft")
+    weights = next(folder.glob("*.safetensors"))
+    if kind in ("nan", "inf"):  # one weight of the fine-tune is not finite
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(weights))
+        name = next(k for k in state if k.endswith("q_proj.weight"))
+        state[name][0, 0] = float(kind)
+        save_file(state, str(weights), metadata={"format": "pt"})
+    else:
+        damage_safetensors(weights, kind)
+    return folder
+
+
+for k in ["empty", "text", "truncated", "unknown_dtype", "lying_offsets", "offsets_past_end", "nan", "inf"]:
+    case(f"extract-safetensors-{k}", lambda w, d, k=k: extract(w, d, ft=damaged_model(w, d, k)))
+case("extract-pickle-model", lambda w, d: extract(w, d, ft=pickled_model(w, d), base=w.bert), "pickle")
+for opt, value in [("--rank", "0"), ("--rank", "-3"), ("--energy", "nan"), ("--energy", "inf"), ("--energy", "0"),
+                   ("--energy", "1.5")]:
+    case(f"extract-{opt[2:]}-{value}", lambda w, d, o=opt, v=value: extract(w, d, extra=[o, v]))
+case("extract-no-rank-or-energy", lambda w, d: extract(w, d, extra=()))
+case("extract-other-architecture", lambda w, d: extract(w, d, base=w.bert))
+case("extract-adapter-not-a-model", lambda w, d: extract(w, d, ft=w.a))
+case("extract-missing-model", lambda w, d: extract(w, d, ft=d / "nope"))
+case("extract-unknown-module", lambda w, d: extract(w, d, extra=["--rank", "2", "--modules", "no_such_proj"]))
+case("extract-out-is-base", lambda w, d: extract(w, d, base=(b := copy(w.llama, d / "base")), out=b,
+                                                 extra=["--rank", "2", "--overwrite"]))
+case("extract-out-inside-finetuned", lambda w, d: extract(w, d, ft=(f := copy(w.llama_ft, d / "ft")), out=f / "lora"))
+for name, where in BAD_OUTPUTS.items():
+    case(f"extract-out-{name}", lambda w, d, f=where: extract(w, d, out=f(d)))
+
+
 def _loop(d):
     os.symlink(d / "loop2", d / "loop1")
     os.symlink(d / "loop1", d / "loop2")
@@ -596,7 +634,7 @@ def _loop(d):
 
 
 COMMANDS = ("combine", "inspect", "route-build", "route-eval", "predict", "grams", "search", "eval", "report",
-            "train", "train-many", "push", "methods")
+            "train", "train-many", "push", "methods", "extract")
 
 
 def test_the_corpus_covers_every_command():
