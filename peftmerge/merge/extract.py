@@ -20,10 +20,9 @@ Embeddings are written in PEFT's ``lora_embedding_A/B`` layout (dW^T = B A), tra
 
 from __future__ import annotations
 
-
 import json
-import math
 import logging
+import math
 import re
 import time
 from pathlib import Path
