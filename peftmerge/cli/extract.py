@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from .common import debug_option
+from .common import Command, common_options, is_quiet, show_progress
 from .push import maybe_push, push_to_hub_option
 
 
-@click.command("extract")
+@click.command("extract", cls=Command)
 @click.argument("finetuned")
 @click.option("--base", required=True, help="The base model FINETUNED was tuned from (a model folder or Hub id).")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (a PEFT LoRA adapter).")
@@ -21,16 +21,15 @@ from .push import maybe_push, push_to_hub_option
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="dtype of the LoRA factors (computation is float32, the SVD float64).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
 @push_to_hub_option
-@debug_option
-def extract_command(finetuned, base, out, rank, energy, modules, task, dtype, overwrite, quiet, push_to_hub):
+@common_options
+def extract_command(finetuned, base, out, rank, energy, modules, task, dtype, overwrite, push_to_hub):
     """Extract a LoRA adapter from FINETUNED: per module, the best rank-R approximation of W_ft - W_base."""
     from ..merge.extract import REPORT, extract
 
     report = extract(finetuned, base, out, rank=rank, energy=energy, modules=modules, dtype=dtype, task=task,
-                     overwrite=overwrite, progress=not quiet)
-    if not quiet:
+                     overwrite=overwrite, progress=show_progress())
+    if not is_quiet():
         click.echo(f"extract: {report['modules']} modules into {out} (r {report['r']}; relative error mean "
                    f"{report['relative_error_mean']:.2e}, max {report['relative_error_max']:.2e}; "
                    f"{len(report['not_lora'])} changed tensors not in the adapter; per module: {REPORT}) "
