@@ -35,8 +35,9 @@ ALL = dict(commands())
 
 
 def test_every_command_takes_quiet_debug_threads_and_overwrite_where_it_writes():
-    assert {" ".join(p) for p in ALL} == {"combine", "eval", "eval report", "extract", "grams", "inspect", "methods", "predict",
-                                          "push", "route build", "route eval", "search", "train", "train-many"}
+    assert {" ".join(p) for p in ALL} == {"combine", "eval", "eval report", "extract", "grams", "inspect", "methods",
+                                          "predict", "push", "route build", "route eval", "search", "train",
+                                          "train-many"}
     for path, cmd in ALL.items():
         names = {p.name for p in cmd.params}
         assert {"quiet", "debug", "threads"} <= names, (path, names)
