@@ -8,7 +8,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from peftmerge import __version__
-from peftmerge.card import KINDS, load_results, make_card, with_results, write_card
+from peftmerge.io.card import KINDS, load_results, make_card, with_results, write_card
 from peftmerge.errors import PeftmergeError
 
 RECIPE = {

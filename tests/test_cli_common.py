@@ -191,7 +191,7 @@ def test_normal_runs_show_no_library_noise(bert_world, tmp_path):
 
 
 def test_cards_name_commands_that_exist():
-    from peftmerge.card import make_card
+    from peftmerge.io.card import make_card
 
     card = make_card(kind="router", base_model="org/base", recipe={"strategy": "centroid"}, repo_id="bob/router")
     usage = card.text.split("```bash")[1].split("```")[0]
@@ -203,8 +203,8 @@ def test_cards_name_commands_that_exist():
 
 
 def test_inputs_table_has_the_weights_and_a_trained_adapters_recipe_survives(tmp_path):
-    from peftmerge.card import make_card
-    from peftmerge.push import card_from_folder
+    from peftmerge.io.card import make_card
+    from peftmerge.hub.push import card_from_folder
 
     card = make_card(kind="merged-adapter", base_model="org/base",
                      recipe={"method": "ties", "weights": [0.3, 0.7],
@@ -221,7 +221,7 @@ def test_inputs_table_has_the_weights_and_a_trained_adapters_recipe_survives(tmp
 
 
 def test_jsonl_lines_split_on_newline_only(tmp_path):
-    from peftmerge.evaluate.data import load_task
+    from peftmerge.data.tasks import load_task
     from peftmerge.train.data import read_rows
 
     texts = ["line\u2028separator", "para\u2029graph", "next\u0085line", "form\x0cfeed", "vertical\x0btab"]

@@ -16,7 +16,8 @@ from conftest import make_adapter, tiny_llama
 from peftmerge.errors import PeftmergeError
 from peftmerge.io.adapter import load_adapter
 from peftmerge.merge import registry
-from peftmerge.merge.combine import _module_generator, combine, file_sha256
+from peftmerge.io.meta import file_sha256
+from peftmerge.merge.combine import _module_generator, combine
 from test_adapter_variants import gpt2_adapter, tiny_gpt2
 
 METHODS = registry.names()

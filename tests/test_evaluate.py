@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from eval_fixtures import SENTIMENT, TOPIC, lora_adapter, save_bert, save_llama, tokenizer, write_task
 from peftmerge.errors import PeftmergeError
 from peftmerge.evaluate import Settings, evaluate, metrics
-from peftmerge.evaluate.data import Task, icl_examples, load_task
-from peftmerge.evaluate.prompts import with_demos
+from peftmerge.data.tasks import Task, icl_examples, load_task
+from peftmerge.data.prompts import with_demos
 
 QUIET = Settings(progress=False, batch_size=3)
 
@@ -170,7 +170,7 @@ def test_icl_demos_are_balanced_seeded_and_formatted():
 def test_generation_matches_unbatched_greedy(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from peftmerge.evaluate.prompts import prompt_of
+    from peftmerge.data.prompts import prompt_of
 
     base = save_llama(tmp_path / "llama", seed=4)
     rows = [{"instruction": "answer the question", "input": "the game", "output": "the team won"},

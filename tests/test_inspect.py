@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from peftmerge.inspect import inspect, mask_stats
+from peftmerge.analysis.inspect import inspect, mask_stats
 from peftmerge.io.adapter import load_adapter
 
 

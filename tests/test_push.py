@@ -13,10 +13,10 @@ from conftest import make_adapter, tiny_llama
 from fake_hub import FakeHub, point_client_at
 from huggingface_hub import ModelCard
 
-from peftmerge.card import with_results
+from peftmerge.io.card import with_results
 from peftmerge.cli.main import main
 from peftmerge.errors import PeftmergeError
-from peftmerge.push import detect_kind, push, scrub
+from peftmerge.hub.push import detect_kind, push, scrub
 
 TOKENS = {"hf_bob": "bob", "hf_alice": "alice"}
 
@@ -397,7 +397,7 @@ def test_the_token_never_shows_in_errors(hub, merged_adapter, monkeypatch, caplo
 @pytest.mark.parametrize("repo, revision", [("user/name@../../etc", None), ("bob/x", "../../x"), ("bob/x", "-rf"),
                                             ("bob/x", "a/.hidden"), ("bob/x", "main.lock")])
 def test_repo_ids_and_branches_that_climb_are_refused(repo, revision, merged_adapter):
-    from peftmerge.push import plan_push
+    from peftmerge.hub.push import plan_push
 
     with pytest.raises(PeftmergeError, match="not a Hub repo id|not a branch name"):
         plan_push(merged_adapter, repo, revision=revision)
@@ -414,7 +414,7 @@ def test_scrub_replaces_local_paths_only():
 def test_a_local_base_path_in_an_older_cards_metadata_is_dropped(merged_adapter, tmp_path):
     import shutil
 
-    from peftmerge.push import plan_push
+    from peftmerge.hub.push import plan_push
 
     folder = tmp_path / "older"
     shutil.copytree(merged_adapter, folder)

@@ -105,7 +105,7 @@ def _peft_gram(base, adapter, rows, module):
 def test_grams_are_each_adapters_layer_inputs_on_its_own_rows(bert_pair, tmp_path):
     from safetensors import safe_open
 
-    from peftmerge.grams import grams
+    from peftmerge.analysis.grams import grams
 
     base, inputs, data = bert_pair
     out = tmp_path / "g.safetensors"
@@ -119,7 +119,7 @@ def test_grams_are_each_adapters_layer_inputs_on_its_own_rows(bert_pair, tmp_pat
 
 
 def test_cli_grams_then_combine_regmean_writes_the_closed_form(bert_pair, tmp_path):
-    from peftmerge.grams import Grams
+    from peftmerge.io.grams import Grams
     from peftmerge.io.adapter import load_adapter
 
     base, inputs, data = bert_pair
@@ -176,7 +176,8 @@ def test_regmean_errors_name_the_fix(bert_pair, tmp_path):
 
 def test_layerwise_regmean_starts_at_regmean_and_writes_the_learned_shares(bert_pair, tmp_path):
     from peftmerge.evaluate import Settings, evaluate
-    from peftmerge.grams import Grams, grams
+    from peftmerge.analysis.grams import grams
+    from peftmerge.io.grams import Grams
     from peftmerge.io.adapter import load_adapter
     from peftmerge.search import search
 
@@ -208,7 +209,7 @@ def test_layerwise_regmean_starts_at_regmean_and_writes_the_learned_shares(bert_
 
 
 def test_grid_search_over_off_diagonal_writes_the_best_point(bert_pair, tmp_path):
-    from peftmerge.grams import grams
+    from peftmerge.analysis.grams import grams
     from peftmerge.search import search
 
     base, inputs, data = bert_pair
@@ -228,9 +229,10 @@ def test_grams_of_a_label_word_adapter_cover_prompt_and_answer_tokens(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from eval_fixtures import save_llama, tokenizer
-    from peftmerge.evaluate.data import load_task
-    from peftmerge.evaluate.prompts import answer_of, prompt_of
-    from peftmerge.grams import Grams, grams
+    from peftmerge.data.tasks import load_task
+    from peftmerge.data.prompts import answer_of, prompt_of
+    from peftmerge.analysis.grams import grams
+    from peftmerge.io.grams import Grams
 
     base = save_llama(tmp_path / "llama", seed=3)
     a = lora_adapter(base, tmp_path / "a", seed=4, task="lw", labels=["good", "bad"], targets=("q_proj", "v_proj"),

@@ -110,8 +110,8 @@ def test_eval_with_a_router_scores_label_words_with_the_routed_adapter(setup, tm
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from peftmerge.evaluate.data import Task
-    from peftmerge.evaluate.predict import label_scores
+    from peftmerge.data.tasks import Task
+    from peftmerge.data.predict import label_scores
     from peftmerge.routing.api import predict_for_eval
     from routing_util import tokenizer
 

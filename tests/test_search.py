@@ -44,8 +44,8 @@ def test_grid_search_recovers_the_lambda_that_made_the_labels(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from peftmerge.evaluate.data import load_task
-    from peftmerge.evaluate.predict import predict_label_words
+    from peftmerge.data.tasks import load_task
+    from peftmerge.data.predict import predict_label_words
     from peftmerge.merge.combine import combine
 
     base = save_llama(tmp_path / "llama", seed=5)
@@ -76,7 +76,7 @@ def test_grid_search_recovers_the_lambda_that_made_the_labels(tmp_path):
 
 
 def test_searched_ties_with_heads_equals_written_merge(tmp_path, monkeypatch):
-    import peftmerge.evaluate.data as data_mod
+    import peftmerge.data.tasks as data_mod
 
     base = save_bert(tmp_path / "bert")
     a = lora_adapter(base, tmp_path / "a", seed=1, task="sent", labels=["negative", "positive"], classify=True,

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from eval_fixtures import SENTIMENT, lora_adapter, save_llama, tokenizer, write_task
 from peftmerge.errors import PeftmergeError
 from peftmerge.evaluate import Settings, evaluate
-from peftmerge.evaluate.data import load_task
+from peftmerge.data.tasks import load_task
 from peftmerge.merge.combine import combine
 from peftmerge.merge.plan import open_inputs, plan_modules
 from peftmerge.search import layerwise, search
@@ -32,7 +32,7 @@ def test_groups_by_block_index_or_module():
 
 
 def test_each_step_holds_a_batch_of_every_task_and_small_tasks_cycle():
-    from peftmerge.evaluate.data import Task
+    from peftmerge.data.tasks import Task
 
     big = Task("big", None, [{"i": i} for i in range(10)], ["x"])
     small = Task("small", None, [{"i": i} for i in range(3)], ["x"])
@@ -131,7 +131,7 @@ def test_answer_loss_is_the_gold_answers_token_nll(tmp_path):
     params = layerwise.patched_params(patcher.targets, {n: 0.5 * d[0] for n, d in deltas.items()})
     got = layerwise.answer_loss(model, ev.tokenizer, tasks[0], tasks[0].rows, params, 64)
     # by hand: one unpadded sequence per row, log p of each answer token, averaged over all answer tokens
-    from peftmerge.evaluate.prompts import answer_of, prompt_of
+    from peftmerge.data.prompts import answer_of, prompt_of
 
     patcher.apply({n: 0.5 * d[0] for n, d in deltas.items()})
     nll = []
@@ -145,7 +145,7 @@ def test_answer_loss_is_the_gold_answers_token_nll(tmp_path):
 
 
 def test_layerwise_search_learns_writes_what_it_scored_and_never_reads_test(bert_pair, tmp_path, monkeypatch):
-    import peftmerge.evaluate.data as data_mod
+    import peftmerge.data.tasks as data_mod
 
     base, inputs, data = bert_pair
     for name in ("sent", "topic"):

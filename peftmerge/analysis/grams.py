@@ -16,19 +16,17 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .errors import PeftmergeError
-from .evaluate.data import load_task, parse_pairs, read_meta, refuse_test_split
-from .evaluate.predict import encode_rows, pad_id, right_pad
-from .io import atomic
-from .merge.combine import file_sha256
-from .merge.plan import open_inputs, plan_modules
-from .search.layerwise import answer_sequences
-
-FORMAT = "peftmerge-grams"
+from ..data.predict import encode_rows, pad_id, right_pad
+from ..data.tasks import load_task, parse_pairs, read_meta, refuse_test_split
+from ..errors import PeftmergeError
+from ..io import atomic
+from ..io.grams import FORMAT
+from ..io.meta import file_sha256
+from ..merge.plan import open_inputs, plan_modules
+from ..search.layerwise import answer_sequences
 
 
 def _batches(task, head: bool, tokenizer, batch_size: int, max_length: int):
@@ -75,8 +73,8 @@ def grams(inputs: Sequence[str | Path], out: str | Path, *, data, model: str | N
           overwrite: bool = False, progress: bool = True) -> dict:
     """Measure each adapter's Gram matrices on its task's rows (``data``: {task: file} or NAME=FILE strings,
     validation or train splits; a test split is refused) and write them to ``out`` (.safetensors)."""
-    from .search.inmemory import load_head
-    from .search.search import Evaluator
+    from ..search.inmemory import load_head
+    from ..search.search import Evaluator
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -134,38 +132,3 @@ def grams(inputs: Sequence[str | Path], out: str | Path, *, data, model: str | N
     with atomic.atomic_file(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata={"peftmerge": json.dumps(report)})
     return report
-
-
-class Grams:
-    """A grams file opened lazily: :meth:`of` reads one module's matrices for the merge's inputs."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            with safe_open(str(self.path), "pt") as f:
-                meta = json.loads((f.metadata() or {}).get("peftmerge", "{}"))
-                self.keys = set(f.keys())
-        except Exception as e:  # noqa: BLE001 (OSError, JSON and safetensors' own error types)
-            raise PeftmergeError(f"{self.path}: not a readable grams file ({e}); write one with `peftmerge grams`") \
-                from None
-        if meta.get("format") != FORMAT:
-            raise PeftmergeError(f"{self.path}: not a peftmerge grams file; write one with `peftmerge grams`")
-        self.meta = meta
-
-    def check(self, adapters) -> None:
-        """Every input's task measured, with this very adapter (same sha256)."""
-        for a in adapters:
-            if a.task not in self.meta["tasks"]:
-                raise PeftmergeError(f"{self.path} has no Gram matrices for task {a.task} (it has "
-                                     f"{', '.join(self.meta['tasks'])}); run `peftmerge grams` on these inputs")
-            if self.meta["sha256"].get(a.task) != file_sha256(a.file.path):
-                raise PeftmergeError(f"{self.path}: task {a.task}'s Gram matrices were measured with another "
-                                     f"adapter than {a.ref}; run `peftmerge grams` again on these inputs")
-
-    def of(self, module: str, tasks: list[str]) -> list[torch.Tensor] | None:
-        """[G_i] of ``module`` in the order of ``tasks``; None when the file has none for it (e.g. embeddings)."""
-        names = [f"{t}/{module}" for t in tasks]
-        if not all(n in self.keys for n in names):
-            return None
-        with safe_open(str(self.path), "pt") as f:
-            return [f.get_tensor(n).float() for n in names]

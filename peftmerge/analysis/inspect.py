@@ -23,11 +23,11 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .errors import PeftmergeError
-from .io import atomic
-from .merge import ops
-from .merge.combine import stacked_deltas
-from .merge.plan import open_inputs, plan_modules
+from ..errors import PeftmergeError
+from ..io import atomic
+from ..merge import ops
+from ..merge.combine import stacked_deltas
+from ..merge.plan import open_inputs, plan_modules
 
 
 def factor_inner(a1, b1, a2, b2) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import PeftmergeError
-from .data import Task
+from .tasks import Task
 from .prompts import answer_of, with_demos
 
 

@@ -8,7 +8,7 @@ prompt and the label word follows it (after a space unless the prompt ends with 
 
 from __future__ import annotations
 
-from .data import ALPACA, Task
+from .tasks import ALPACA, Task
 
 
 class _Fields(dict):

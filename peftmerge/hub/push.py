@@ -25,10 +25,10 @@ from pathlib import Path, PurePosixPath
 
 from huggingface_hub import ModelCard
 
-from . import __version__
-from .card import KINDS, REPO_PLACEHOLDER, RESULTS_FILE, load_results, make_card, with_results
-from .errors import PeftmergeError
-from .io.hub import is_offline, looks_like_repo_id, snapshot_of, valid_revision
+from .. import __version__
+from ..errors import PeftmergeError
+from ..io.card import KINDS, REPO_PLACEHOLDER, RESULTS_FILE, load_results, make_card, with_results
+from ..io.hub import is_offline, looks_like_repo_id, snapshot_of, valid_revision
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def card_from_folder(folder: str | Path, kind: str | None = None, repo_id: str |
     )
     if not base and kind == "merged-model":
         base = _read_json(folder / "config.json").get("_name_or_path")
-    from .card import classifier_heads
+    from ..io.card import classifier_heads
 
     return make_card(
         kind=kind,
@@ -300,7 +300,7 @@ def plan_push(folder: str | Path, repo_id: str, *, revision: str | None = None) 
     check_repo_id(repo_id, revision)
     kind = detect_kind(folder)
     files, skipped = _files(folder, kind)
-    from .io.safetensors_file import read_header
+    from ..io.safetensors_file import read_header
 
     for _, real in files:
         if real.suffix == ".safetensors":
@@ -317,7 +317,7 @@ def plan_push(folder: str | Path, repo_id: str, *, revision: str | None = None) 
 def _hub_base_models(text: str) -> str:
     """The card with only Hub repo ids as its metadata's ``base_model`` (a local path there names nothing on the
     Hub: it is dropped, with ``base_model_relation`` when no base is left); any other card is returned as is."""
-    from .io.hub import repo_id_of
+    from ..io.hub import repo_id_of
 
     try:
         card = ModelCard(text)

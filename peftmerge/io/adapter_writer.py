@@ -20,8 +20,8 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from ..card import write_card
 from .adapter import PREFIX, LoraAdapter
+from .card import write_card
 
 HEADS_DIR = "heads"
 

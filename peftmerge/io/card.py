@@ -13,9 +13,9 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from . import __version__
-from .errors import PeftmergeError
-from .io.hub import repo_id_of
+from .. import __version__
+from ..errors import PeftmergeError
+from .hub import repo_id_of
 
 KINDS = ("adapter", "merged-adapter", "merged-model", "router")
 RESULTS_FILE = "results.json"
@@ -199,7 +199,7 @@ def with_results(card: ModelCard, results: dict) -> ModelCard:
 def classifier_heads(folder: Path) -> dict[str, int] | None:
     """{task: number of labels} of a classification adapter folder (task_type SEQ_CLS), else None: each head's
     output size is the smallest first dimension among its 2-D weights (BERT's classifier, RoBERTa's out_proj)."""
-    from .io.safetensors_file import read_header
+    from .safetensors_file import read_header
 
     try:
         config = json.loads((folder / "adapter_config.json").read_text())

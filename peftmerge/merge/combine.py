@@ -12,7 +12,6 @@ For each module the inputs' task vectors dW_i = s_i B_i A_i are merged with the 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 import zlib
@@ -26,6 +25,7 @@ from ..errors import PeftmergeError
 from ..io import atomic
 from ..io.adapter import LoraAdapter
 from ..io.hub import describe_input
+from ..io.meta import file_sha256
 from . import biases, blocked, blocks, lowrank, ops, registry, sparse_lora
 from .plan import ModulePlan, open_inputs, plan_modules
 from .recipe import Recipe, load_recipe
@@ -39,14 +39,6 @@ def _dtype(name: str | None) -> torch.dtype:
     if name not in DTYPES:
         raise PeftmergeError(f"dtype {name!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _describe(a: LoraAdapter) -> dict:
@@ -184,7 +176,7 @@ def open_grams(m: registry.Method, grams, inputs):
         raise PeftmergeError(f"{m.name} needs the Gram matrices of the inputs' layer inputs: run `peftmerge grams "
                              f"{' '.join(map(str, inputs))} --data TASK=FILE ... -o grams.safetensors`, then pass "
                              "--grams grams.safetensors")
-    from ..grams import Grams
+    from ..io.grams import Grams
 
     return Grams(grams)
 
@@ -236,7 +228,7 @@ def combine(
     ``method`` defaults to ``ties``; every hyperparameter left ``None`` takes the method's (paper's)
     default, shown by ``peftmerge methods``. ``config`` reads a YAML recipe in mergekit's format, merged as
     mergekit defines it (:mod:`peftmerge.merge.recipe`; only ``seed`` may be added to it). ``grams``: the
-    file of :func:`peftmerge.grams` that data-aware methods (regmean) read.
+    file of :func:`peftmerge.analysis.grams` that data-aware methods (regmean) read.
     With ``base`` (or ``base_model`` in the recipe) the output is a full merged model instead, and inputs
     may also be full fine-tuned checkpoints of it (see :mod:`peftmerge.merge.full_model`).
     """

@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..card import write_card
 from ..errors import PeftmergeError
 from ..io import atomic
 from ..io.adapter_writer import lora_keys
+from ..io.card import write_card
 from ..io.checkpoint import Checkpoint, is_checkpoint
 from ..io.hub import resolve
 from . import lowrank

@@ -31,15 +31,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..card import write_card
 from ..errors import PeftmergeError
 from ..io import atomic
 from ..io.adapter import LoraAdapter
+from ..io.card import write_card
 from ..io.checkpoint import Checkpoint, is_checkpoint
 from ..io.hub import resolve
+from ..io.meta import file_sha256
 from ..io.model_writer import ShardedWriter, Slot, copy_model_files, parse_size, update_config
 from . import blocked, ops, registry, tied, vocab
-from .combine import _module_generator, file_sha256  # one seeding rule for adapters and models
+from .combine import _module_generator  # one seeding rule for adapters and models
 from .mergekit_recipe import MergekitRecipe, layer_positions
 from .plan import open_inputs
 from .recipe import Recipe

@@ -24,7 +24,7 @@ class InMemoryMerge:
     def __init__(self, adapters: list[LoraAdapter], plans: list[ModulePlan], method: registry.Method,
                  rank: int | None = None, cache_bytes: int = 2 << 30, grams=None):
         self.adapters, self.plans, self.method, self.rank = adapters, plans, method, rank
-        self.grams, self.tasks = grams, [a.task for a in adapters]  # grams: a peftmerge.grams.Grams (regmean)
+        self.grams, self.tasks = grams, [a.task for a in adapters]  # grams: a peftmerge.analysis.grams.Grams (regmean)
         need = sum(len(adapters) * p.shape[0] * p.shape[1] * 4 for p in plans)
         self._cache = {p.name: stacked_deltas(adapters, p) for p in plans} if need <= cache_bytes else None
 

@@ -20,8 +20,8 @@ read (a data file named ``test*`` is refused). The best merge is written by :fun
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..card import write_card
+from ..data.predict import predict_generate, predict_head, predict_label_words
+from ..data.tasks import load_task, parse_pairs, read_meta, refuse_test_split
 from ..errors import PeftmergeError
 from ..evaluate import metrics as M
-from ..evaluate.data import load_task, parse_pairs, read_meta, refuse_test_split
 from ..evaluate.model import load_model, load_tokenizer
-from ..evaluate.predict import predict_generate, predict_head, predict_label_words
 from ..io import atomic
+from ..io.card import write_card
 from ..merge import registry
 from ..merge.combine import combine, open_grams
 from ..merge.plan import open_inputs, plan_modules
@@ -139,7 +139,7 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
            off_diagonal: float | None = None, grams: str | Path | None = None, overwrite: bool = False,
            progress: bool = True) -> dict:
     """Tune ``method`` on validation ``data`` ({task: file} or NAME=FILE strings) and write the best merge
-    (``grams``: the file of :func:`peftmerge.grams` that regmean reads)."""
+    (``grams``: the file of :func:`peftmerge.analysis.grams` that regmean reads)."""
     m = registry.get(method or "ties")
     data = data if isinstance(data, dict) else parse_pairs(data, "--data")
     if not data:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..card import write_card
 from ..errors import PeftmergeError
 from ..io.atomic import as_disk_error, atomic_dir, check_output
+from ..io.card import write_card
 from ..io.checkpoint import refuse_pickle_weights
 from ..io.meta import read_yaml
 from . import base, methods
