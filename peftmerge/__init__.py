@@ -1,8 +1,7 @@
 """peftmerge: compose parameter-efficient adapters (merge, train, route, evaluate, share)."""
 
-__version__ = "0.1.0"
-
-from .errors import PeftmergeError  # noqa: E402
+from .errors import PeftmergeError
+from .version import __version__
 
 __all__ = ["PeftmergeError", "__version__", "combine", "extract", "methods", "set_threads"]
 

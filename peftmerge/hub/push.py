@@ -25,10 +25,10 @@ from pathlib import Path, PurePosixPath
 
 from huggingface_hub import ModelCard
 
-from .. import __version__
 from ..errors import PeftmergeError
 from ..io.card import KINDS, REPO_PLACEHOLDER, RESULTS_FILE, load_results, make_card, with_results
 from ..io.hub import is_offline, looks_like_repo_id, snapshot_of, valid_revision
+from ..version import __version__
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .. import __version__
 from ..errors import PeftmergeError
+from ..version import __version__
 from .hub import repo_id_of
 
 KINDS = ("adapter", "merged-adapter", "merged-model", "router")

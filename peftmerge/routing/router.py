@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
+from ..version import __version__
 from ..errors import PeftmergeError
 from ..io.atomic import atomic_dir, check_output
 from ..io.card import write_card

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from ..version import __version__
 from ..errors import PeftmergeError
 from ..io.atomic import as_disk_error, atomic_dir, check_output
 from ..io.card import write_card
