@@ -16,7 +16,7 @@ from conftest import make_adapter, tiny_llama
 from peftmerge.cli.main import main
 from peftmerge.errors import PeftmergeError
 from peftmerge.io.adapter import load_adapter
-from peftmerge.merge import registry
+from peftmerge.merge import execute, registry
 from peftmerge.merge.combine import combine
 from peftmerge.merge.plan import plan_modules
 from peftmerge.search.inmemory import Patcher
@@ -192,7 +192,8 @@ def test_trained_biases_with_base_are_task_vectors(tmp_path):
     for name in la.biases:  # b's lora_only biases cover q/v only: its other biases are unchanged (zero task vector)
         deltas = torch.stack([x.bias(name) - b0[name] if name in x.biases else torch.zeros_like(b0[name])
                               for x in (la, lb)])
-        expected = b0[name] + m.merge(deltas, torch.ones(2), m.resolve({"density": 0.5}, 2), registry.Context(name))
+        expected = b0[name] + execute.dense(m, deltas, torch.ones(2), m.resolve({"density": 0.5}, 2),
+                                            registry.Context(name))
         torch.testing.assert_close(got[name], expected, atol=1e-6, rtol=1e-5)
 
 
@@ -279,7 +280,7 @@ def test_breadcrumbs_rows_are_the_weights_rows_for_conv1d_and_embeddings(tmp_pat
     m = registry.get(method)
     for name in ("transformer.h.0.attn.c_attn", "transformer.wte"):
         layout = torch.stack([x.delta(name).T for x in ins])  # the weight's layout: (d_in, d_out) / (vocab, dim)
-        expected = m.merge(layout, torch.ones(2), m.resolve(params, 2))
+        expected = execute.dense(m, layout, torch.ones(2), m.resolve(params, 2))
         torch.testing.assert_close(out.delta(name).T, expected, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(full[f"{name}.weight"] - w0[f"{name}.weight"], expected, atol=1e-5, rtol=1e-4)
     ids = torch.tensor([[1, 5, 9, 33, 60]])  # the adapter (fan_in_fan_out) in PEFT = the full model (lm_head untied)

@@ -5,7 +5,9 @@ blocks, with values tied in magnitude as bf16 task vectors are."""
 import pytest
 import torch
 
-from peftmerge.merge import blocked, ops, registry
+from peftmerge.merge import execute, registry
+from peftmerge.merge.engine import blocked
+from peftmerge.merge.methods import ops
 
 SHAPES = [(24, 40), (300, 1024), (5000, 37), (70_000,), (3,)]  # one block, several, a 1-D tensor
 CASES = [("ties", {"density": 0.2}), ("ties", {"density": 0.5, "sign": "frequency"}),
@@ -28,7 +30,7 @@ def test_engine_equals_reference_composition(shape, tied):
     for name, given in CASES:
         m = registry.get(name)
         params = m.resolve(given, 3)
-        ours = m.merge(deltas, W, params, registry.Context("m", torch.Generator().manual_seed(5)))
+        ours = execute.dense(m, deltas, W, params, registry.Context("m", torch.Generator().manual_seed(5)))
         ref = m.fn(deltas, W, params, registry.Context("m", torch.Generator().manual_seed(5)))
         torch.testing.assert_close(ours, ref, atol=2e-6, rtol=1e-6, msg=f"{name} {given} {shape} tied={tied}")
 
@@ -36,7 +38,7 @@ def test_engine_equals_reference_composition(shape, tied):
 def test_topk_keeps_exactly_k_with_ties_in_index_order():
     x = _data((700, 300), tied=True)[:1]  # 210k entries over 4 blocks, ~5k per distinct magnitude
     for density in (0.05, 0.2, 0.61):
-        out = blocked.merge(blocked.Sparse("magnitude", "sum"), blocked.Deltas.stacked(x), [1.0],
+        out = blocked.merge(registry.Sparse("magnitude", "sum"), blocked.Deltas.stacked(x), [1.0],
                             {"density": density})
         kept = out != 0  # the threshold is above 0 here, so every kept entry is nonzero
         assert int(kept.sum()) == int(density * x.numel())
@@ -72,7 +74,7 @@ def test_linear_full_checkpoints_and_lora_deltas():
 def test_fused_merge_returns_its_sum_of_squares_and_keeps_all_at_t_minus_one():
     import numpy as np
 
-    from peftmerge.merge import fused
+    from peftmerge.merge.engine import fused
 
     g = torch.Generator().manual_seed(3)
     xs = torch.randn(3, 5000, generator=g)

@@ -11,7 +11,9 @@ from safetensors.torch import load_file, save_file
 from conftest import make_adapter, tiny_llama
 from peftmerge.io.adapter import load_adapter
 from peftmerge.io.heads import load_head
-from peftmerge.merge import lowrank
+from peftmerge.merge import execute
+from peftmerge.merge.engine import krylov
+from peftmerge.merge.methods import lowrank
 from peftmerge.merge.combine import combine
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2], [4, 4, 8, 1, 0, 6]])
@@ -117,7 +119,7 @@ def test_truncate_factors_matches_dense_svd():
 def test_randomized_svd_recovers_low_rank_matrix():
     g = torch.Generator().manual_seed(0)
     m = torch.randn(300, 8, generator=g) @ torch.randn(8, 200, generator=g)
-    a, b, _ = lowrank.randomized_svd(m, 8, generator=torch.Generator().manual_seed(1))
+    a, b, _ = krylov.randomized_svd(m, 8, generator=torch.Generator().manual_seed(1))
     assert float((m - b @ a).norm() / m.norm()) < 1e-5
 
 
@@ -129,8 +131,8 @@ def test_randomized_svd_is_near_optimal_on_a_flat_ties_spectrum():
     g = torch.Generator().manual_seed(0)
     deltas = torch.stack([torch.randn(1000, 16, generator=g) @ torch.randn(16, 800, generator=g) for _ in range(3)])
     m = registry.get("ties")
-    merged = m.merge(deltas, torch.ones(3), m.resolve({}, 3))
-    a, b, _ = lowrank.randomized_svd(merged, 16, generator=torch.Generator().manual_seed(1))
+    merged = execute.dense(m, deltas, torch.ones(3), m.resolve({}, 3))
+    a, b, _ = krylov.randomized_svd(merged, 16, generator=torch.Generator().manual_seed(1))
     exact = merged.double()  # float64 errors: float32 norms of 800k entries wobble by ~1e-5
     s = torch.linalg.svdvals(exact)
     optimal = float(s[16:].square().sum().sqrt() / s.square().sum().sqrt())
@@ -150,7 +152,7 @@ def test_sparse_merge_reports_refactorization_error(adapters, tmp_path):
 
     m = registry.get("ties")
     stack = torch.stack([a.delta(k) if k in a.modules else torch.zeros(out.modules[k].shape) for a in ins])
-    exact = m.merge(stack, torch.ones(3), m.resolve({}, 3))
+    exact = execute.dense(m, stack, torch.ones(3), m.resolve({}, 3))
     assert row["relative_error"] == pytest.approx(float((exact - out.delta(k)).norm() / exact.norm()), rel=1e-3)
 
 
@@ -303,5 +305,5 @@ def test_krylov_is_exact_on_a_low_rank_matrix_from_a_wider_start_block():
     g = torch.Generator().manual_seed(0)
     m = torch.randn(300, 8, generator=g) @ torch.randn(8, 200, generator=g)
     v0 = torch.linalg.qr(torch.randn(200, 16, generator=g)).Q
-    a, b, err = lowrank.warm_krylov(m, v0, 8)
+    a, b, err = krylov.warm_krylov(m, v0, 8)
     assert err < 1e-3 and float((m - b @ a).norm() / m.norm()) < 1e-5

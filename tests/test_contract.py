@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 from conftest import make_adapter, tiny_llama
 from peftmerge.errors import PeftmergeError
 from peftmerge.io.adapter import load_adapter
-from peftmerge.merge import registry
+from peftmerge.merge import execute, registry
 from peftmerge.io.meta import file_sha256
-from peftmerge.merge.combine import _module_generator, combine
+from peftmerge.merge.combine import combine
 from test_adapter_variants import gpt2_adapter, tiny_gpt2
 
 METHODS = registry.names()
@@ -139,8 +139,8 @@ def test_full_rank_lora_output_is_the_method_in_the_weights_layout_and_the_base_
         stack = torch.stack([(x.delta(name).T if transpose else x.delta(name)) if name in x.modules
                              else torch.zeros(mod.shape[::-1] if transpose else mod.shape) for x in ins])
         g = [grams[f"{x.task}/{name}"] for x in ins] if grams and f"{ins[0].task}/{name}" in grams else None
-        ctx = registry.Context(name, _module_generator(3, name), grams=g)
-        merged = m.merge(stack, torch.tensor(weights), params, ctx)
+        ctx = registry.Context(name, execute.module_generator(3, name), grams=g)
+        merged = execute.dense(m, stack, torch.tensor(weights), params, ctx)
         expected[name] = merged.T if transpose != mod.transposed else merged  # the weight's layout
         got = out.delta(name).T if mod.transposed else out.delta(name)
         torch.testing.assert_close(got, expected[name], atol=2e-5, rtol=1e-4)

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from peftmerge.cli.main import main
 from peftmerge.errors import PeftmergeError
-from peftmerge.merge import full_model, registry
-from peftmerge.merge.combine import _module_generator, combine
+from peftmerge.merge import execute, full_model, registry
+from peftmerge.merge.combine import combine
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 100, 127]])
 
@@ -125,8 +125,8 @@ def test_full_checkpoints_are_base_plus_merged_task_vectors(tmp_path, base, fine
             merged = _peft_reference(method, deltas, w, resolved)
         else:  # same registered method, checks the streaming plumbing (layout, seeding, W0 + dW)
             module = name.removesuffix(".weight")
-            ctx = registry.Context(module, _module_generator(resolved.get("seed", 0), module))
-            merged = m.merge(deltas, w, resolved, ctx)
+            ctx = registry.Context(module, execute.module_generator(resolved.get("seed", 0), module))
+            merged = execute.dense(m, deltas, w, resolved, ctx)
         torch.testing.assert_close(out[name], w0 + merged, atol=1e-6, rtol=1e-5, msg=name)
 
 

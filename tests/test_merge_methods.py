@@ -10,7 +10,9 @@ import torch
 from peft.utils import merge_utils
 
 from peftmerge.errors import PeftmergeError
-from peftmerge.merge import blocked, ops, registry
+from peftmerge.merge import execute, registry
+from peftmerge.merge.engine import blocked, selection
+from peftmerge.merge.methods import ops
 
 N, SHAPE = 3, (24, 40)
 
@@ -27,7 +29,7 @@ WEIGHTS = torch.tensor([0.7, 1.3, 0.4])
 def run(name, deltas, weights=WEIGHTS, generator=None, **given):
     m = registry.get(name)
     params = m.resolve(given, deltas.shape[0])
-    return m.merge(deltas, weights, params, registry.Context("m", generator))
+    return execute.dense(m, deltas, weights, params, registry.Context("m", generator))
 
 
 @pytest.mark.parametrize("density", [0.1, 0.2, 0.5, 1.0])
@@ -165,7 +167,7 @@ def test_single_input_at_weight_one_is_itself(deltas, name, params):
 def test_global_thresholds_equal_exact_topk_over_all_modules():
     torch.manual_seed(3)
     modules = [torch.randn(2, 17, 9), torch.randn(2, 40, 33) * 3, torch.randn(2, 5, 64) * 0.1]
-    t = ops.global_thresholds(lambda: iter(modules), 2, 0.2)
+    t = selection.global_thresholds(lambda: iter(modules), 2, 0.2)
     flat = torch.cat([m.reshape(2, -1) for m in modules], dim=1)
     exact = ops.magnitude_mask(flat, 0.2)
     ours = torch.cat([ops.magnitude_mask(m, 0.2, t).reshape(2, -1) for m in modules], dim=1)

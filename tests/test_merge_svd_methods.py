@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_adapter
 from peftmerge.io.adapter import load_adapter
-from peftmerge.merge import registry
+from peftmerge.merge import execute, registry
 from peftmerge.merge.combine import combine
 
 WEIGHTS = torch.tensor([0.7, 1.3, 0.4, 1.0])
@@ -15,7 +15,7 @@ WEIGHTS = torch.tensor([0.7, 1.3, 0.4, 1.0])
 
 def run(name, deltas, weights, **given):
     m = registry.get(name)
-    return m.merge(deltas, weights, m.resolve(given, deltas.shape[0]), registry.Context("m"))
+    return execute.dense(m, deltas, weights, m.resolve(given, deltas.shape[0]), registry.Context("m"))
 
 
 def tsv_reference(deltas, weights, alpha=1.0):

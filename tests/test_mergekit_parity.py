@@ -29,7 +29,8 @@ from peftmerge.cli.main import main
 from peftmerge.errors import PeftmergeError
 from peftmerge.merge import mergekit_methods as mk
 from peftmerge.merge.mergekit_recipe import differences_table
-from peftmerge.merge.recipe import REFUSED_KEYS, load_recipe
+from peftmerge.merge.mergekit_methods import REFUSED_KEYS
+from peftmerge.merge.recipe import load_recipe
 
 LAYERS = 4  # so that gradients interpolate between list entries
 RANDOM_SEEDS = 8

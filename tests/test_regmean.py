@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from eval_fixtures import SENTIMENT, TOPIC, lora_adapter, write_task
 from peftmerge.cli.main import main
-from peftmerge.merge import registry
+from peftmerge.merge import execute, registry
 from peftmerge.merge.methods.regmean import regmean_factored
 
 RM = registry.get("regmean")
@@ -27,8 +27,8 @@ def _problem(n=3, d_out=5, d_in=7, seed=0):
 
 def _merge(deltas, weights, grams, off_diagonal=1.0):
     ctx = registry.Context("m", grams=grams)
-    return RM.merge(deltas, torch.tensor(weights, dtype=torch.float64), RM.resolve({"off_diagonal": off_diagonal},
-                                                                                  len(weights)), ctx)
+    params = RM.resolve({"off_diagonal": off_diagonal}, len(weights))
+    return execute.dense(RM, deltas, torch.tensor(weights, dtype=torch.float64), params, ctx)
 
 
 def test_regmean_is_the_least_squares_fit_of_every_inputs_outputs():

@@ -5,8 +5,9 @@ radix select's, and the warm-started Krylov SVD reaches the exact SVD's truncati
 import pytest
 import torch
 
-from peftmerge.merge import blocked, lowrank, radix, registry, sparse_lora, speculative
-from peftmerge.merge.blocks import Deltas
+from peftmerge.merge import execute, registry
+from peftmerge.merge.engine import blocked, krylov, radix, sparse_lora, speculative
+from peftmerge.merge.engine.blocks import Deltas
 
 W = torch.tensor([0.7, 1.3, 0.4])
 
@@ -83,12 +84,12 @@ def test_warm_krylov_reaches_the_exact_truncation_error():
     g = torch.Generator().manual_seed(0)
     fac = [(torch.randn(700, 8, generator=g), torch.randn(8, 600, generator=g)) for _ in range(3)]
     m = registry.get("ties")
-    merged = m.merge(torch.stack([b @ a for b, a in fac]), torch.ones(3), m.resolve({}, 3))
+    merged = execute.dense(m, torch.stack([b @ a for b, a in fac]), torch.ones(3), m.resolve({}, 3))
     exact = merged.double()
     s = torch.linalg.svdvals(exact)
     for rank in (8, 24):
-        v0 = lowrank.start_block([a for _, a in fac], rank, generator=torch.Generator().manual_seed(1))
-        a, b, err = lowrank.warm_krylov(merged, v0, rank)
+        v0 = krylov.start_block([a for _, a in fac], rank, generator=torch.Generator().manual_seed(1))
+        a, b, err = krylov.warm_krylov(merged, v0, rank)
         optimal = float(s[rank:].square().sum().sqrt() / s.square().sum().sqrt())
         ours = float((exact - b.double() @ a.double()).norm() / exact.norm())
         assert optimal - 1e-6 <= ours <= optimal + 1e-6
@@ -99,7 +100,7 @@ def test_warm_krylov_from_a_poor_start_still_converges_or_falls_back_to_the_exac
     g = torch.Generator().manual_seed(2)
     m = torch.randn(150, 8, generator=g) @ torch.randn(8, 120, generator=g) + 0.1 * torch.randn(150, 120, generator=g)
     v0 = torch.linalg.qr(torch.randn(120, 12, generator=g)).Q  # unrelated to m's row space
-    a, b, err = lowrank.warm_krylov(m, v0, 8)
+    a, b, err = krylov.warm_krylov(m, v0, 8)
     s = torch.linalg.svdvals(m.double())
     optimal = float(s[8:].square().sum().sqrt() / s.square().sum().sqrt())
     assert float((m.double() - b.double() @ a.double()).norm() / m.double().norm()) <= optimal + 1e-6
@@ -111,8 +112,8 @@ def test_warm_krylov_from_a_poor_start_still_converges_or_falls_back_to_the_exac
 def test_products_on_the_block_workers_equal_the_plain_ones():
     g = torch.Generator().manual_seed(4)
     m, x, y = torch.randn(1100, 300, generator=g), torch.randn(300, 7, generator=g), torch.randn(1100, 7, generator=g)
-    torch.testing.assert_close(lowrank.products(m, x), m @ x, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(lowrank.products(m, y, transpose=True), m.T @ y, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(krylov.products(m, x), m @ x, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(krylov.products(m, y, transpose=True), m.T @ y, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -122,7 +123,7 @@ def test_one_pass_merge_equals_the_two_pass_merge(tied, ties, density):
     fac = _factors(*shape, tied=tied)
     src = Deltas([("factors", fac[0]), None, ("factors", fac[1]), ("factors", fac[2])], None, shape, 1 << 16)
     w, lam = [0.7, 0.5, 1.3, 0.4], 0.8
-    spec = blocked.Sparse("magnitude", "ties" if ties else "sum")
+    spec = registry.Sparse("magnitude", "ties" if ties else "sum")
     two = blocked.merge(spec, src, w, {"density": density, "lambda": lam})
     v0 = torch.linalg.qr(torch.randn(400, 12, generator=torch.Generator().manual_seed(1))).Q
     one, y0 = torch.empty(shape), torch.empty(900, 12)

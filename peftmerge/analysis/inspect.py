@@ -25,9 +25,8 @@ from tqdm.auto import tqdm
 
 from ..errors import PeftmergeError
 from ..io import atomic
-from ..merge import ops
-from ..merge.combine import stacked_deltas
-from ..merge.plan import open_inputs, plan_modules
+from ..merge.engine.selection import magnitude_mask
+from ..merge.plan import open_inputs, plan_modules, stacked_deltas
 
 
 def factor_inner(a1, b1, a2, b2) -> torch.Tensor:
@@ -48,7 +47,7 @@ def gram(factors: list[tuple[torch.Tensor, torch.Tensor] | None]) -> torch.Tenso
 
 def mask_stats(deltas: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(n, n) counts over one module: |M_i & M_j|, sign conflicts in M_i & M_j, |M_i | M_j|."""
-    masks = ops.magnitude_mask(deltas, density).reshape(deltas.shape[0], -1)
+    masks = magnitude_mask(deltas, density).reshape(deltas.shape[0], -1)
     masks &= deltas.reshape(deltas.shape[0], -1) != 0  # an absent module / exact zeros keep nothing
     m = masks.double()
     pos = (masks & (deltas.reshape(deltas.shape[0], -1) > 0)).double()

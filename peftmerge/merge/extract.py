@@ -8,7 +8,7 @@ For every Linear, Conv1D and Embedding weight of FINETUNED that differs from BAS
 
 k is ``rank`` (at most), or the smallest k keeping the fraction ``energy`` of ||dW||_F^2, never more than
 the numerical rank of dW (directions below float32 rounding carry nothing). The SVD: for a rank well below
-the smaller dimension, a seeded block Krylov iteration (``lowrank.randomized_svd``) run until the error
+the smaller dimension, a seeded block Krylov iteration (``krylov.randomized_svd``) run until the error
 stops falling; otherwise (and for ``energy``, which needs the whole spectrum) the float64 Gram matrix of
 dW's smaller side (G = M^T M, accumulated by row blocks, then ``eigh``), B A = dW V_k V_k^T. The reported
 error is measured on the written factors, ||dW - B A||_F / ||dW||_F. Only one weight of each model is in
@@ -36,7 +36,7 @@ from ..io.adapter_writer import lora_keys
 from ..io.card import write_card
 from ..io.checkpoint import Checkpoint, is_checkpoint
 from ..io.hub import resolve
-from . import lowrank
+from .engine import krylov
 
 log = logging.getLogger(__name__)
 REPORT = "extract_report.json"
@@ -85,11 +85,11 @@ def low_rank(m: Tensor, rank: int | None = None, energy: float | None = None) ->
     between the factors (B = U sqrt(S), A = sqrt(S) V^T). ``m`` all zero: k = 0, error 0.
 
     A rank well below the smaller dimension (without ``energy``) takes the seeded block Krylov SVD of
-    :func:`lowrank.randomized_svd` (it iterates until the error stops falling, to ~1e-7, and falls back to
+    :func:`krylov.randomized_svd` (it iterates until the error stops falling, to ~1e-7, and falls back to
     the exact SVD when that would not be cheaper); otherwise the float64 Gram matrix (:func:`gram_svd`).
     """
     if energy is None and rank is not None and (rank + KRYLOV_OVERSAMPLE) * KRYLOV_RATIO <= min(m.shape):
-        a, b, _ = lowrank.randomized_svd(m.contiguous(), rank, oversample=KRYLOV_OVERSAMPLE,
+        a, b, _ = krylov.randomized_svd(m.contiguous(), rank, oversample=KRYLOV_OVERSAMPLE,
                                          generator=torch.Generator().manual_seed(0))
         s = a.square().sum(dim=1).double()  # the singular values: A's rows are sqrt(s_i) v_i
         k = choose_rank(s.square(), tuple(m.shape), rank, None)

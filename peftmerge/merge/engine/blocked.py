@@ -1,58 +1,39 @@
-"""The sparsify x consensus merges (TIES, DARE, Model Breadcrumbs, magnitude prune), evaluated in row blocks.
+"""The sparsify x consensus merges (TIES, DARE, Model Breadcrumbs, magnitude prune, and every method that declares
+a :class:`~peftmerge.merge.registry.Sparse` spec), evaluated in row blocks.
 
-Same definitions as the reference compositions in :mod:`peftmerge.merge.ops` (the tests hold them equal),
-computed differently for speed:
+Same definitions as the methods' reference compositions of :mod:`peftmerge.merge.methods.ops` (the tests hold them
+equal), computed differently for speed:
 
 - **Row blocks.** Each merge is a chain of ~30 elementwise steps. Over a whole (32000, 1024) tensor every
   step streams it through memory; over blocks of ``BLOCK`` elements the chain runs in the CPU cache. Task
   vectors of full checkpoints are formed block by block (theta_i - theta_0) and never stored whole.
-- **One compiled loop nest per block** (:mod:`peftmerge.merge.fused`, numba): TIES' trim, election and
+- **One compiled loop nest per block** (:mod:`.fused`, numba): TIES' trim, election and
   disjoint mean (or the weighted sum) and the block's sum of squares, ~3x faster than the same chain as
-  torch ops. DARE's drop and Breadcrumbs' row masks stay torch ops, in place, before it.
-- **Threads without barriers** (:mod:`peftmerge.merge.blocks`). Blocks go to ``torch.get_num_threads()`` worker threads that each run torch
-  single-threaded. On shared cores this beats torch's own OpenMP split of every op, which waits at a
+  torch ops. DARE's drop, Breadcrumbs' row masks and a method's own row function run in place before it.
+- **Threads without barriers** (:mod:`.blocks`). Blocks go to ``torch.get_num_threads()`` worker threads that
+  each run torch single-threaded. On shared cores this beats torch's own OpenMP split of every op, which waits at a
   barrier for a descheduled thread after each of the ~30 steps.
-- **Exact top-k thresholds** (TIES trim, :mod:`peftmerge.merge.radix`): a sample brackets the k-th largest
+- **Exact top-k thresholds** (TIES trim, :mod:`.radix`): a sample brackets the k-th largest
   |dW|, one pass counts the entries above the bracket and keeps those inside it (radix select where a
   bracket misses), instead of a serial quickselect. Entries tied with it are kept in index
   order up to exactly k, as :func:`ops.magnitude_mask` does.
-- **DARE masks** come from a counter-based stream (:func:`fused.drop`): entry p of input i is kept by a
-  hash of (the module's seed, i, p), so they do not depend on blocks or threads; :func:`ops.bernoulli_mask`
-  computes the same stream.
+- **Random masks** come from a counter-based stream (:func:`peftmerge.merge.methods.ops.uniforms`; DARE's drop
+  compiled in :func:`fused.drop`): entry p of input i draws a hash of (the module's seed, i, p), so the masks do
+  not depend on blocks or threads, and equal the references'.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .blocks import BLOCK, Deltas, _per_input, _scratch, run_blocks, single_threaded_caller  # noqa: F401
+from ..methods.ops import per_input, splitmix64_uniform, stream_key
+from ..registry import Sparse
+from .blocks import BLOCK, Deltas, _scratch, run_blocks, single_threaded_caller  # noqa: F401
 from .radix import Cut, topk_cuts
 
-
-@dataclass(frozen=True)
-class Sparse:
-    """A merge as mergekit decomposes it: a sparsifier, then a consensus over the inputs.
-
-    ``sparsify``: ``"magnitude"`` (keep the top ``density`` of each |dW_i|, TIES' trim), ``"random"``
-    (DARE: keep with probability ``density``, rescale by 1/density), ``"rows"`` (Model Breadcrumbs: per row
-    drop the top ``gamma``, keep the next ``density``) or ``"none"``.
-    ``consensus``: ``"sum"`` (sum_i w_i dW_i) or ``"ties"`` (elect sign, disjoint mean).
-    """
-
-    sparsify: str
-    consensus: str
-
-
 # --- one block of the merge --------------------------------------------------------------------------------
-
-def mask_seed(generator: torch.Generator | None) -> int:
-    """The seed of a module's DARE masks: the first draw of its generator (the global one if None)."""
-    return int(torch.randint(0, 1 << 62, (1,), generator=generator))
-
 
 def _top_rows(a: Tensor, m: int) -> Tensor:
     """0/1 float mask of the m largest entries of each row of ``a`` (>= 0), ties in index order."""
@@ -82,15 +63,21 @@ def crumbs_mask(a: Tensor, density: float, gamma: float) -> Tensor:
 
 
 def _sparsify(spec: Sparse, x: Tensor, i: int, r0: int, src: Deltas, params: dict, state: dict) -> None:
-    """Input i's rows, sparsified in place: DARE's drop or Breadcrumbs' mask (TIES' trim is done by
-    :func:`fused.merge`, from ``state["t"]``)."""
+    """Input i's rows [r0, r0 + len(x)), sparsified in place: DARE's drop, Breadcrumbs' mask or the method's row
+    function (TIES' trim is done by :func:`fused.merge`, from ``state["t"]``)."""
     if spec.sparsify == "random":
         from . import fused  # numba: imported (~0.3 s) only by the merges that run its kernels
 
         if state["density"][i] < 1.0:
-            fused.drop(x.view(-1).numpy(), state["density"][i], fused.stream_key(state["seed"], i), r0 * src.cols)
+            fused.drop(x.view(-1).numpy(), state["density"][i], stream_key(state["seed"], i), r0 * src.cols)
     elif spec.sparsify == "rows":
         x.mul_(crumbs_mask(x.abs(), state["density"][i], params["gamma"]))
+    elif callable(spec.sparsify):
+        def draw():  # this block's part of input i's stream
+            u = splitmix64_uniform(stream_key(state["seed"], i), x.numel(), r0 * src.cols)
+            return torch.from_numpy(u).view(x.shape)
+
+        spec.sparsify(x, state["density"][i], params, draw)
 
 
 def _merge_block(spec: Sparse, src: Deltas, j: int, weights: list[float], lam: float, params: dict, state: dict,
@@ -153,15 +140,15 @@ def merge(spec: Sparse, src: Deltas, weights, params: dict, *, seed: int = 0, th
     ``visit(j, r0, r1, rows, sq)``: called on a worker thread with each block's finished output rows [r0, r1)
     (a (r1 - r0, cols) view of ``out``), while they are in cache (e.g. to multiply them by a block of vectors),
     and their sum of squares (float64; None when ``src.base`` is given).
-    ``thresholds`` (per input, from :func:`ops.global_thresholds`): trim to |x| >= t_i instead of top-k.
-    ``seed``: DARE's mask seed for this tensor (see :func:`fused.drop`). ``ranges``: a list that gets the
+    ``thresholds`` (per input, from :func:`.selection.global_thresholds`): trim to |x| >= t_i instead of top-k.
+    ``seed``: the mask seed of this tensor's random masks (:func:`peftmerge.merge.methods.ops.mask_seed`). ``ranges``: a list that gets the
     (min, max) of each block of ``out`` (NaN propagates), for a finiteness check without another pass.
     """
     n = src.n
     w = weights.tolist() if isinstance(weights, Tensor) else [float(x) for x in weights]
     state: dict = {"seed": int(seed)}
-    if spec.sparsify in ("random", "rows", "magnitude"):
-        state["density"] = _per_input(params["density"], n)
+    if "density" in params:
+        state["density"] = per_input(params["density"], n)
     cuts: list[Cut | None] = [None] * n  # None: no trim
     if spec.sparsify == "magnitude":
         if thresholds is not None:

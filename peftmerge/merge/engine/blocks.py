@@ -1,4 +1,4 @@
-"""Blocks of rows and the worker threads that process them (the plumbing of :mod:`peftmerge.merge.blocked`).
+"""Blocks of rows and the worker threads that process them (the plumbing of :mod:`.blocked`).
 
 A tensor is viewed as (rows, cols) (cols = its last dimension) and cut into blocks of whole rows of about
 ``BLOCK`` elements, fixed by its shape alone, so nothing computed per block depends on
@@ -17,11 +17,6 @@ import torch
 from torch import Tensor
 
 BLOCK = 1 << 16  # elements per block: a few float32 buffers of this size stay in a 2 MB L2 cache
-
-
-def _per_input(value, n: int) -> list[float]:
-    """A per-input parameter (one value, or one per input) as n floats."""
-    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * n
 
 
 # --- task vectors, block by block --------------------------------------------------------------------------

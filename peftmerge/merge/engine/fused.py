@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ..methods import ops
+
 CHUNK = 2048
 _ZERO, _ONE = np.float32(0.0), np.float32(1.0)
 
@@ -215,19 +217,11 @@ def patch(values, where, t, tie_end, w, ties, by_count, out, cols, v0, y0):
     return change
 
 
-# --- DARE's random drop: a counter-based stream ---------------------------------------------------------------
-# Entry p of input i is kept when u(key_i, p) < density, u the top 24 bits of SplitMix64 (Steele, Lea & Flood
-# 2014) of key_i + (p + 1) * golden: no generator state, so any block, on any thread, draws its own part of
-# the stream directly (torch.rand from a seeded generator costs ~3 ns an entry; this ~0.3 ns).
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+# --- DARE's random drop: the counter-based stream of :mod:`peftmerge.merge.methods.ops`, compiled ------------------
+# torch.rand from a seeded generator costs ~3 ns an entry; this ~0.3 ns, and any block draws its own part directly.
+_GOLDEN, _MIX1, _MIX2 = np.uint64(ops.GOLDEN), np.uint64(ops.MIX1), np.uint64(ops.MIX2)
 _S30, _S27, _S31, _S40 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(40)
 _U24 = 1.0 / (1 << 24)
-
-
-def stream_key(seed: int, i: int) -> np.uint64:
-    """The 64-bit key of input i's mask stream in a tensor whose mask seed is ``seed``."""
-    return np.uint64((seed * 0x9E3779B97F4A7C15 + (i + 1) * 0xD1B54A32D192ED03) % (1 << 64))
 
 
 @njit(nogil=True, cache=True)
@@ -257,4 +251,4 @@ def warm() -> None:
     patch(xs, np.arange(4, dtype=np.int64), *keep_all, np.ones(2, np.float32), True, False, out, 2,
           np.zeros((2, 3), np.float32), np.zeros((2, 3), np.float32))
     band(xs[0], np.float32(0.0), np.float32(1.0), out)
-    drop(xs[0], 0.5, stream_key(0, 0), 0)
+    drop(xs[0], 0.5, ops.stream_key(0, 0), 0)

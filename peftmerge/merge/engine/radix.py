@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import selection
 from .blocks import Deltas, _scratch, run_blocks
 
 _HI, _LO = 1 << 15, 1 << 16  # radix digits: high 15 bits of |x| (sign dropped), then the low 16
@@ -52,15 +53,12 @@ SAMPLE = 1 << 17  # sample size of the bracket: its quantiles are within ~0.1% (
 
 
 def bracket(src: Deltas, i: int, k: int) -> tuple[float, float, float]:
-    """(lo, estimate, hi): lo <= the k-th largest |dW_i| <= hi with probability ~1 - 10^-6 (the sample's order
-    statistics 5 standard deviations, plus 2/m, either side of the quantile; Floyd & Rivest 1975), and the
-    sample's own quantile as an estimate of it."""
+    """(lo, estimate, hi): lo <= the k-th largest |dW_i| <= hi with probability ~1 - 10^-6
+    (:func:`selection.bracket` on a seeded sample), and the sample's own quantile as an estimate of it."""
     m = min(SAMPLE, src.numel)
     gen = torch.Generator().manual_seed(src.numel * 31 + k * 7 + i)
     sample = src.sample(i, torch.randint(0, src.numel, (m,), generator=gen)).abs_().numpy()
-    q = (src.numel - k) / src.numel  # quantile from below
-    margin = 5.0 * (q * (1 - q) / m) ** 0.5 + 2.0 / m
-    at = [max(int((q - margin) * m), 0), min(int(q * m), m - 1), min(int((q + margin) * m), m - 1)]
+    at = list(selection.bracket(src.numel, k, m))
     part = np.partition(sample, at)
     return float(part[at[0]]), float(part[at[1]]), float(part[at[2]])
 

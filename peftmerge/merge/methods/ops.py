@@ -2,7 +2,9 @@
 
 ``deltas`` is always a tensor of shape (n, *shape): the task vectors dW_i of one module for the
 n inputs. Sparsifiers return boolean keep-masks of the same shape; consensus steps reduce over dim 0.
-Each step has exactly one implementation here; the method files compose them.
+Each step has exactly one implementation here; the method files compose them. These are the definitions:
+written to be read, not to be fast (:mod:`peftmerge.merge.engine` computes the same, fast, and its tests hold it
+equal to these).
 """
 
 from __future__ import annotations
@@ -13,35 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import blocked
-from .blocks import _per_input
 
-
-def _kth_largest(x: Tensor, k: int) -> Tensor:
-    """The k-th largest value of a flat tensor (k >= 1), exactly, by selection rather than a full sort.
-
-    Large tensors: bracket the answer between two order statistics of a seeded random sample (Floyd &
-    Rivest 1975), count the entries above the bracket and select inside it; a few vectorised passes
-    instead of ``kthvalue``'s serial quickselect over everything (2-3x faster on 10^7 entries). Falls back
-    to ``kthvalue`` on small tensors or when the bracket misses (rare; the result is exact either way).
-    """
-    n = x.numel()
-    m = 1 << 16
-    if n <= 16 * m:
-        return torch.kthvalue(x, n - k + 1).values
-    gen = torch.Generator().manual_seed(n ^ k)
-    sample = torch.sort(x[torch.randint(0, n, (m,), generator=gen)]).values
-    q = (n - k) / n  # the answer's quantile from below
-    margin = 5.0 * (q * (1 - q) / m) ** 0.5 + 2.0 / m
-    lo = float(sample[max(int((q - margin) * m), 0)])
-    hi = float(sample[min(int((q + margin) * m), m - 1)])
-    over = torch.gt(x, hi)
-    above = int(torch.count_nonzero(over))
-    if above < k:
-        band = x[torch.ge(x, lo).logical_xor_(over)]  # lo <= x <= hi: about 2 * margin of x
-        if band.numel() >= k - above:
-            return torch.kthvalue(band, band.numel() - (k - above) + 1).values
-    return torch.kthvalue(x, n - k + 1).values
+def per_input(value, n: int) -> list[float]:
+    """A per-input parameter (one value, or one per input) as n floats."""
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * n
 
 
 def magnitude_mask(deltas: Tensor, density: float | Sequence[float], thresholds: Tensor | None = None) -> Tensor:
@@ -49,12 +26,13 @@ def magnitude_mask(deltas: Tensor, density: float | Sequence[float], thresholds:
 
     Per tensor, exactly ``k = int(density * numel)`` entries are kept (PEFT's ``magnitude_based_pruning``);
     entries tied at the k-th magnitude (common in bf16) are kept in index order up to k, deterministically.
-    With ``thresholds`` (one per input, from :func:`global_thresholds`) keep ``|x| >= t_i`` instead.
+    With ``thresholds`` (one per input, from :func:`peftmerge.merge.engine.selection.global_thresholds`) keep
+    ``|x| >= t_i`` instead.
     """
     n = deltas.shape[0]
     flat = deltas.reshape(n, -1)
     mask = torch.zeros_like(flat, dtype=torch.bool)
-    for i, d in enumerate(_per_input(density, n)):  # one input at a time: one |dW_i| in memory, not n
+    for i, d in enumerate(per_input(density, n)):  # one input at a time: one |dW_i| in memory, not n
         mags = flat[i].abs()
         if thresholds is not None:
             torch.ge(mags, thresholds[i], out=mask[i])
@@ -69,38 +47,56 @@ def magnitude_mask(deltas: Tensor, density: float | Sequence[float], thresholds:
 
 def _top_k(mags: Tensor, k: int, out: Tensor) -> None:
     """``out`` = mask of exactly the k largest ``mags``; ties at the threshold go to the lowest indices."""
-    t = _kth_largest(mags, k)
+    t = torch.kthvalue(mags, mags.numel() - k + 1).values  # the k-th largest
     torch.gt(mags, t, out=out)
     need = k - int(torch.count_nonzero(out))
     if need > 0:
         out[torch.nonzero(mags == t).squeeze(1)[:need]] = True
 
 
-def splitmix64_uniform(key: int, n: int) -> np.ndarray:
-    """u_p for p = 0..n-1: the top 24 bits of SplitMix64 (Steele, Lea & Flood 2014, the ``mix64`` finalizer)
-    of key + (p + 1) * 0x9E3779B97F4A7C15, as float64 in [0, 1)."""
+# --- random masks: a counter-based stream -----------------------------------------------------------------
+# Entry p of input i draws u(key_i, p): the top 24 bits of SplitMix64 (Steele, Lea & Flood 2014, the ``mix64``
+# finalizer) of key_i + (p + 1) * golden. No generator state: any block of a tensor, on any thread, draws its own
+# part of the stream directly, so the engine's blocks draw exactly what these references draw.
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def mask_seed(generator: torch.Generator | None) -> int:
+    """The seed of a module's random masks: the first draw of its generator (the global one if None)."""
+    return int(torch.randint(0, 1 << 62, (1,), generator=generator))
+
+
+def stream_key(seed: int, i: int) -> np.uint64:
+    """The 64-bit key of input i's stream in a tensor whose mask seed is ``seed``."""
+    return np.uint64((seed * GOLDEN + (i + 1) * 0xD1B54A32D192ED03) % (1 << 64))
+
+
+def splitmix64_uniform(key: int, n: int, start: int = 0) -> np.ndarray:
+    """u_p for flat positions p = start .. start + n - 1 of the stream ``key``, as float64 in [0, 1)."""
     with np.errstate(over="ignore"):
-        z = np.uint64(key) + (np.arange(n, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = np.uint64(key) + (np.arange(start, start + n, dtype=np.uint64) + np.uint64(1)) * np.uint64(GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
         z ^= z >> np.uint64(31)
     return (z >> np.uint64(40)).astype(np.float64) / float(1 << 24)
 
 
-def bernoulli_mask(deltas: Tensor, density: float | Sequence[float], generator: torch.Generator | None) -> Tensor:
-    """DARE's random drop: keep each entry independently with probability ``density`` (= 1 - p).
-
-    The stream is the blocked engine's (:func:`fused.drop`): input i keeps flat entry p where
-    ``splitmix64_uniform(stream_key(seed, i))[p] < density``, seed the module's (the first draw of ``generator``).
-    """
-    from . import fused
-
-    seed = blocked.mask_seed(generator)
+def uniforms(deltas: Tensor, generator: torch.Generator | None) -> Tensor:
+    """(n, *shape) float64: input i's draws over its flat positions, from the module's ``generator`` (its first draw
+    is the mask seed, :func:`mask_seed`)."""
+    seed = mask_seed(generator)
     n, numel = deltas.shape[0], deltas[0].numel()
-    mask = torch.empty(n, numel, dtype=torch.bool)
-    for i, d in enumerate(_per_input(density, n)):
-        mask[i] = torch.from_numpy(splitmix64_uniform(fused.stream_key(seed, i), numel) < d)
-    return mask.reshape(deltas.shape)
+    out = torch.empty(n, numel, dtype=torch.float64)
+    for i in range(n):
+        out[i] = torch.from_numpy(splitmix64_uniform(stream_key(seed, i), numel))
+    return out.reshape(deltas.shape)
+
+
+def bernoulli_mask(deltas: Tensor, density: float | Sequence[float], generator: torch.Generator | None) -> Tensor:
+    """DARE's random drop: keep each entry independently with probability ``density`` (= 1 - p): input i keeps
+    flat entry p where its draw u_p < density (:func:`uniforms`)."""
+    u = uniforms(deltas, generator)
+    return torch.stack([u[i] < d for i, d in enumerate(per_input(density, deltas.shape[0]))])
 
 
 def breadcrumbs_mask(deltas: Tensor, density: float | Sequence[float], gamma: float) -> Tensor:
@@ -114,7 +110,7 @@ def breadcrumbs_mask(deltas: Tensor, density: float | Sequence[float], gamma: fl
     n, d = deltas.shape[0], deltas.shape[-1]
     mask = torch.zeros_like(deltas, dtype=torch.bool)
     n_top = int(d * gamma)
-    for i, dens in enumerate(_per_input(density, n)):
+    for i, dens in enumerate(per_input(density, n)):
         n_keep = min(max(int(d * dens), 1), d - n_top)
         mags = deltas[i].abs().reshape(-1, d)
         order = torch.sort(mags, dim=-1, descending=True, stable=True).indices  # stable: ties by index
@@ -167,42 +163,6 @@ def consensus(sparse: Tensor, weights: Tensor, how: str, sign: str = "total") ->
         return weighted(sparse, weights).sum(dim=0)
     agree = elect_sign(sparse, sign)  # elected on the unweighted vectors, as PEFT and the paper do
     return disjoint_mean(sparse, agree, weights)
-
-
-def global_thresholds(magnitudes_per_module, n: int, density: float | Sequence[float]) -> Tensor:
-    """Per-input magnitude thresholds over ALL modules (TIES' official ``topk_values_mask`` on the flat model).
-
-    ``magnitudes_per_module`` is a callable returning a fresh iterator of (n, *shape) task vectors, read
-    twice: pass 1 histograms the top 16 bits of each |x| (monotone for non-negative float32) to find the
-    bucket holding the k-th largest value; pass 2 selects it exactly inside that bucket. Memory: one module.
-    """
-    dens = _per_input(density, n)
-    hist = torch.zeros(n, 1 << 16, dtype=torch.int64)
-    total = 0
-    for deltas in magnitudes_per_module():
-        bits = deltas.abs().float().reshape(n, -1).view(torch.int32) >> 15
-        for i in range(n):
-            hist[i] += torch.bincount(bits[i], minlength=1 << 16)
-        total += bits.shape[1]
-    ks = [max(1, min(total, int(d * total))) for d in dens]
-    buckets, above = [], []
-    for i, k in enumerate(ks):
-        from_top = hist[i].flip(0).cumsum(0)  # entries in buckets >= b, b counted from the top
-        j = int(torch.searchsorted(from_top, torch.tensor(k)))
-        bucket = (1 << 16) - 1 - j
-        buckets.append(bucket)
-        above.append(int(from_top[j - 1]) if j > 0 else 0)
-    inside: list[list[Tensor]] = [[] for _ in range(n)]
-    for deltas in magnitudes_per_module():
-        mags = deltas.abs().float().reshape(n, -1)
-        bits = mags.view(torch.int32) >> 15
-        for i in range(n):
-            inside[i].append(mags[i][bits[i] == buckets[i]])
-    out = torch.empty(n)
-    for i in range(n):
-        vals = torch.cat(inside[i])
-        out[i] = _kth_largest(vals, ks[i] - above[i])
-    return out
 
 
 # --- PCB (Du et al., 2024), transcribed from duguodong7/pcb-merging ---------------------------------
