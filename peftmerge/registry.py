@@ -27,6 +27,7 @@ class Param:
     where ``low_open``), a whole number where the default is an int. ``per_model``: may be given per input (a
     list, one value per input) in the Python API and recipes. ``neutral``: the value at which the parameter leaves
     a single input unchanged (density 1 keeps every entry, gamma 0 drops no outlier), where there is one.
+    ``grid``: the values a grid search tries by default (a parameter without one is not searched).
     """
 
     name: str
@@ -38,6 +39,7 @@ class Param:
     low_open: bool = False
     per_model: bool = False
     neutral: Any = None
+    grid: tuple | None = None
 
     @property
     def whole(self) -> bool:

@@ -27,16 +27,16 @@ from ..errors import PeftmergeError
 from ..registry import Param, Registry, resolve
 
 # Shared parameters: one definition for each meaning (a method file may define its own).
-LAMBDA = Param("lambda", 1.0, "scale of the merged task vector", neutral=1.0)
+LAMBDA = Param("lambda", 1.0, "scale of the merged task vector", neutral=1.0, grid=(0.3, 0.5, 0.7, 1.0, 1.3, 1.6))
 DENSITY = lambda default: Param("density", default, "fraction of entries KEPT", low=0.0, high=1.0,  # noqa: E731
-                                low_open=True, per_model=True, neutral=1.0)
+                                low_open=True, per_model=True, neutral=1.0, grid=(0.1, 0.2, 0.4, 0.7))
 GAMMA = Param("gamma", 0.01, "fraction of largest-magnitude entries dropped per row (outliers)", low=0.0, high=1.0,
-              neutral=0.0)
+              neutral=0.0, grid=(0.0, 0.01, 0.05))
 SIGN = Param("sign", "total", "sign election: 'total' (sign of the sum) or 'frequency' (majority of signs)",
              choices=("total", "frequency"))
 GRANULARITY = Param("granularity", "tensor", "magnitude trim per tensor, or over the whole adapter ('global')",
                     choices=("tensor", "global"))
-SEED = Param("seed", 0, "random seed (random masks; the start block of the randomized SVD); any method", low=0)
+SEED = Param("seed", 0, "random seed (random masks; the start block of the randomized SVD)", low=0)
 # Not method hyperparameters, checked with the same rule (finite numbers):
 WEIGHT = Param("weight", 1.0, "per-input weight", per_model=True)
 ALPHA = Param("alpha", None, "lora_alpha of inputs that have no adapter_config.json")

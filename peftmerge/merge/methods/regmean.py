@@ -24,7 +24,7 @@ from ...errors import PeftmergeError
 from ..registry import Param, register
 
 OFF_DIAGONAL = Param("off_diagonal", 1.0, "scale of the Gram matrices' off-diagonal entries (1: exact least "
-                     "squares; the paper's alpha)", low=0.0, high=1.0)
+                     "squares; the paper's alpha)", low=0.0, high=1.0, grid=(0.5, 0.7, 0.9, 1.0))
 
 
 def shrink(gram: torch.Tensor, off_diagonal: float) -> torch.Tensor:
