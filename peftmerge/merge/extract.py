@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PeftmergeError
 from ..io import atomic
-from ..io.adapter_writer import lora_keys
+from ..io.adapter_writer import lora_config, lora_keys
 from ..io.card import write_card
 from ..io.checkpoint import Checkpoint, is_checkpoint
 from ..io.hub import resolve
@@ -285,22 +284,6 @@ def _report(finetuned, base, rank, energy, modules, dtype, per_module, skipped, 
     }
 
 
-def adapter_config(ranks: dict[str, int], kinds: dict[str, str], base_model: str, task_type: str | None) -> dict:
-    """PEFT's adapter_config.json: r = the largest rank, rank_pattern for the others, scaling 1 everywhere
-    (alpha = rank, the singular values are in the factors)."""
-    from peft import LoraConfig
-
-    r = max(ranks.values())
-    pattern = {re.escape(name): k for name, k in ranks.items() if k != r}
-    config = LoraConfig(r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern),
-                        target_modules=sorted(ranks), lora_dropout=0.0, bias="none", use_rslora=False,
-                        fan_in_fan_out="conv1d" in kinds.values(), task_type=task_type,
-                        base_model_name_or_path=base_model, inference_mode=True)
-    d = config.to_dict()
-    d["target_modules"] = sorted(ranks)
-    return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
-
-
 def _write(folder: Path, tensors: dict, ft: Checkpoint, base, task: str, report: dict) -> None:
     from safetensors.torch import save_file
 
@@ -311,8 +294,9 @@ def _write(folder: Path, tensors: dict, ft: Checkpoint, base, task: str, report:
     save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     archs = ft.config.get("architectures") or []
     task_type = "CAUSAL_LM" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else None
-    config = adapter_config({n: a.shape[0] for n, (_, a, _) in tensors.items()},
-                            {n: k for n, (k, _, _) in tensors.items()}, str(base), task_type)
+    # scaling 1 everywhere (alpha = rank): the singular values are in the factors
+    config = lora_config({n: a.shape[0] for n, (_, a, _) in tensors.items()}, base_model=str(base),
+                         task_type=task_type, fan_in_fan_out=any(k == "conv1d" for k, _, _ in tensors.values()))
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (folder / REPORT).write_text(json.dumps(report, indent=2))
     meta = {"task": task, "method": "extract", "mergeable": True, "base_model": str(base),
