@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from conftest import make_adapter, tiny_llama
+from conftest import gpt2_adapter, make_adapter, tiny_gpt2, tiny_llama
 from peftmerge.cli.main import main
 from peftmerge.errors import PeftmergeError
 from peftmerge.io.adapter import load_adapter
@@ -245,27 +245,6 @@ def test_iso_c_rank_keeps_the_top_directions_of_the_sum(adapters, tmp_path):
 
 
 # --- 5. breadcrumbs rows along the weight's own rows (Conv1D, Embedding) ----------------------------------------------
-
-def tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32,
-                                      bos_token_id=0, eos_token_id=0)).eval()
-
-
-def gpt2_adapter(folder, seed, r=4, targets=("c_attn", "wte")):
-    """A LoRA adapter on GPT-2's Conv1D (fan_in_fan_out) and embedding layers."""
-    pm = get_peft_model(tiny_gpt2(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
-                                                fan_in_fan_out=True, init_lora_weights=False))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn_like(p) * 0.2)
-    pm.save_pretrained(str(folder))
-    return folder
-
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
 def test_breadcrumbs_rows_are_the_weights_rows_for_conv1d_and_embeddings(tmp_path, method):

@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_adapter, tiny_llama
+from conftest import gpt2_adapter, make_adapter, tiny_gpt2, tiny_llama
 from peftmerge.errors import PeftmergeError
 from peftmerge.io.adapter import load_adapter
 from peftmerge.merge import execute, registry
 from peftmerge.io.meta import file_sha256
 from peftmerge.merge.combine import combine
-from test_adapter_variants import gpt2_adapter, tiny_gpt2
 
 METHODS = registry.names()
 FULL_RANK = 32  # min(d_out, d_in) of every adapted module of the tiny models: no truncation
