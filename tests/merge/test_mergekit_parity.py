@@ -445,7 +445,7 @@ def test_readme_lists_the_differences():
     """The README's "Differences from mergekit" table is :func:`differences_table` (refused methods and keys
     and every convention that differs); regenerate it with
     ``python -c "from peftmerge.merge.mergekit_recipe import differences_table; print(differences_table())"``."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     table = differences_table()
     assert table in readme
     for name in mk.REFUSED_METHODS:
