@@ -2,11 +2,13 @@
 
 References: PEFT's ``peft.utils.merge_utils`` (ties, dare, task arithmetic, magnitude prune) and direct
 transcriptions of the official code of Model Breadcrumbs (rezazzr/breadcrumbs) and PCB
-(duguodong7/pcb-merging), written out below from their published algorithms.
+(duguodong7/pcb-merging) in ``tests/golden/official.py``. ``test_golden.py`` checks the same against values frozen
+from these anchors.
 """
 
 import pytest
 import torch
+from golden import official
 from peft.utils import merge_utils
 
 from peftmerge.errors import PeftmergeError
@@ -82,24 +84,11 @@ def test_dare_keeps_expected_fraction_and_is_unbiased():
     assert abs(out.mean() - 1.0) < 0.05  # rescaled by 1/density: E[out] = x
 
 
-# --- Model Breadcrumbs: transcription of rezazzr/breadcrumbs TaskVectorMiddleKeep (remove_first=True) --------
-
-def _official_breadcrumbs_mask(t, keep, remove):
-    top = int(t.shape[-1] * remove)
-    idx = torch.topk(t.abs(), top).indices
-    mask = torch.ones(t.shape)
-    mask.scatter_(t.dim() - 1, idx, 0.0)
-    t = mask * t
-    k = int(t.shape[-1] * keep)
-    idx = torch.topk(t.abs(), k).indices
-    mask = torch.zeros(t.shape)
-    mask.scatter_(t.dim() - 1, idx, 1)
-    return mask * t
-
+# --- Model Breadcrumbs and PCB: against the transcriptions of their official code (golden/official.py) -------
 
 @pytest.mark.parametrize("density,gamma", [(0.1, 0.01), (0.3, 0.1), (0.5, 0.05)])
 def test_breadcrumbs_equals_official(deltas, density, gamma):
-    masked = torch.stack([_official_breadcrumbs_mask(d, density, gamma) for d in deltas])
+    masked = torch.stack([official.breadcrumbs_mask(d, density, gamma) for d in deltas])
     ref = (WEIGHTS[:, None, None] * masked).sum(0)
     torch.testing.assert_close(run("breadcrumbs", deltas, density=density, gamma=gamma), ref)
     ref_ties = merge_utils.disjoint_merge(WEIGHTS[:, None, None] * masked,
@@ -114,29 +103,9 @@ def test_breadcrumbs_guards_tiny_rows():
     torch.testing.assert_close(out, torch.tensor([[0.0, -5.0, 3.0, 0.0, 0.0]]))
 
 
-# --- PCB: transcription of duguodong7/pcb-merging PCB_merge ----------------------------------------------
-
-def _official_pcb(flat, ratio):
-    def normalize(x, dim=0):
-        lo, hi = x.min(dim=dim, keepdim=True).values, x.max(dim=dim, keepdim=True).values
-        return (x - lo) / (hi - lo)
-
-    def clamp(x, min_ratio=0.0, max_ratio=0.0):
-        d = x.size(1)
-        s = torch.sort(x, dim=1).values
-        return torch.clamp(x, s[:, int(d * min_ratio)].unsqueeze(1), s[:, int(d * (1 - max_ratio) - 1)].unsqueeze(1))
-
-    n = flat.shape[0]
-    mags = clamp(flat.abs(), 0.0001, 0.0001)
-    clamped = flat.sign() * mags
-    task = torch.exp(n * normalize(mags, 1) ** 2) * torch.tanh(flat * flat.sum(dim=0))
-    scale = normalize(clamp(task, 1 - ratio, 0), dim=1)
-    return (clamped * scale).sum(0) / scale.sum(0).clamp(min=1e-12)
-
-
 @pytest.mark.parametrize("ratio", [0.05, 0.1, 0.3])
 def test_pcb_equals_official(deltas, ratio):
-    ref = _official_pcb(deltas.reshape(N, -1), ratio).reshape(SHAPE)
+    ref = official.pcb(deltas.reshape(N, -1), ratio).reshape(SHAPE)
     torch.testing.assert_close(run("pcb", deltas, weights=torch.ones(N), density=ratio), ref)
 
 

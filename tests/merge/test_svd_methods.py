@@ -1,11 +1,12 @@
 """TSV-Merge and Iso-C against transcriptions of their papers' algorithms (official code
-AntoAndGar/task_singular_vectors and danielm1405/iso-merging, written out below), their invariants, and
-the LoRA path: a combined adapter loads in PEFT and its dW is the method's merge of the dense dW_i."""
+AntoAndGar/task_singular_vectors and danielm1405/iso-merging, in ``tests/golden/official.py``), their invariants,
+and the LoRA path: a combined adapter loads in PEFT and its dW is the method's merge of the dense dW_i."""
 
 import pytest
 import torch
 
 from conftest import make_adapter
+from golden import official
 from peftmerge.io.adapter import load_adapter
 from peftmerge.merge import execute, registry
 from peftmerge.merge.combine import combine
@@ -18,26 +19,6 @@ def run(name, deltas, weights, **given):
     return execute.dense(m, deltas, weights, m.resolve(given, deltas.shape[0]), registry.Context("m"))
 
 
-def tsv_reference(deltas, weights, alpha=1.0):
-    """TSV-M as published: top min(shape)/T triplets of each task vector, concatenated, U and V replaced
-    by the orthogonal factors of their SVDs (u_u @ v_u), dW = U_perp diag(S) V_perp."""
-    t = deltas.shape[0]
-    k = int(min(deltas.shape[1:]) / t)
-    us, ss, vs = [], [], []
-    for w, d in zip(weights, deltas.double()):
-        u, s, v = torch.linalg.svd(w * d, full_matrices=False)
-        us.append(u[:, :k]), ss.append(s[:k]), vs.append(v[:k])
-    u_u, _, v_u = torch.linalg.svd(torch.cat(us, 1), full_matrices=False)
-    u_v, _, v_v = torch.linalg.svd(torch.cat(vs, 0), full_matrices=False)
-    return (alpha * torch.linalg.multi_dot((u_u, v_u, torch.diag(torch.cat(ss)), u_v, v_v))).float()
-
-
-def iso_c_reference(deltas, weights, alpha=1.0):
-    """Iso-C as published: SVD of the task-vector sum, every singular value replaced by their mean."""
-    u, s, v = torch.linalg.svd(torch.tensordot(weights.double(), deltas.double(), dims=1), full_matrices=False)
-    return (alpha * torch.linalg.multi_dot((u, torch.diag(torch.ones_like(s) * s.mean()), v))).float()
-
-
 @pytest.fixture
 def full_rank():
     torch.manual_seed(0)
@@ -47,13 +28,13 @@ def full_rank():
 @pytest.mark.parametrize("alpha", [1.0, 0.6])
 def test_tsv_equals_the_papers_algorithm_on_full_rank_task_vectors(full_rank, alpha):
     torch.testing.assert_close(run("tsv", full_rank, WEIGHTS, **{"lambda": alpha}),
-                               tsv_reference(full_rank, WEIGHTS, alpha), rtol=1e-5, atol=1e-5)
+                               official.tsv(full_rank, WEIGHTS, alpha), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.6])
 def test_iso_c_equals_the_papers_algorithm_on_full_rank_task_vectors(full_rank, alpha):
     torch.testing.assert_close(run("iso_c", full_rank, WEIGHTS, **{"lambda": alpha}),
-                               iso_c_reference(full_rank, WEIGHTS, alpha), rtol=1e-5, atol=1e-5)
+                               official.iso_c(full_rank, WEIGHTS, alpha), rtol=1e-5, atol=1e-5)
 
 
 def test_tsv_of_one_input_is_itself_and_of_orthogonal_tasks_is_their_sum(full_rank):
