@@ -1,8 +1,8 @@
 """Freeze the anchors' outputs on fixed small inputs: ``python tests/golden/make_golden.py`` writes golden.safetensors.
 
 Each case runs an anchor once: PEFT's ``peft.utils.merge_utils`` (the flag conventions of ``peftmerge combine``),
-mergekit's task-vector merge methods at the tensor level (what a YAML recipe means; mergekit 0.1.5) or a transcription of
-an official algorithm (``official.py``). ``tests/merge/test_golden.py`` then holds peftmerge to the frozen values
+mergekit's task-vector merge methods at the tensor level (what a YAML recipe means; mergekit 0.1.5) or a
+transcription of an official algorithm (``official.py``). ``tests/merge/test_golden.py`` then holds peftmerge to the frozen values
 without the anchors installed, and reruns each anchor where it is installed, so that a changed anchor is noticed.
 
 Random masks (DARE, DELLA) are handed to both sides as the same uniform draws (:func:`fixed_draws`): PEFT and
@@ -177,8 +177,8 @@ def cases() -> list[Case]:
              lambda: ours_flags("breadcrumbs", density=0.3, gamma=0.1), "official"),
         Case("official/breadcrumbs_ties", lambda: official_flags("breadcrumbs_ties", density=0.3, gamma=0.1),
              lambda: ours_flags("breadcrumbs_ties", density=0.3, gamma=0.1), "official"),
-        Case("official/pcb", lambda: official_flags("pcb", density=0.2), lambda: ours_flags("pcb", ones, density=0.2),
-             "official"),
+        Case("official/pcb", lambda: official_flags("pcb", density=0.2),
+             lambda: ours_flags("pcb", ones, density=0.2), "official"),
         Case("official/tsv", lambda: official_flags("tsv"), lambda: ours_flags("tsv"), "official"),
         Case("official/iso_c", lambda: official_flags("iso_c"), lambda: ours_flags("iso_c"), "official"),
     ]
