@@ -2,8 +2,9 @@
 
 Each case runs an anchor once: PEFT's ``peft.utils.merge_utils`` (the flag conventions of ``peftmerge combine``),
 mergekit's task-vector merge methods at the tensor level (what a YAML recipe means; mergekit 0.1.5) or a
-transcription of an official algorithm (``official.py``). ``tests/merge/test_golden.py`` then holds peftmerge to the frozen values
-without the anchors installed, and reruns each anchor where it is installed, so that a changed anchor is noticed.
+transcription of an official algorithm (``official.py``). ``tests/merge/test_golden.py`` then holds peftmerge to
+the frozen values without the anchors installed, and reruns each anchor where it is installed, so that a changed
+anchor is noticed.
 
 Random masks (DARE, DELLA) are handed to both sides as the same uniform draws (:func:`fixed_draws`): PEFT and
 mergekit draw with ``torch.bernoulli`` on the global generator, peftmerge from its own streams. The inputs are
