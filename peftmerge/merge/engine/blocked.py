@@ -8,8 +8,8 @@ equal), computed differently for speed:
   step streams it through memory; over blocks of ``BLOCK`` elements the chain runs in the CPU cache. Task
   vectors of full checkpoints are formed block by block (theta_i - theta_0) and never stored whole.
 - **One compiled loop nest per block** (:mod:`.fused`, numba): TIES' trim, election and
-  disjoint mean (or the weighted sum) and the block's sum of squares, ~3x faster than the same chain as
-  torch ops. DARE's drop, Breadcrumbs' row masks and a method's own row function run in place before it.
+  disjoint mean (or the weighted sum) and the block's sum of squares, in place of the same chain as torch
+  ops (timings: ``docs/engine.md``). DARE's drop, Breadcrumbs' row masks and a method's own row function run in place before it.
 - **Threads without barriers** (:mod:`.blocks`). Blocks go to ``torch.get_num_threads()`` worker threads that
   each run torch single-threaded. On shared cores this beats torch's own OpenMP split of every op, which waits at a
   barrier for a descheduled thread after each of the ~30 steps.
@@ -66,7 +66,7 @@ def _sparsify(spec: Sparse, x: Tensor, i: int, r0: int, src: Deltas, params: dic
     """Input i's rows [r0, r0 + len(x)), sparsified in place: DARE's drop, Breadcrumbs' mask or the method's row
     function (TIES' trim is done by :func:`fused.merge`, from ``state["t"]``)."""
     if spec.sparsify == "random":
-        from . import fused  # numba: imported (~0.3 s) only by the merges that run its kernels
+        from . import fused  # numba: imported only by the merges that run its kernels
 
         if state["density"][i] < 1.0:
             fused.drop(x.view(-1).numpy(), state["density"][i], stream_key(state["seed"], i), r0 * src.cols)

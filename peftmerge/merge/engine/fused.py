@@ -1,16 +1,14 @@
-"""Fused loops for the elementwise chains of :mod:`peftmerge.merge.blocked` and :mod:`peftmerge.merge.radix`.
+"""Fused loops for the elementwise chains of :mod:`.blocked` and :mod:`.radix`.
 
 In torch, TIES' trim, election and disjoint mean over one block are ~25 elementwise ops (each a pass over
 the block, with its dispatch), and the threshold pass four per input plus a ``nonzero`` scan. Here each is
 one numba-compiled loop nest: a block is taken in chunks of ``CHUNK`` entries whose scratch stays in L1,
 each step a branch-free loop over 1-d views that LLVM vectorizes (indexing the 2-d arrays inside the inner
-loops stops it: 3x slower), sums of squares kept per lane (a float64 scalar sum is a serial chain of adds). ``nogil``: the block worker threads run them in parallel; ``cache``:
-compiled once per machine. The definitions are those of :mod:`peftmerge.merge.ops` (the tests hold them
-equal), in float32 like the torch chains they replace.
-
-Measured on one 4096 x 4096 module of three inputs, one thread: the TIES chain 20-28 ms against ~60 ms as
-torch ops, the threshold pass 13 ms per input against ~31 ms. The first call in a process costs ~0.4-0.6 s
-(numba loading its cache; ~2 s the first time on a machine, compiling); :func:`warm` pays it up front.
+loops stops it), sums of squares kept per lane (a float64 scalar sum is a serial chain of adds). ``nogil``:
+the block worker threads run them in parallel; ``cache``: compiled once per machine. The definitions are those
+of :mod:`peftmerge.merge.methods.ops` (the tests hold them equal), in float32 like the torch chains they
+replace. The first call in a process loads them from numba's cache; :func:`warm` pays that up front. Timings:
+``docs/engine.md``.
 """
 
 from __future__ import annotations
@@ -59,7 +57,7 @@ def _buffers(n):
 @njit(nogil=True, cache=True)
 def _consensus(kept, m, w, ties, by_count, vote, acc, count, o, sq):
     """o[:m] = the consensus of the trimmed inputs kept[:, :m] (see :func:`merge`); adds o^2 to sq[:m]
-    (lane by lane: a float64 scalar sum would be a serial chain of adds, 20 ms per 16.7M entries)."""
+    (lane by lane: a float64 scalar sum would be a serial chain of adds)."""
     n = kept.shape[0]
     a, c, v = acc[:m], count[:m], vote[:m]
     for j in range(m):
@@ -218,7 +216,7 @@ def patch(values, where, t, tie_end, w, ties, by_count, out, cols, v0, y0):
 
 
 # --- DARE's random drop: the counter-based stream of :mod:`peftmerge.merge.methods.ops`, compiled ------------------
-# torch.rand from a seeded generator costs ~3 ns an entry; this ~0.3 ns, and any block draws its own part directly.
+# No generator state: any block draws its own part of the stream directly.
 _GOLDEN, _MIX1, _MIX2 = np.uint64(ops.GOLDEN), np.uint64(ops.MIX1), np.uint64(ops.MIX2)
 _S30, _S27, _S31, _S40 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(40)
 _U24 = 1.0 / (1 << 24)
@@ -239,8 +237,8 @@ def drop(x, density, key, start):
 
 
 def warm() -> None:
-    """Load (or compile) every kernel now: their first call in a process costs ~0.5 s (numba loading its
-    cache), which a timing can then leave out, as it leaves out imports."""
+    """Load (or compile) every kernel now: their first call in a process loads numba's cache, which a timing can
+    then leave out, as it leaves out imports."""
     xs = np.zeros((2, 4), np.float32)
     out = np.zeros(5, np.float32)
     keep_all = np.full(2, -1.0, np.float32), np.zeros(2, np.int64)

@@ -1,6 +1,6 @@
 """Exact top-k magnitude thresholds of one tensor's task vectors, over row blocks.
 
-Used by TIES' trim in :mod:`peftmerge.merge.blocked`: keeping exactly ``k`` entries of |dW_i| needs the
+Used by TIES' trim in :mod:`.blocked`: keeping exactly ``k`` entries of |dW_i| needs the
 k-th largest magnitude of the whole tensor. First one pass of sampling-bracketed selection (Floyd & Rivest
 1975, "Expected time bounds for selection", Alg. SELECT): a seeded sample of |dW_i| brackets the k-th
 largest between two of its order statistics; one pass counts the entries above the bracket and keeps

@@ -51,7 +51,7 @@ def _merge_to_rank(spec, factors, shape, weights, params, rank, generator, thres
     seed = mask_seed(generator)
     present = [f for f in factors if f is not None]
     v0 = krylov.start_block([a for _, a in present], rank, generator=generator)
-    # blocks of 4 x BLOCK elements: fewer per-block overheads (~10% faster than 1 x or 2 x; 8 x is no faster)
+    # blocks of 4 x BLOCK elements: fewer per-block overheads than 1 x or 2 x (8 x gains nothing more)
     src = blocked.Deltas([None if f is None else ("factors", f) for f in factors], None, shape, 4 * blocked.BLOCK)
     # a thread's modules reuse one buffer for M: a fresh 64-180 MB tensor per module costs its page faults
     merged = blocks._scratch.get("merged", *shape) if out is None else out

@@ -1,7 +1,7 @@
 """TIES and magnitude prune of LoRA task vectors in one pass over the merged matrix instead of two.
 
 Trimming each dW_i to its top-k magnitudes needs the k-th largest |dW_i|, a property of the whole tensor:
-:mod:`peftmerge.merge.radix` finds it in one pass (sample bracket, count, select) and the merge takes a
+:mod:`.radix` finds it in one pass (sample bracket, count, select) and the merge takes a
 second, forming every block of every dW_i (``B_i[rows] @ A_i``) twice. Here the merge runs in the same pass
 as the selection (Floyd & Rivest's bracket, used speculatively):
 
