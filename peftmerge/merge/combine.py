@@ -23,7 +23,6 @@ from ..io.adapter import LoraAdapter
 from ..io.hub import describe_input
 from ..io.meta import file_sha256
 from . import biases, execute, registry
-from .engine import blocks
 from .methods.lowrank import factor_norm
 from .plan import open_inputs, plan_modules, stacked_deltas
 from .recipe import Recipe, load_recipe
@@ -199,14 +198,11 @@ def combine(
         ctx = execute.context(params, plan.name, thresholds, grams_of)
         return execute.lora(m, adapters, plan, per_module.get(plan.name, weights_t), params, recipe.rank, ctx)
 
-    workers = None if execute.modules_in_parallel(m) else 1
     done: dict[int, tuple] = {}
-    sizes = [plan.shape[0] * plan.shape[1] for plan in plans]
     with tqdm(total=len(plans), desc=f"merge ({m.name})", unit="module", disable=not progress) as bar:
-        for k, result in blocks.each_on_a_thread(merge_module, plans, sizes, workers):
+        for k, result in execute.each_module(m, merge_module, plans):
             done[k] = result
             bar.update()
-    blocks.release("merged")  # this thread's M buffer (the module threads' go with them)
     tensors, rows = {}, []
     for k, plan in enumerate(plans):
         a, b, err = done[k]

@@ -30,7 +30,7 @@ import zlib
 import torch
 from torch import Tensor
 
-from .engine import blocked, krylov, selection, sparse_lora
+from .engine import blocked, blocks, krylov, selection, sparse_lora
 from .methods import lowrank
 from .methods.ops import mask_seed
 from .plan import ModulePlan, stacked_deltas
@@ -64,6 +64,17 @@ def modules_in_parallel(m) -> bool:
     """Whether an adapter's modules merge one per core (each single-threaded) rather than one at a time on every
     core: for the sparse merges, whose serial steps (thresholds, the Krylov SVD) would keep cores waiting."""
     return m.route == "sparse"
+
+
+def each_module(m, merge_one, plans: list[ModulePlan]):
+    """Yield ``(k, merge_one(plans[k]))`` as the modules finish: one per core for the methods that gain from it
+    (:func:`modules_in_parallel`), else one at a time on every core."""
+    sizes = [plan.shape[0] * plan.shape[1] for plan in plans]
+    yield from blocks.each_on_a_thread(merge_one, plans, sizes, None if modules_in_parallel(m) else 1)
+    blocks.release("merged")  # this thread's M buffer (the module threads' go with them)
+
+
+single_threaded_caller = blocked.single_threaded_caller
 
 
 def global_thresholds(params: dict, n: int, stacks) -> Tensor | None:
@@ -197,13 +208,15 @@ def _sparse(m, adapters, plan, weights, params: dict, rank: int, ctx: Context):
 
 # --- one tensor of a full model ----------------------------------------------------------------------------
 
-def full(m, name: str, src: blocked.Deltas, weights: Tensor | None, params: dict, ctx: Context, out: Tensor,
+def full(m, name: str, inputs: list, w0: Tensor, weights: Tensor | None, params: dict, ctx: Context, out: Tensor,
          ranges: list, stacked, position: float = 0.0) -> Tensor:
     """W0 + the merge of tensor ``name`` into ``out`` (any dtype), the (min, max) of its blocks appended to
-    ``ranges``. ``src``: the inputs as row blocks (``src.base`` = W0); ``stacked()``: (W0 in float32, the
-    (n, *shape) task vectors), for the routes that need them whole; ``position``: the tensor's place in the layers (a recipe's
-    gradients)."""
+    ``ranges``. ``inputs``: per input ``("theta", its tensor)``, ``("delta", its task vector)`` or None (unchanged),
+    read by row blocks (:class:`blocked.Deltas`) with ``w0``, the base tensor as stored; ``stacked()``: (W0 in
+    float32, the (n, *shape) task vectors), for the routes that need them whole; ``position``: the tensor's place
+    in the layers (a recipe's gradients)."""
     route = m.route
+    src = blocked.Deltas(inputs, w0, tuple(w0.shape))
     if route == "linear":  # W0 + sum_i c_i dW_i
         return blocked.linear(src, m.coefficients(weights, params).tolist(), out, ranges=ranges)
     if route == "sparse":

@@ -40,7 +40,6 @@ from ..io.hub import resolve
 from ..io.meta import file_sha256
 from ..io.model_writer import ShardedWriter, Slot, copy_model_files, parse_size, update_config
 from . import execute, registry, tied, vocab
-from .engine import blocked
 from .mergekit_recipe import MergekitRecipe, layer_positions
 from .plan import open_inputs
 from .recipe import Recipe
@@ -191,7 +190,7 @@ def _read(name: str, base: Checkpoint, sources: list[Source], changed: bool, ws:
 
 
 def _inputs(name: str, sources: list[Source], raws: list, w0_raw: torch.Tensor) -> list:
-    """What :class:`blocked.Deltas` takes: each input's full tensor (``theta``), LoRA task vector, or None."""
+    """What :func:`execute.full` takes: each input's full tensor (``theta``), LoRA task vector, or None."""
     out = []
     for src, raw in zip(sources, raws):
         if src.checkpoint is not None:
@@ -216,7 +215,6 @@ def merge_tensor(name: str, w0_raw: torch.Tensor, raws: list, sources: list[Sour
     (default: W0's) into workspace buffer ``slot``; checked finite. ``position``: the tensor's place in the layers
     (a YAML recipe's gradients)."""
     out = ws.get(("cast", slot), w0_raw.shape, dtype or w0_raw.dtype)
-    src = blocked.Deltas(_inputs(name, sources, raws, w0_raw), w0_raw, tuple(w0_raw.shape))
     ranges: list = []  # (min, max) of each block of the output: NaN and overflow show there
 
     def whole():  # W0 and the stacked task vectors, for the methods that need them whole
@@ -224,7 +222,8 @@ def merge_tensor(name: str, w0_raw: torch.Tensor, raws: list, sources: list[Sour
         return w0, stacked(name, w0, raws, sources, ws.get("stack", (len(sources), *w0.shape)))
 
     ctx = execute.context(params, name.removesuffix(".weight"), thresholds)
-    execute.full(method, name, src, weights, params, ctx, out, ranges, whole, position)
+    execute.full(method, name, _inputs(name, sources, raws, w0_raw), w0_raw, weights, params, ctx, out, ranges, whole,
+                 position)
     _check_finite(name, ranges, raws, sources, out.dtype)
     return out
 
@@ -318,7 +317,7 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
     pool = ThreadPoolExecutor(max_workers=1)  # reads the next tensor while this one is merged
     io = ThreadPoolExecutor(max_workers=1)  # writes the last merged tensor while this one is merged
     try:
-        with atomic.atomic_dir(out, overwrite=overwrite) as tmp, blocked.single_threaded_caller():
+        with atomic.atomic_dir(out, overwrite=overwrite) as tmp, execute.single_threaded_caller():
             writer = ShardedWriter(tmp, slots, size)
             written = None  # the write in flight
             try:
