@@ -22,11 +22,13 @@ from peftmerge.merge.combine import combine
 METHODS = registry.names()
 FULL_RANK = 32  # min(d_out, d_in) of every adapted module of the tiny models: no truncation
 
-# Parameters that make one input at weight 1 merge to itself, where the defaults (the papers') do not: the
-# sparsifiers keep every entry at density 1 (and breadcrumbs drops no outlier at gamma 0).
-IDENTITY = {"ties": {"density": 1.0}, "magnitude_prune": {"density": 1.0}, "dare_linear": {"density": 1.0},
-            "dare_ties": {"density": 1.0}, "breadcrumbs": {"density": 1.0, "gamma": 0.0},
-            "breadcrumbs_ties": {"density": 1.0, "gamma": 0.0}, "pcb": {"density": 1.0}}
+
+def identity(method: str) -> dict:
+    """The parameters that make one input at weight 1 merge to itself, where the defaults (the papers') do not: each
+    parameter's declared neutral value (density 1 keeps every entry, gamma 0 drops no outlier, ...)."""
+    return {p.name: p.neutral for p in registry.get(method).params if p.neutral is not None}
+
+
 # Methods that by their paper do not return a single input unchanged, and why (checked on what they do keep).
 NOT_IDENTITY = {
     "pcb": "PCB clamps |dW| to its [1e-4, 1 - 1e-4] quantiles and weighs entries by min-max scores (0 for the "
@@ -34,12 +36,9 @@ NOT_IDENTITY = {
     "iso_c": "Iso-C replaces every singular value by their mean, so one input is itself only when its nonzero "
              "singular values are equal: checked on a rank-1 adapter",
 }
-# Methods whose result depends on the inputs' order by definition, and why.
-ORDER_DEPENDENT = {
-    "dare_linear": "DARE's random masks are drawn per input position from the seed: another order draws other "
-                   "masks (the same distribution)",
-    "dare_ties": "DARE's random masks are drawn per input position from the seed: another order draws other masks",
-}
+# Methods whose result depends on the inputs' order by definition: those that draw random masks (they declare a
+# seed), drawn per input position from the seed, so another order draws other masks (the same distribution).
+ORDER_DEPENDENT = {m for m in METHODS if registry.get(m).random}
 
 
 def write_grams(adapters, path):
@@ -95,7 +94,7 @@ def test_one_input_at_weight_one_is_itself(llama, tmp_path, method):
     root, (a, _) = llama
     if method == "iso_c":
         a = make_adapter(tmp_path / "r1", seed=5, r=1, alpha=2, targets=("q_proj", "v_proj", "embed_tokens"))
-    run(method, [a], tmp_path / "m", **IDENTITY.get(method, {}))
+    run(method, [a], tmp_path / "m", **identity(method))
     x, out = load_adapter(a), load_adapter(tmp_path / "m")
     assert set(out.modules) == set(x.modules)
     for k in x.modules:
@@ -108,7 +107,7 @@ def test_one_input_at_weight_one_is_itself(llama, tmp_path, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_input_order_does_not_matter(llama, tmp_path, method):
     if method in ORDER_DEPENDENT:
-        pytest.skip(ORDER_DEPENDENT[method])
+        pytest.skip("its random masks are drawn per input position: another order draws other masks")
     _, (a, b) = llama
     run(method, [a, b], tmp_path / "x", weights=[0.7, 1.3], rank=None if registry.get(method).exact_concat
         else FULL_RANK)
