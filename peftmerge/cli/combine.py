@@ -6,11 +6,12 @@ import json
 
 import click
 
-from .common import Command, common_options, is_quiet, parse_floats, show_progress
+from . import params
+from .common import common_options, is_quiet, parse_floats, show_progress
 from .push import maybe_push, push_to_hub_option
 
 
-class CombineCommand(Command):
+class CombineCommand(params.MethodCommand):
     """``combine --help`` ends with every method and its defaults (read from the registry when asked)."""
 
     def format_epilog(self, ctx, formatter):
@@ -37,18 +38,9 @@ def error_hint(report: dict) -> str:
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (a PEFT adapter).")
 @click.option("--method", default=None, help="Merge method (default: ties); defaults listed below.")
 @click.option("--weights", default=None, help="Per-input weights, comma-separated (default: 1 each).")
-@click.option("--lambda", "lam", type=float, default=None, help="Scale of the merged task vector.")
-@click.option("--density", type=float, default=None, help="Fraction of entries KEPT (DARE drops 1 - density).")
-@click.option("--gamma", type=float, default=None, help="Breadcrumbs: fraction of outliers dropped per row.")
-@click.option("--sign", type=click.Choice(["total", "frequency"]), default=None, help="TIES sign election.")
-@click.option("--granularity", type=click.Choice(["tensor", "global"]), default=None,
-              help="Magnitude trim per tensor or over the whole adapter.")
-@click.option("--off-diagonal", type=float, default=None,
-              help="RegMean: scale of the Gram matrices' off-diagonal entries (default 1).")
 @click.option("--grams", type=click.Path(), default=None,
-              help="RegMean: the inputs' Gram matrices, written by `peftmerge grams`.")
+              help="Data-aware methods (regmean): the inputs' Gram matrices, written by `peftmerge grams`.")
 @click.option("--rank", type=int, default=None, help="Output rank (default: sum of the input ranks).")
-@click.option("--seed", type=int, default=None, help="Random seed (DARE's masks, the randomized SVD); any method.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Output dtype (computation is float32).")
 @click.option("--alpha", type=float, default=None,
@@ -61,20 +53,20 @@ def error_hint(report: dict) -> str:
 @click.option("--force", is_flag=True, help="Merge adapters of different base models / with no module in common.")
 @push_to_hub_option
 @common_options
-def combine_command(inputs, out, method, weights, lam, density, gamma, sign, granularity, off_diagonal, grams, rank,
-                    seed, dtype, alpha, config, base, shard_size, overwrite, force, push_to_hub):
+def combine_command(inputs, out, method, weights, grams, rank, dtype, alpha, config, base, shard_size, overwrite, force,
+                    push_to_hub, **method_params):
     """Merge LoRA adapters INPUT... (folders, .safetensors files or Hub ids) into one adapter in OUT.
 
     With --base BASE, write a full merged model instead; INPUT... may then also be full fine-tuned
-    checkpoints of BASE."""
+    checkpoints of BASE. The methods' parameters (--density, --lambda, ...) are listed below and by
+    `peftmerge methods`."""
     from ..merge.combine import combine
 
     quiet = is_quiet()
-    report = combine(list(inputs), out, method, weights=parse_floats(weights, "--weights"), lam=lam,
-                     density=density, gamma=gamma, sign=sign, granularity=granularity, off_diagonal=off_diagonal,
-                     grams=grams, seed=seed, rank=rank,
-                     dtype=dtype, alpha=alpha, config=config, base=base, shard_size=shard_size, overwrite=overwrite,
-                     force=force, progress=show_progress())
+    report = combine(list(inputs), out, method, weights=parse_floats(weights, "--weights"),
+                     params=params.given(method_params), grams=grams, rank=rank, dtype=dtype, alpha=alpha,
+                     config=config, base=base, shard_size=shard_size, overwrite=overwrite, force=force,
+                     progress=show_progress())
     if quiet:
         pass
     elif report.get("kind") == "merged-model":

@@ -1,5 +1,5 @@
 """``peftmerge grams``: measure the adapters' layer-input Gram matrices for RegMean (a thin layer over
-:func:`peftmerge.grams.grams`)."""
+:func:`peftmerge.analysis.grams.grams`)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .common import Command, common_options, is_quiet, show_progress
 def grams_command(inputs, out, data, model, limit, batch_size, max_length, alpha, force, overwrite):
     """Measure, for each adapter INPUT... on rows of its own task, the Gram matrix of every adapted linear
     layer's inputs; `peftmerge combine --method regmean --grams OUT` reads them."""
-    from ..grams import grams
+    from ..analysis.grams import grams
 
     quiet = is_quiet()
     r = grams(list(inputs), out, data=list(data), model=model, limit=limit, batch_size=batch_size,

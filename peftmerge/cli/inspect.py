@@ -1,4 +1,4 @@
-"""``peftmerge inspect``: conflict diagnostics of LoRA adapters (a thin layer over :func:`peftmerge.inspect.inspect`)."""
+"""``peftmerge inspect``: conflict diagnostics of LoRA adapters (a thin layer over :func:`peftmerge.analysis.inspect.inspect`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .common import Command, common_options, show_progress
 @common_options
 def inspect_command(inputs, out, density, alpha, force, overwrite):
     """Cosine similarity, sign conflicts, mask overlap and norms of the task vectors of INPUT... ."""
-    from ..inspect import inspect, markdown
+    from ..analysis.inspect import inspect, markdown
 
     result = inspect(list(inputs), out, density=density, alpha=alpha, force=force, overwrite=overwrite,
                      progress=show_progress())

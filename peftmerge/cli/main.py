@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__
+from ..version import __version__
 from .combine import combine_command
 from .common import Group, debug_option
 from .eval import eval_command

@@ -1,4 +1,4 @@
-"""``peftmerge push``: upload an output folder to the Hub (a thin layer over :func:`peftmerge.push.push`).
+"""``peftmerge push``: upload an output folder to the Hub (a thin layer over :func:`peftmerge.hub.push.push`).
 
 Also what other commands reuse to push at the end: the ``--push-to-hub USER/NAME`` option
 (:func:`push_to_hub_option`) and :func:`maybe_push`.
@@ -33,12 +33,12 @@ def push_to_hub_option(f):
 def maybe_push(folder, repo_id: str | None, **kwargs) -> str | None:
     """Push ``folder`` to ``repo_id`` if one was given (``--push-to-hub``); echo and return the URL.
 
-    ``kwargs`` go to :func:`peftmerge.push.push` (private, revision, commit_message, token). A failure
+    ``kwargs`` go to :func:`peftmerge.hub.push.push` (private, revision, commit_message, token). A failure
     raises a one-line :class:`~peftmerge.errors.PeftmergeError` and leaves ``folder`` in place.
     """
     if not repo_id:
         return None
-    from ..push import push
+    from ..hub.push import push
 
     url = push(folder, repo_id, **kwargs)
     click.echo(f"pushed {folder} to {url}")
@@ -62,7 +62,7 @@ def push_command(folder, repo_id, private, revision, commit_message, dry_run):
     them. A model card (README.md) is generated if FOLDER has none; FOLDER itself is not modified.
     The token comes from HF_TOKEN or `hf auth login`.
     """
-    from ..push import plan_push, push
+    from ..hub.push import plan_push, push
 
     if dry_run:
         plan = plan_push(folder, repo_id, revision=revision)

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+from ..data.predict import predict_generate, predict_head, predict_label_words
+from ..data.tasks import Task, icl_examples, load_task, parse_pairs, read_meta
 from ..errors import PeftmergeError
 from ..io.heads import head_tasks
 from . import metrics as M
-from .data import Task, icl_examples, load_task, parse_pairs, read_meta
 from .model import ModelCache, adapter_has_head, base_config, check_adapter, is_classifier
-from .predict import predict_generate, predict_head, predict_label_words
 
 log = logging.getLogger(__name__)
 

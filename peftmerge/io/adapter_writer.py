@@ -1,6 +1,7 @@
 """Write a merged LoRA adapter folder that PEFT loads.
 
-The config is written for the output (never copied from an input): ``r`` = the largest rank (what a serving
+The config is written for the output (never copied from an input), as PEFT's ``LoraConfig`` reads it (without
+importing peft, which would cost a merge its start-up time): ``r`` = the largest rank (what a serving
 engine checks against its maximum), ``lora_alpha`` = r per module (scaling folded into the factors),
 ``rank_pattern`` / ``alpha_pattern`` for modules of another rank, ``target_modules`` = the union of the inputs'
 modules as full paths, and ``bias`` / ``lora_bias`` as the bias tensors written (``lora_B.bias`` for merged
@@ -17,11 +18,10 @@ import re
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import save_file
 
-from ..card import write_card
 from .adapter import PREFIX, LoraAdapter
+from .card import write_card
 
 HEADS_DIR = "heads"
 
@@ -44,24 +44,32 @@ def bias_key(tensor: str, lora_modules) -> str:
     return f"{PREFIX}{owner}.base_layer.bias" if owner in lora_modules else f"{PREFIX}{tensor}"
 
 
-def adapter_config(ranks: dict[str, int], adapters: list[LoraAdapter], bias: str = "none",
-                   lora_bias: bool = False) -> dict:
-    """The output's adapter_config.json (through peft's LoraConfig, so it matches the installed peft)."""
+def lora_config(ranks: dict[str, int], *, base_model: str | None = None, task_type: str | None = None,
+                fan_in_fan_out: bool = False, bias: str = "none", lora_bias: bool = False,
+                modules_to_save: list[str] | None = None) -> dict:
+    """PEFT's adapter_config.json of a LoRA adapter whose scaling is folded into its factors: ``r`` = the largest
+    rank, ``lora_alpha`` = r (scaling 1), ``rank_pattern`` / ``alpha_pattern`` for the modules of another rank,
+    ``target_modules`` = the modules as full paths. Fields left out take PEFT's defaults when it loads the file."""
     r = max(ranks.values())
     pattern = {re.escape(name): k for name, k in ranks.items() if k != r}
+    return {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model, "inference_mode": True,
+        "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "target_modules": sorted(ranks), "lora_dropout": 0.0, "fan_in_fan_out": fan_in_fan_out, "bias": bias,
+        "lora_bias": lora_bias, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "modules_to_save": modules_to_save or None,
+    }
+
+
+def adapter_config(ranks: dict[str, int], adapters: list[LoraAdapter], bias: str = "none",
+                   lora_bias: bool = False) -> dict:
+    """The merged adapter's config (:func:`lora_config`): task type, base model and ``fan_in_fan_out`` where the
+    inputs agree, every input's head module under ``modules_to_save``."""
     heads = sorted({m for a in adapters if a.head_keys for m in (a.config.get("modules_to_save") or [])})
-    config = LoraConfig(
-        r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern), target_modules=sorted(ranks),
-        lora_dropout=0.0, bias=bias, lora_bias=lora_bias, use_rslora=False,
-        fan_in_fan_out=bool(_common([a.config.get("fan_in_fan_out") for a in adapters])),
-        modules_to_save=heads or None,
-        task_type=_common([a.config.get("task_type") for a in adapters]),
-        base_model_name_or_path=next((a.base_model for a in adapters if a.base_model), None),
-        inference_mode=True,
-    )
-    d = config.to_dict()
-    d["target_modules"] = sorted(ranks)
-    return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+    return lora_config(ranks, base_model=next((a.base_model for a in adapters if a.base_model), None),
+                       task_type=_common([a.config.get("task_type") for a in adapters]),
+                       fan_in_fan_out=bool(_common([a.config.get("fan_in_fan_out") for a in adapters])),
+                       bias=bias, lora_bias=lora_bias, modules_to_save=heads)
 
 
 def write_adapter(folder: Path, tensors: dict[str, tuple[str, torch.Tensor, torch.Tensor]],

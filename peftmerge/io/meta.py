@@ -1,7 +1,9 @@
-"""Small shared readers: an adapter's ``peftmerge.json``, JSONL data files and YAML configs (one-line errors)."""
+"""Small shared readers: an adapter's ``peftmerge.json``, JSONL data files and YAML configs (one-line errors), and
+the sha256 that pins an input file."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +12,15 @@ import yaml
 from ..errors import PeftmergeError
 
 META = "peftmerge.json"
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 16 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_meta(folder: str | Path | None) -> dict:

@@ -1,21 +1,16 @@
 """``combine``: merge LoRA adapters into one LoRA adapter, streaming module by module.
 
-For each module the inputs' task vectors dW_i = s_i B_i A_i are merged with the chosen method:
-
-- linear methods (task_arithmetic, cat) stay in factor space: B = [c_1 s_1 B_1, ...], A = [A_1; ...]
-  is exact; a smaller ``rank`` truncates it optimally through QR + SVD of the small core;
-- the sparse ones (TIES, DARE, magnitude prune, breadcrumbs) merge this module's dW_i block by block from
-  the factors and refactorize to ``rank`` (default: the sum of the input ranks) by a block Krylov SVD
-  started from the inputs' factors (:mod:`peftmerge.merge.sparse_lora`); the others (PCB) form the dense
-  dW_i of this module and use a seeded randomized SVD. The report gives each module's relative error.
+Inputs are opened and checked first (:mod:`.plan`), then each module's task vectors dW_i = s_i B_i A_i are merged
+by :func:`peftmerge.merge.execute.lora` (exact in factor space where the method allows, else refactorized to
+``rank``, default the sum of the input ranks; the report gives each module's relative error), and the adapter is
+written at the end, atomically (:mod:`peftmerge.io.adapter_writer`). With ``base`` the output is a full merged
+model instead (:mod:`.full_model`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -23,11 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import PeftmergeError
-from ..io import atomic
+from ..io import adapter_writer, atomic
 from ..io.adapter import LoraAdapter
 from ..io.hub import describe_input
-from . import biases, blocked, blocks, lowrank, ops, registry, sparse_lora
-from .plan import ModulePlan, open_inputs, plan_modules
+from ..io.meta import file_sha256
+from . import biases, execute, registry
+from .methods.lowrank import factor_norm
+from .plan import open_inputs, plan_modules, stacked_deltas
 from .recipe import Recipe, load_recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,14 +38,6 @@ def _dtype(name: str | None) -> torch.dtype:
     return DTYPES[name]
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _describe(a: LoraAdapter) -> dict:
     """How the recipe pins an input: its path or Hub id, task, sha256 (and Hub revision)."""
     entry = {"path": a.ref, "task": a.task, "sha256": file_sha256(a.file.path), "base_model": a.base_model}
@@ -56,96 +45,6 @@ def _describe(a: LoraAdapter) -> dict:
     if "revision" in pinned:
         entry["revision"] = pinned["revision"]
     return entry
-
-
-def _module_generator(seed: int, module: str) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(module.encode()))
-
-
-def stacked_deltas(adapters: list[LoraAdapter], plan: ModulePlan) -> torch.Tensor:
-    """(n, d_out, d_in): each input's dW of this module, zeros where an input does not adapt it."""
-    out = torch.zeros(len(adapters), *plan.shape)
-    for i in plan.present:
-        out[i] = adapters[i].delta(plan.name)
-    return out
-
-
-def merge_linear(adapters, plan, coeffs: torch.Tensor, rank: int | None):
-    """Exact factor-space merge of sum_i c_i dW_i; returns (A, B, relative error of the truncation).
-    Inputs with the same A add their B's (:func:`lowrank.sum_of_factors`), so x - x is exactly zero."""
-    bs, as_ = [], []
-    for i in plan.present:
-        if float(coeffs[i]) == 0.0:
-            continue
-        a, b = adapters[i].scaled_factors(plan.name)
-        bs.append(b * coeffs[i])
-        as_.append(a)
-    b, a = lowrank.sum_of_factors(bs, as_, plan.shape)
-    total = b.shape[1]
-    target = min(rank or total, *plan.shape)
-    if target >= total:
-        return a, b, 0.0
-    a_k, b_k, s = lowrank.truncate_factors(b, a, target)
-    err = (s[target:].square().sum() / s.square().sum().clamp(min=1e-30)).sqrt()
-    return a_k, b_k, float(err)
-
-
-def merge_dense(merged: torch.Tensor, rank: int, generator: torch.Generator):
-    """Refactorize a merged dense dW to ``rank``; returns (A, B, relative Frobenius error)."""
-    a, b, err = lowrank.randomized_svd(merged, rank, generator=generator)
-    if 0.0 < err < 0.1:  # the error from the Ritz values is ~1e-7 / (2 err) off: small ones computed directly
-        err = float(torch.linalg.vector_norm(merged - b @ a, dtype=torch.float64)
-                    / torch.linalg.vector_norm(merged, dtype=torch.float64))
-    return a, b, err
-
-
-def merge_stacked(m: registry.Method, deltas: torch.Tensor, plan, weights, params: dict, rank: int,
-                  ctx: registry.Context):
-    """A dense method on this module's stacked task vectors (n, d_out, d_in), computed in the weight's own layout
-    (rows are the weight's rows, as with --base: transposed for embeddings and Conv1D), refactorized to ``rank``;
-    returns (A, B, relative error)."""
-    if plan.transposed:
-        deltas = deltas.transpose(1, 2).contiguous()
-    a, b, err = merge_dense(m.merge(deltas, weights, params, ctx), rank, ctx.generator)
-    return (b.T, a.T, err) if plan.transposed else (a, b, err)
-
-
-def merge_factored(m: registry.Method, adapters, plan, weights, params: dict, rank: int, ctx=None):
-    """A factored method (TSV, Iso-C, RegMean) on this module's LoRA inputs, exactly in factor space (no dense
-    dW), truncated optimally where ``rank`` is below its output rank (or by the method's own rule, when it
-    returns its error); returns (A, B, relative error)."""
-    factors = [None] * len(adapters)
-    for i in plan.present:
-        a, b = adapters[i].scaled_factors(plan.name)
-        factors[i] = (b * weights[i], a)
-    ctx = ctx or registry.Context(plan.name)
-    ctx.rank = rank
-    out = m.factored(factors, len(adapters), plan.shape, params, ctx)
-    if len(out) == 3:  # truncated to ctx.rank by the method itself
-        b, a, err = out
-        return a, b, float(err)
-    b, a = out
-    if rank >= b.shape[1]:
-        return a, b, 0.0
-    a_k, b_k, s = lowrank.truncate_factors(b, a, rank)
-    return a_k, b_k, float((s[rank:].square().sum() / s.square().sum().clamp(min=1e-30)).sqrt())
-
-
-def merge_sparse(m: registry.Method, adapters, plan, weights, params: dict, rank: int, generator, thresholds=None):
-    """A sparse method's merge of this module's LoRA inputs refactorized to ``rank``, straight from their
-    factors (:func:`sparse_lora.merge_to_rank`), in the weight's own layout (rows are the weight's rows, as with
-    --base: for embeddings and Conv1D the factors of dW^T); returns (A, B, relative error)."""
-    with blocked.single_threaded_caller():  # small reads and checks: no OpenMP barrier on shared cores
-        factors = []
-        for i in range(len(adapters)):
-            if i not in plan.present:
-                factors.append(None)
-                continue
-            a, b = adapters[i].scaled_factors(plan.name)
-            factors.append((a.T.contiguous(), b.T.contiguous()) if plan.transposed else (b, a))
-        shape = plan.shape[::-1] if plan.transposed else plan.shape
-        a, b, err = sparse_lora.merge_to_rank(m.sparse, factors, shape, weights, params, rank, generator, thresholds)
-        return (b.T, a.T, err) if plan.transposed else (a, b, err)
 
 
 def _refuse_checkpoints(inputs) -> None:
@@ -184,7 +83,7 @@ def open_grams(m: registry.Method, grams, inputs):
         raise PeftmergeError(f"{m.name} needs the Gram matrices of the inputs' layer inputs: run `peftmerge grams "
                              f"{' '.join(map(str, inputs))} --data TASK=FILE ... -o grams.safetensors`, then pass "
                              "--grams grams.safetensors")
-    from ..grams import Grams
+    from ..io.grams import Grams
 
     return Grams(grams)
 
@@ -212,12 +111,7 @@ def combine(
     method: str | None = None,
     *,
     weights: Sequence[float] | None = None,
-    lam: float | None = None,
-    density: float | Sequence[float] | None = None,
-    gamma: float | None = None,
-    sign: str | None = None,
-    granularity: str | None = None,
-    seed: int | None = None,
+    params: dict | None = None,
     rank: int | None = None,
     dtype: str | None = None,
     alpha: float | None = None,
@@ -225,23 +119,23 @@ def combine(
     base: str | Path | None = None,
     shard_size: str | int | None = None,
     module_weights: dict[str, Sequence[float]] | None = None,
-    off_diagonal: float | None = None,
     grams: str | Path | None = None,
     overwrite: bool = False,
     force: bool = False,
     progress: bool = True,
+    **shorthand,
 ) -> dict:
     """Merge LoRA adapters into one LoRA adapter folder ``out``; returns the merge report.
 
-    ``method`` defaults to ``ties``; every hyperparameter left ``None`` takes the method's (paper's)
-    default, shown by ``peftmerge methods``. ``config`` reads a YAML recipe in mergekit's format, merged as
+    ``method`` defaults to ``ties``. ``params``: its hyperparameters by name; each may also be given as a keyword
+    of its own (``density=0.3``, ``lam=0.5`` for ``lambda``), and those left out take the method's (paper's) default,
+    shown by ``peftmerge methods``. ``config`` reads a YAML recipe in mergekit's format, merged as
     mergekit defines it (:mod:`peftmerge.merge.recipe`; only ``seed`` may be added to it). ``grams``: the
-    file of :func:`peftmerge.grams` that data-aware methods (regmean) read.
+    file of :func:`peftmerge.analysis.grams` that data-aware methods (regmean) read.
     With ``base`` (or ``base_model`` in the recipe) the output is a full merged model instead, and inputs
     may also be full fine-tuned checkpoints of it (see :mod:`peftmerge.merge.full_model`).
     """
-    given = {"lambda": lam, "density": density, "gamma": gamma, "sign": sign, "granularity": granularity,
-             "seed": seed, "off_diagonal": off_diagonal}
+    given = registry.given(params, shorthand)
     recipe = _resolve_recipe(inputs, method, weights, given, rank, dtype, config)
     m = recipe.mergekit or registry.get(recipe.method)  # a YAML recipe of a mergekit method: mergekit's definition
     n = len(recipe.inputs)
@@ -292,43 +186,27 @@ def combine(
                              "an embedding LoRA cannot share one PEFT adapter (PEFT has no lora_bias on embeddings); "
                              "pass --base BASE for a full merged model, or merge them separately")
     trained = biases.trained_biases(m, adapters, lambda name: per_module.get(name, weights_t), params)
-    thresholds = None
-    if params.get("granularity") == "global":  # over every task vector the adapter changes, biases included
-        thresholds = ops.global_thresholds(lambda: (*(stacked_deltas(adapters, p) for p in plans),
-                                                    *bias_stacks.values()), n, params["density"])
+    # over every task vector the adapter changes, biases included
+    thresholds = execute.global_thresholds(params, n, lambda: (*(stacked_deltas(adapters, p) for p in plans),
+                                                               *bias_stacks.values()))
 
     start = time.perf_counter()
     tasks = [a.task for a in adapters]
 
     def merge_module(plan):
-        if recipe.mergekit is not None:  # weights and parameters per module (gradients, filters)
-            return recipe.mergekit.merge_module(adapters, plan, recipe.rank)
-        w_plan = per_module.get(plan.name, weights_t)
-        if m.linear:
-            return merge_linear(adapters, plan, m.coefficients(w_plan, params), recipe.rank)
-        gen = _module_generator(params.get("seed", 0), plan.name)
-        target = min(recipe.rank or sum(plan.ranks(adapters)), *plan.shape)
-        if m.sparse is not None:  # the blocked engine from the factors, warm-started Krylov SVD
-            return merge_sparse(m, adapters, plan, w_plan, params, target, gen, thresholds)
-        if m.factored is not None:  # SVDs / transforms of the factors, never a dense dW
-            ctx = registry.Context(plan.name, gen, grams=gram_file and gram_file.of(plan.name, tasks))
-            return merge_factored(m, adapters, plan, w_plan, params, target, ctx)
-        ctx = registry.Context(plan.name, gen, thresholds)
-        return merge_stacked(m, stacked_deltas(adapters, plan), plan, w_plan, params, target, ctx)
+        grams_of = gram_file.of(plan.name, tasks) if gram_file is not None else None
+        ctx = execute.context(params, plan.name, thresholds, grams_of)
+        return execute.lora(m, adapters, plan, per_module.get(plan.name, weights_t), params, recipe.rank, ctx)
 
-    # sparse merges: a module per core (each single-threaded) beats every core on one module at a time
-    workers = None if m.sparse is not None and not m.linear else 1
     done: dict[int, tuple] = {}
-    sizes = [plan.shape[0] * plan.shape[1] for plan in plans]
     with tqdm(total=len(plans), desc=f"merge ({m.name})", unit="module", disable=not progress) as bar:
-        for k, result in blocks.each_on_a_thread(merge_module, plans, sizes, workers):
+        for k, result in execute.each_module(m, merge_module, plans):
             done[k] = result
             bar.update()
-    blocks.release("merged")  # this thread's M buffer (the module threads' go with them)
     tensors, rows = {}, []
     for k, plan in enumerate(plans):
         a, b, err = done[k]
-        norm = lowrank.factor_norm(b.float(), a.float())
+        norm = factor_norm(b.float(), a.float())
         a, b = _finite(plan.name, a, out_dtype), _finite(plan.name, b, out_dtype)
         if not math.isfinite(norm):
             raise PeftmergeError(f"merged module {plan.name}: its dW overflows float32 (norm {norm}); check the "
@@ -338,9 +216,9 @@ def combine(
                      "rank_in": plan.ranks(adapters), "rank_out": a.shape[0], "relative_error": err, "norm": norm})
     lora_biases = {}
     for name, stack in bias_stacks.items():  # lora_bias: merged like the --base path merges the bias tensor
-        ctx = registry.Context(f"{name}.bias", _module_generator(params.get("seed", 0), f"{name}.bias"), thresholds)
-        lora_biases[name] = _finite(f"{name}.bias", m.merge(stack, per_module.get(name, weights_t), params, ctx),
-                                    out_dtype)
+        ctx = execute.context(params, f"{name}.bias", thresholds)
+        lora_biases[name] = _finite(f"{name}.bias", execute.dense(m, stack, per_module.get(name, weights_t), params,
+                                                                  ctx), out_dtype)
     trained = {name: _finite(name, t, out_dtype) for name, t in trained.items()}
     errors = [r["relative_error"] for r in rows]
     report = {
@@ -352,10 +230,8 @@ def combine(
         "relative_error_max": max(errors), "seconds": round(time.perf_counter() - start, 3),
         "per_module": rows,
     }
-    from ..io.adapter_writer import write_adapter  # imports peft: only needed here
-
     with atomic.atomic_dir(out, overwrite=overwrite) as tmp:
-        write_adapter(tmp, tensors, adapters, report, lora_biases=lora_biases, biases=trained)
+        adapter_writer.write_adapter(tmp, tensors, adapters, report, lora_biases=lora_biases, biases=trained)
     return report
 
 

@@ -8,7 +8,7 @@ For every Linear, Conv1D and Embedding weight of FINETUNED that differs from BAS
 
 k is ``rank`` (at most), or the smallest k keeping the fraction ``energy`` of ||dW||_F^2, never more than
 the numerical rank of dW (directions below float32 rounding carry nothing). The SVD: for a rank well below
-the smaller dimension, a seeded block Krylov iteration (``lowrank.randomized_svd``) run until the error
+the smaller dimension, a seeded block Krylov iteration (``krylov.randomized_svd``) run until the error
 stops falling; otherwise (and for ``energy``, which needs the whole spectrum) the float64 Gram matrix of
 dW's smaller side (G = M^T M, accumulated by row blocks, then ``eigh``), B A = dW V_k V_k^T. The reported
 error is measured on the written factors, ||dW - B A||_F / ||dW||_F. Only one weight of each model is in
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from pathlib import Path
 
@@ -31,13 +30,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..card import write_card
 from ..errors import PeftmergeError
 from ..io import atomic
-from ..io.adapter_writer import lora_keys
+from ..io.adapter_writer import lora_config, lora_keys
+from ..io.card import write_card
 from ..io.checkpoint import Checkpoint, is_checkpoint
 from ..io.hub import resolve
-from . import lowrank
+from .engine import krylov
 
 log = logging.getLogger(__name__)
 REPORT = "extract_report.json"
@@ -86,11 +85,11 @@ def low_rank(m: Tensor, rank: int | None = None, energy: float | None = None) ->
     between the factors (B = U sqrt(S), A = sqrt(S) V^T). ``m`` all zero: k = 0, error 0.
 
     A rank well below the smaller dimension (without ``energy``) takes the seeded block Krylov SVD of
-    :func:`lowrank.randomized_svd` (it iterates until the error stops falling, to ~1e-7, and falls back to
+    :func:`krylov.randomized_svd` (it iterates until the error stops falling, to ~1e-7, and falls back to
     the exact SVD when that would not be cheaper); otherwise the float64 Gram matrix (:func:`gram_svd`).
     """
     if energy is None and rank is not None and (rank + KRYLOV_OVERSAMPLE) * KRYLOV_RATIO <= min(m.shape):
-        a, b, _ = lowrank.randomized_svd(m.contiguous(), rank, oversample=KRYLOV_OVERSAMPLE,
+        a, b, _ = krylov.randomized_svd(m.contiguous(), rank, oversample=KRYLOV_OVERSAMPLE,
                                          generator=torch.Generator().manual_seed(0))
         s = a.square().sum(dim=1).double()  # the singular values: A's rows are sqrt(s_i) v_i
         k = choose_rank(s.square(), tuple(m.shape), rank, None)
@@ -291,22 +290,6 @@ def _report(finetuned, base, rank, energy, modules, dtype, per_module, skipped, 
     }
 
 
-def adapter_config(ranks: dict[str, int], kinds: dict[str, str], base_model: str, task_type: str | None) -> dict:
-    """PEFT's adapter_config.json: r = the largest rank, rank_pattern for the others, scaling 1 everywhere
-    (alpha = rank, the singular values are in the factors)."""
-    from peft import LoraConfig
-
-    r = max(ranks.values())
-    pattern = {re.escape(name): k for name, k in ranks.items() if k != r}
-    config = LoraConfig(r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern),
-                        target_modules=sorted(ranks), lora_dropout=0.0, bias="none", use_rslora=False,
-                        fan_in_fan_out="conv1d" in kinds.values(), task_type=task_type,
-                        base_model_name_or_path=base_model, inference_mode=True)
-    d = config.to_dict()
-    d["target_modules"] = sorted(ranks)
-    return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
-
-
 def _write(folder: Path, tensors: dict, ft: Checkpoint, base, task: str, report: dict) -> None:
     from safetensors.torch import save_file
 
@@ -317,8 +300,9 @@ def _write(folder: Path, tensors: dict, ft: Checkpoint, base, task: str, report:
     save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     archs = ft.config.get("architectures") or []
     task_type = "CAUSAL_LM" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else None
-    config = adapter_config({n: a.shape[0] for n, (_, a, _) in tensors.items()},
-                            {n: k for n, (k, _, _) in tensors.items()}, str(base), task_type)
+    # scaling 1 everywhere (alpha = rank): the singular values are in the factors
+    config = lora_config({n: a.shape[0] for n, (_, a, _) in tensors.items()}, base_model=str(base),
+                         task_type=task_type, fan_in_fan_out=any(k == "conv1d" for k, _, _ in tensors.values()))
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (folder / REPORT).write_text(json.dumps(report, indent=2))
     meta = {"task": task, "method": "extract", "mergeable": True, "base_model": str(base),

@@ -31,15 +31,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..card import write_card
 from ..errors import PeftmergeError
 from ..io import atomic
 from ..io.adapter import LoraAdapter
+from ..io.card import write_card
 from ..io.checkpoint import Checkpoint, is_checkpoint
 from ..io.hub import resolve
+from ..io.meta import file_sha256
 from ..io.model_writer import ShardedWriter, Slot, copy_model_files, parse_size, update_config
-from . import blocked, ops, registry, tied, vocab
-from .combine import _module_generator, file_sha256  # one seeding rule for adapters and models
+from . import execute, registry, tied, vocab
 from .mergekit_recipe import MergekitRecipe, layer_positions
 from .plan import open_inputs
 from .recipe import Recipe
@@ -190,7 +190,7 @@ def _read(name: str, base: Checkpoint, sources: list[Source], changed: bool, ws:
 
 
 def _inputs(name: str, sources: list[Source], raws: list, w0_raw: torch.Tensor) -> list:
-    """What :class:`blocked.Deltas` takes: each input's full tensor (``theta``), LoRA task vector, or None."""
+    """What :func:`execute.full` takes: each input's full tensor (``theta``), LoRA task vector, or None."""
     out = []
     for src, raw in zip(sources, raws):
         if src.checkpoint is not None:
@@ -211,30 +211,19 @@ def _read_after(write, *args):
 def merge_tensor(name: str, w0_raw: torch.Tensor, raws: list, sources: list[Source], method: registry.Method,
                  weights: torch.Tensor, params: dict, thresholds, ws: Workspace,
                  dtype: torch.dtype | None = None, slot: int = 0, position: float = 0.0) -> torch.Tensor:
-    """W0 + merged task vectors of one tensor, computed in float32 and written in ``dtype`` (default: W0's)
-    into workspace buffer ``slot``; checked finite. Linear and sparse methods run row-blocked from the raw
-    inputs (:mod:`blocked`); others, and YAML recipes of mergekit's methods (``position``: the tensor's
-    place in the layers, for gradients), on the stacked float32 task vectors."""
+    """W0 + merged task vectors of one tensor (:func:`execute.full`), computed in float32 and written in ``dtype``
+    (default: W0's) into workspace buffer ``slot``; checked finite. ``position``: the tensor's place in the layers
+    (a YAML recipe's gradients)."""
     out = ws.get(("cast", slot), w0_raw.shape, dtype or w0_raw.dtype)
-    src = blocked.Deltas(_inputs(name, sources, raws, w0_raw), w0_raw, tuple(w0_raw.shape))
     ranges: list = []  # (min, max) of each block of the output: NaN and overflow show there
-    module = name.removesuffix(".weight")
-    gen = _module_generator(params.get("seed", 0), module)
-    if isinstance(method, MergekitRecipe):  # a YAML recipe: mergekit's definition, weights and parameters per tensor
+
+    def whole():  # W0 and the stacked task vectors, for the methods that need them whole
         w0 = ws.get("w0", w0_raw.shape).copy_(w0_raw)
-        deltas = stacked(name, w0, raws, sources, ws.get("stack", (len(sources), *w0.shape)))
-        out.copy_(method.merge(name, w0, deltas, position))
-        ranges = [tuple(map(float, torch.aminmax(out)))] if out.numel() else []
-    elif method.linear:  # W0 + sum_i c_i dW_i
-        blocked.linear(src, method.coefficients(weights, params).tolist(), out, ranges=ranges)
-    elif method.sparse is not None:
-        blocked.merge(method.sparse, src, weights, params, seed=blocked.mask_seed(gen), thresholds=thresholds,
-                      out=out, ranges=ranges)
-    else:
-        w0 = ws.get("w0", w0_raw.shape).copy_(w0_raw)
-        deltas = stacked(name, w0, raws, sources, ws.get("stack", (len(sources), *w0.shape)))
-        out.copy_(method.merge(deltas, weights, params, registry.Context(module, gen, thresholds)).add_(w0))
-        ranges = [tuple(map(float, torch.aminmax(out)))] if out.numel() else []
+        return w0, stacked(name, w0, raws, sources, ws.get("stack", (len(sources), *w0.shape)))
+
+    ctx = execute.context(params, name.removesuffix(".weight"), thresholds)
+    execute.full(method, name, _inputs(name, sources, raws, w0_raw), w0_raw, weights, params, ctx, out, ranges, whole,
+                 position)
     _check_finite(name, ranges, raws, sources, out.dtype)
     return out
 
@@ -318,12 +307,9 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
                   else ckpt.tensors[n].dtype, ckpt.tensors[n].shape) for n in names]
 
     ws = Workspace()
-    thresholds = None
-    if params.get("granularity") == "global":
-        merged_names = [n for n in names if changed[n]]
-        thresholds = ops.global_thresholds(
-            lambda: (stacked(n, *_prepared(n, ckpt, sources, ws)) for n in merged_names), len(sources),
-            params["density"])
+    merged_names = [n for n in names if changed[n]]
+    thresholds = execute.global_thresholds(params, len(sources), lambda: (stacked(n, *_prepared(n, ckpt, sources, ws))
+                                                                         for n in merged_names))
 
     start = time.perf_counter()
     bar = tqdm(total=sum(s.nbytes for s in slots), unit="B", unit_scale=True, desc=f"merge ({method.name})",
@@ -331,7 +317,7 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
     pool = ThreadPoolExecutor(max_workers=1)  # reads the next tensor while this one is merged
     io = ThreadPoolExecutor(max_workers=1)  # writes the last merged tensor while this one is merged
     try:
-        with atomic.atomic_dir(out, overwrite=overwrite) as tmp, blocked.single_threaded_caller():
+        with atomic.atomic_dir(out, overwrite=overwrite) as tmp, execute.single_threaded_caller():
             writer = ShardedWriter(tmp, slots, size)
             written = None  # the write in flight
             try:

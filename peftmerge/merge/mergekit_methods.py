@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PeftmergeError
-from . import ops
+from .methods import ops
 
 REQUIRED = object()  # a parameter with no default (mergekit's ``weight``)
 
@@ -100,6 +100,15 @@ REFUSED_METHODS = {
     "arcee_fusion": "Arcee Fusion's KL-based selection",
     "nearswap": "nearswap interpolation",
     "passthrough": "copying / stacking layers",
+}
+
+# mergekit keys peftmerge refuses: (what they do, what to do instead)
+REFUSED_KEYS = {
+    "slices": ("layer ranges and layer stacking", "list whole models under models"),
+    "modules": ("per-module model lists", "list whole models under models"),
+    "tokenizer": ("per-token embedding sources", "use tokenizer_source: base, union or a model"),
+    "chat_template": ("a chat template for the output",
+                      "use tokenizer_source: MODEL to take that model's tokenizer and its template"),
 }
 
 

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import PeftmergeError
 from . import mergekit_methods as mk
+from .execute import module_generator
 
 log = logging.getLogger(__name__)
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
@@ -136,12 +137,11 @@ def layer_positions(names: list[str]) -> dict[str, float]:
 class MergekitRecipe:
     """A YAML recipe of a method mergekit defines, merged with mergekit's definition (:mod:`mergekit_methods`).
 
-    Stands where :func:`peftmerge.combine` takes a registered method (same attributes); its weights and
-    parameters are resolved per tensor by :meth:`at`."""
+    Stands where :func:`peftmerge.combine` takes a registered method (same attributes; :mod:`.execute` computes
+    its route ``recipe``); its weights and parameters are resolved per tensor by :meth:`at`."""
 
+    route = "recipe"
     linear = False
-    sparse = None
-    factored = None
     exact_concat = False
     needs_grams = False
 
@@ -169,6 +169,12 @@ class MergekitRecipe:
 
     def set_seed(self, seed: int) -> None:
         self.shared["seed"] = seed
+
+    @property
+    def seed(self) -> int:
+        """The seed of the random choices in an adapter output's refactorization (its random masks take their
+        own, per tensor)."""
+        return self.shared.get("seed", 0)
 
     def _value(self, key: mk.Key, i: int | None, tensor: str, t: float):
         scopes = ([(self.per_model[i], self.labels[i])] if i is not None else []) + [(self.shared, "parameters")]
@@ -207,10 +213,8 @@ class MergekitRecipe:
     def merge(self, tensor: str, base: torch.Tensor | None, deltas: torch.Tensor, t: float = 0.0) -> torch.Tensor:
         """mergekit's merge of one tensor from its inputs' (n, *shape) float32 task vectors: the full tensor
         with ``base`` (its base weights), the merged task vector without (adapter outputs)."""
-        from .combine import _module_generator
-
         weights, p = self.at(tensor, t)
-        gen = _module_generator(p["seed"], tensor)
+        gen = module_generator(p["seed"], tensor)
         if self.spec.name != "linear":
             merged = mk.merge_delta(self.spec, deltas, weights, p, gen, tensor)
             return merged if base is None else merged.add_(base)
@@ -226,16 +230,6 @@ class MergekitRecipe:
             raise PeftmergeError(f"{self.file}: linear with normalize: false and weights summing to {scale:g} "
                                  f"scales the base model's {tensor} too, which an adapter cannot hold; pass --base "
                                  "to write a full model, or make the weights sum to 1")
-
-    def merge_module(self, adapters, plan, rank: int | None):
-        """Adapter outputs: this module's merge as a dense dW, refactorized to ``rank`` (default: the sum of
-        the input ranks); returns (A, B, relative error)."""
-        from .combine import _module_generator, merge_dense, stacked_deltas
-
-        name = f"{plan.name}.weight"
-        merged = self.merge(name, None, stacked_deltas(adapters, plan))
-        target = min(rank or sum(plan.ranks(adapters)), *plan.shape)
-        return merge_dense(merged, target, _module_generator(self.shared.get("seed", 0), name))
 
     def check_adapters(self, adapters, plans) -> None:
         """What an adapter output cannot do exactly: gradients (no layer count), della on transposed layouts."""
@@ -337,12 +331,10 @@ CONVENTIONS = [
 
 def differences_table() -> str:
     """The README's "Differences from mergekit" table: conventions, then what is refused."""
-    from .recipe import REFUSED_KEYS
-
     rows = ["| | `peftmerge combine` flags (the papers' conventions) | a YAML recipe (`--config`, mergekit's) |",
             "|---|---|---|"]
     rows += [f"| {what} | {flags} | {recipe} |" for what, flags, recipe in CONVENTIONS]
     rows += [f"| `merge_method: {name}` | – | refused ({what}): use `mergekit-yaml` |"
              for name, what in mk.REFUSED_METHODS.items()]
-    rows += [f"| `{key}` | – | refused ({what}): {fix} |" for key, (what, fix) in REFUSED_KEYS.items()]
+    rows += [f"| `{key}` | – | refused ({what}): {fix} |" for key, (what, fix) in mk.REFUSED_KEYS.items()]
     return "\n".join(rows)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..errors import PeftmergeError
 from ..io.adapter import LoraAdapter, load_adapter
 from ..io.hub import resolve
@@ -25,6 +27,14 @@ class ModulePlan:
 
     def ranks(self, adapters: list[LoraAdapter]) -> list[int]:
         return [adapters[i].modules[self.name].rank for i in self.present]
+
+
+def stacked_deltas(adapters: list[LoraAdapter], plan: ModulePlan) -> torch.Tensor:
+    """(n, d_out, d_in): each input's dW of this module, zeros where an input does not adapt it."""
+    out = torch.zeros(len(adapters), *plan.shape)
+    for i in plan.present:
+        out[i] = adapters[i].delta(plan.name)
+    return out
 
 
 def open_inputs(paths: list[str | Path], alpha: float | None = None, force: bool = False,

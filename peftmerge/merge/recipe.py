@@ -15,7 +15,7 @@ A YAML recipe is mergekit's format and means what it means to mergekit (``mergek
 Methods mergekit defines are merged with its definitions, defaults, gradients and filters
 (:mod:`peftmerge.merge.mergekit_recipe`, :mod:`peftmerge.merge.mergekit_methods`); the methods only
 peftmerge has keep peftmerge's definitions and take scalar parameters. What cannot be done exactly is
-refused with one line (:data:`REFUSED_KEYS`, :data:`mergekit_methods.REFUSED_METHODS`).
+refused with one line (:data:`mergekit_methods.REFUSED_KEYS`, :data:`mergekit_methods.REFUSED_METHODS`).
 """
 
 from __future__ import annotations
@@ -29,15 +29,6 @@ from . import mergekit_methods as mk
 from .mergekit_recipe import MergekitRecipe, base_entries, warn_ignored
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "rank"}
-# mergekit keys peftmerge refuses: (what they do, what to do instead)
-REFUSED_KEYS = {
-    "slices": ("layer ranges and layer stacking", "list whole models under models"),
-    "modules": ("per-module model lists", "list whole models under models"),
-    "tokenizer": ("per-token embedding sources", "use tokenizer_source: base, union or a model"),
-    "chat_template": ("a chat template for the output",
-                      "use tokenizer_source: MODEL to take that model's tokenizer and its template"),
-}
-
 @dataclass
 class Recipe:
     """Everything that decides a merge (and is recorded in the output's card and report)."""
@@ -99,7 +90,7 @@ def load_recipe(path: str | Path) -> Recipe:
     data = read_yaml(path, "a merge recipe (--config)")
     if not isinstance(data, dict):
         raise PeftmergeError(f"{path}: a recipe is a mapping with merge_method and models; see the README")
-    for key, (what, fix) in REFUSED_KEYS.items():
+    for key, (what, fix) in mk.REFUSED_KEYS.items():
         if key in data:
             raise PeftmergeError(f"{path}: {key} ({what}) is not supported; {fix}")
     unknown = set(data) - _TOP_KEYS

@@ -103,8 +103,8 @@ def _prompt(rec: dict, info=None) -> str | tuple[str, str]:
     """What the model reads: the routed adapter's training template filled in exactly as ``peftmerge eval``
     fills it (``{task}``, ``{labels}`` and the record's fields), else the query itself (a pair stays a pair)."""
     if info is not None and info.template:
-        from ..evaluate.data import Task
-        from ..evaluate.prompts import prompt_of
+        from ..data.tasks import Task
+        from ..data.prompts import prompt_of
 
         return prompt_of(Task(info.task, Path(info.path), [rec], info.labels, info.template, {"task": info.task}), rec)
     query = record_query(rec)
@@ -228,7 +228,7 @@ def _label_words_routed(router: Router, task, routed, tokenizer, embed, mode: st
     the task's own prompt). A misrouted query thus answers from another task's label set."""
     from dataclasses import replace
 
-    from ..evaluate.predict import predict_label_words
+    from ..data.predict import predict_label_words
 
     decision = route_queries(router, [record_query(r) for r in task.rows], routed, tokenizer, embed)
     top = [None if a else int(i) for i, a in zip(decision.indices[:, 0], decision.abstained)]

@@ -16,12 +16,11 @@ Two kinds share this registry:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-from ..errors import PeftmergeError, did_you_mean
-from ..merge.registry import Param
+from ..errors import PeftmergeError
+from ..registry import Param, Registry, resolve
 
 TOP_K = lambda default: Param("top_k", default, "adapters combined per query/token", low=1)  # noqa: E731
 TEMPERATURE = lambda default: Param("temperature", default, "softmax temperature of the weights",  # noqa: E731
@@ -55,39 +54,16 @@ class Strategy:
 
     def resolve(self, given: dict) -> dict:
         """Defaults filled in, values checked; an unknown parameter names the valid ones."""
-        known = {p.name: p for p in self.params}
-        for key, value in given.items():
-            if value is not None and key not in known:
-                raise PeftmergeError(f"router {self.name} takes no parameter {key!r} "
-                                     f"(its parameters: {', '.join(known)})")
-        out: dict[str, Any] = {}
-        for p in self.params:
-            v = given.get(p.name)
-            out[p.name] = p.check(_number(self.name, p, v), 1) if v is not None else p.default
-        return out
+        try:
+            return resolve(self.params, given, 1, f"router {self.name}")
+        except PeftmergeError as e:
+            message = str(e)
+            raise PeftmergeError(message if message.startswith("router ") else f"router {self.name}: {message}") \
+                from None
 
 
-def _number(router: str, p: Param, v):
-    """A router parameter's value checked: a finite number (a whole one where the default is), in range."""
-    if p.choices is not None:
-        return v
-    whole = isinstance(p.default, int) and not isinstance(p.default, bool)
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise PeftmergeError(f"router {router}: {p.name} {v!r} is not a number; give {'a whole' if whole else 'a'} "
-                             "number")
-    if not math.isfinite(v):
-        raise PeftmergeError(f"router {router}: {p.name} {v} is not a finite number")
-    if whole and v != int(v):
-        raise PeftmergeError(f"router {router}: {p.name} {v} must be a whole number")
-    if p.low is not None and (v <= p.low if p.low_open else v < p.low):
-        raise PeftmergeError(f"router {router}: {p.name} {v} is out of range: must be {'>' if p.low_open else '>='} "
-                             f"{p.low}")
-    if p.high is not None and v > p.high:
-        raise PeftmergeError(f"router {router}: {p.name} {v} is out of range: must be <= {p.high}")
-    return int(v) if whole else v
-
-
-_REGISTRY: dict[str, Strategy] = {}
+REGISTRY: Registry[Strategy] = Registry("router", ("peftmerge.routing.arrow", "peftmerge.routing.centroid",
+                                                   "peftmerge.routing.probe"))
 
 
 def register(name: str, *, paper: str, params: tuple[Param, ...], score: Callable | None = None,
@@ -98,26 +74,17 @@ def register(name: str, *, paper: str, params: tuple[Param, ...], score: Callabl
         import sys
 
         doc = (sys.modules[build.__module__].__doc__ or "").strip()
-        _REGISTRY[name] = Strategy(name, paper, doc, tuple(params), build, score, per_token)
+        REGISTRY.add(name, Strategy(name, paper, doc, tuple(params), build, score, per_token))
         return build
 
     return wrap
 
 
-def _load_all() -> None:
-    from . import arrow, centroid, probe  # noqa: F401  (importing registers each router)
-
-
 def names() -> list[str]:
     """Every registered router name."""
-    _load_all()
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def get(name: str) -> Strategy:
     """The router called ``name``; an unknown name lists the valid ones."""
-    _load_all()
-    if name not in _REGISTRY:
-        raise PeftmergeError(f"unknown router {name!r}; choose one of: {', '.join(names())}"
-                             f"{did_you_mean(name, names())}")
-    return _REGISTRY[name]
+    return REGISTRY.get(name)

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
-from ..card import write_card
+from ..version import __version__
 from ..errors import PeftmergeError
 from ..io.atomic import atomic_dir, check_output
+from ..io.card import write_card
 from . import registry
 
 FORMAT = "peftmerge-router"

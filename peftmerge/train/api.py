@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..card import write_card
+from ..version import __version__
 from ..errors import PeftmergeError
 from ..io.atomic import as_disk_error, atomic_dir, check_output
+from ..io.card import write_card
 from ..io.checkpoint import refuse_pickle_weights
 from ..io.meta import read_yaml
 from . import base, methods

@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import PeftmergeError, did_you_mean
+from ..errors import PeftmergeError
+from ..registry import Registry
 
 HEAD_NAMES = ("classifier", "score")  # sequence-classification heads (BERT-like, decoder-like)
 BITFIT_FILE = "bitfit_model.safetensors"
@@ -48,14 +49,14 @@ class Method:
     """Trained by context distillation (:mod:`peftmerge.train.distill` builds its rows, examples and Trainer)."""
 
 
-_METHODS: dict[str, Method] = {}
+REGISTRY: Registry[Method] = Registry("method", "peftmerge.train.methods", ordered=True)
 
 
 def register(name: str, paper: str, **kwargs) -> Callable:
     """Decorator: add ``build`` to the registry under ``name``."""
 
     def deco(build: Callable) -> Callable:
-        _METHODS[name] = Method(name=name, paper=paper, build=build, **kwargs)
+        REGISTRY.add(name, Method(name=name, paper=paper, build=build, **kwargs))
         return build
 
     return deco
@@ -63,15 +64,12 @@ def register(name: str, paper: str, **kwargs) -> Callable:
 
 def names() -> list[str]:
     """The registered method names."""
-    return list(_METHODS)
+    return REGISTRY.names()
 
 
 def get(name: str) -> Method:
     """The method called ``name``; an unknown name gets an error listing the valid ones."""
-    if name not in _METHODS:
-        raise PeftmergeError(f"unknown method {name!r}; choose one of {', '.join(names())}"
-                             f"{did_you_mean(name, names())}")
-    return _METHODS[name]
+    return REGISTRY.get(name)
 
 
 def _lora_config(config, task_type: str, use_dora: bool = False):

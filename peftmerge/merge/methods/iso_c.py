@@ -24,8 +24,8 @@ Defaults: lambda 1 (the paper tunes its alpha on validation data; see ``peftmerg
 
 import torch
 
-from ..lowrank import factor_svd, sum_of_factors
 from ..registry import LAMBDA, register
+from .lowrank import factor_svd, sum_of_factors
 from .tsv import nonzero_top
 
 
