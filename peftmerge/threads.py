@@ -1,4 +1,4 @@
-"""How many CPU threads peftmerge's work uses: torch (intra- and inter-op), numba and OpenMP.
+"""How many CPU threads peftmerge's work uses: torch (intra- and inter-op) and OpenMP.
 
 On a machine shared with other work, torch's default (one thread per core) oversubscribes the cores and
 every step waits on the slowest thread. :func:`default_threads` is the rule the CLI applies when
@@ -7,7 +7,9 @@ every step waits on the slowest thread. :func:`default_threads` is the rule the 
     OMP_NUM_THREADS when set, else max(1, cores - round(1-minute load average)), at most cores
 
 :func:`set_threads` applies a count to whatever is already loaded and, through the environment, to
-torch and numba when they load later.
+torch when it loads later. The merge engine's block workers follow torch's thread count; its numba kernels
+run on those workers (no numba thread pool), so numba's own setting is left alone: changing
+``NUMBA_NUM_THREADS`` after numba started its pool is an error in numba.
 """
 
 from __future__ import annotations
@@ -52,21 +54,15 @@ def check_threads(n) -> int:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Use ``n`` threads (default: :func:`default_threads`) in torch, numba and OpenMP; returns ``n``.
+    """Use ``n`` threads (default: :func:`default_threads`) in torch and OpenMP; returns ``n``.
 
-    Libraries not loaded yet read it from the environment when they load (``OMP_NUM_THREADS``,
-    ``NUMBA_NUM_THREADS``); loaded ones are set directly. torch's inter-op pool can only be sized before
+    Libraries not loaded yet read it from the environment when they load (``OMP_NUM_THREADS``); loaded ones
+    are set directly. torch's inter-op pool can only be sized before
     its first use, so a later call leaves it as it is.
     """
     n = check_threads(default_threads() if n is None else n)
     for key in _ENV:
         os.environ[key] = str(n)
-    if "numba" in sys.modules:
-        import numba
-
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    else:
-        os.environ["NUMBA_NUM_THREADS"] = str(n)
     if "torch" in sys.modules:
         import torch
 

@@ -111,7 +111,7 @@ def runtime(ctx: click.Context, log_level: int = logging.WARNING, load_torch: bo
     saved_levels = {name: logging.getLogger(name).level for name in (*_LIBRARY_LOGGERS, "peftmerge")}
     saved_propagate = ours.propagate
     threads_before = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
-    thread_env = dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"))
+    thread_env = dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"))
     with _env(**env, **thread_env), warnings.catch_warnings():
         if not debug:
             warnings.simplefilter("ignore")  # the libraries' Deprecation/Future/UserWarnings
