@@ -122,7 +122,10 @@ def test_extract_serve_rank_pads_or_truncates_to_the_optimum(tmp_path):
         for name, d in change.items():
             ft.get_parameter(name + ".weight").add_(d)
     ft.save_pretrained(tmp_path / "ft")
-    report = extract(tmp_path / "ft", tmp_path / "base", tmp_path / "pad", rank=8, serve_rank="vllm", progress=False)
+    r = CliRunner().invoke(main, ["extract", str(tmp_path / "ft"), "--base", str(tmp_path / "base"), "-o",
+                                  str(tmp_path / "pad"), "--rank", "8", "--serve-rank", "vllm"], catch_exceptions=False)
+    assert r.exit_code == 0 and "serve rank 8: 2 modules padded (exact); vLLM --max-lora-rank 8" in r.output, r.output
+    report = json.loads((tmp_path / "pad" / "extract_report.json").read_text())
     assert report["r"] == 8 and {m["rank"] for m in report["per_module"].values()} == {8}
     assert {name: m["rank_extracted"] for name, m in report["per_module"].items()} == {q: 5, v: 2}
     got = _dw(tmp_path / "pad")

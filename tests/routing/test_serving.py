@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from peftmerge.cli.main import main
+from peftmerge.errors import PeftmergeError
 from peftmerge.routing import api, engine_router
 from peftmerge.routing.apply import RoutedLinear
 from peftmerge.routing.arrow import arrow_weights
@@ -77,6 +78,8 @@ def test_arrow_needs_its_per_query_form_and_says_so(setup, tmp_path):
     r = run("predict", "--router", d / "centroid", "--input", queries, "-o", tmp_path / "n.txt", "--emit", "names",
             "--mode", "fuse")
     assert r.exit_code == 2 and "drop --mode" in r.output
+    with pytest.raises(PeftmergeError, match="--emit 'label' is not one of answers, adapter, names"):
+        api.predict(d / "centroid", queries, tmp_path / "n.txt", emit="label")
 
 
 def test_arrow_per_query_names_the_largest_mean_token_weight(setup, tmp_path):
