@@ -43,6 +43,10 @@ def error_hint(report: dict) -> str:
 @click.option("--rank", type=int, default=None, help="Output rank (default: sum of the input ranks).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Output dtype (computation is float32).")
+@click.option("--serve-rank", default=None, metavar="vllm|R",
+              help="Write every module at one rank a serving engine loads: 'vllm' (the smallest of vLLM's "
+                   "--max-lora-rank sizes holding the largest rank) or R; zero-padded (exact) or truncated "
+                   "optimally (error reported). See docs/serving.md.")
 @click.option("--alpha", type=float, default=None,
               help="lora_alpha of inputs that have no adapter_config.json (others keep their own).")
 @click.option("--config", type=click.Path(), default=None, help="A YAML recipe in mergekit's format, merged as mergekit defines it (see the README).")
@@ -53,18 +57,20 @@ def error_hint(report: dict) -> str:
 @click.option("--force", is_flag=True, help="Merge adapters of different base models / with no module in common.")
 @push_to_hub_option
 @common_options
-def combine_command(inputs, out, method, weights, grams, rank, dtype, alpha, config, base, shard_size, overwrite, force,
-                    push_to_hub, **method_params):
+def combine_command(inputs, out, method, weights, grams, rank, dtype, serve_rank, alpha, config, base, shard_size,
+                    overwrite, force, push_to_hub, **method_params):
     """Merge LoRA adapters INPUT... (folders, .safetensors files or Hub ids) into one adapter in OUT.
 
     With --base BASE, write a full merged model instead; INPUT... may then also be full fine-tuned
     checkpoints of BASE. The methods' parameters (--density, --lambda, ...) are listed below and by
     `peftmerge methods`."""
     from ..merge.combine import combine
+    from ..merge.serve import describe
 
     quiet = is_quiet()
     report = combine(list(inputs), out, method, weights=parse_floats(weights, "--weights"),
-                     params=params.given(method_params), grams=grams, rank=rank, dtype=dtype, alpha=alpha,
+                     params=params.given(method_params), grams=grams, rank=rank, dtype=dtype, serve_rank=serve_rank,
+                     alpha=alpha,
                      config=config, base=base, shard_size=shard_size, overwrite=overwrite, force=force,
                      progress=show_progress())
     if quiet:
@@ -76,5 +82,6 @@ def combine_command(inputs, out, method, weights, grams, rank, dtype, alpha, con
                    f"in {report['seconds']:.1f} s")
     else:
         click.echo(f"{report['method']}: merged {len(report['inputs'])} adapters over {report['modules']} modules "
-                   f"into {out} ({error_hint(report)}; params {json.dumps(report['params'])})")
+                   f"into {out} ({error_hint(report)}; params {json.dumps(report['params'])})"
+                   + (f"; {describe(report['serve'])}" if "serve" in report else ""))
     maybe_push(out, push_to_hub)

@@ -22,7 +22,7 @@ from ..io import adapter_writer, atomic
 from ..io.adapter import LoraAdapter
 from ..io.hub import describe_input
 from ..io.meta import file_sha256
-from . import biases, execute, registry
+from . import biases, execute, registry, serve
 from .methods.lowrank import factor_norm
 from .plan import open_inputs, plan_modules, stacked_deltas
 from .recipe import Recipe, load_recipe
@@ -120,6 +120,7 @@ def combine(
     shard_size: str | int | None = None,
     module_weights: dict[str, Sequence[float]] | None = None,
     grams: str | Path | None = None,
+    serve_rank: str | int | None = None,
     overwrite: bool = False,
     force: bool = False,
     progress: bool = True,
@@ -131,11 +132,14 @@ def combine(
     of its own (``density=0.3``, ``lam=0.5`` for ``lambda``), and those left out take the method's (paper's) default,
     shown by ``peftmerge methods``. ``config`` reads a YAML recipe in mergekit's format, merged as
     mergekit defines it (:mod:`peftmerge.merge.recipe`; only ``seed`` may be added to it). ``grams``: the
-    file of :func:`peftmerge.analysis.grams` that data-aware methods (regmean) read.
+    file of :func:`peftmerge.analysis.grams` that data-aware methods (regmean) read. ``serve_rank``
+    (``"vllm"`` or a rank): every module at one rank a serving engine loads, zero-padded or optimally truncated
+    (:mod:`peftmerge.merge.serve`).
     With ``base`` (or ``base_model`` in the recipe) the output is a full merged model instead, and inputs
     may also be full fine-tuned checkpoints of it (see :mod:`peftmerge.merge.full_model`).
     """
     given = registry.given(params, shorthand)
+    serving = serve.parse(serve_rank)
     recipe = _resolve_recipe(inputs, method, weights, given, rank, dtype, config)
     m = recipe.mergekit or registry.get(recipe.method)  # a YAML recipe of a mergekit method: mergekit's definition
     n = len(recipe.inputs)
@@ -161,6 +165,8 @@ def combine(
                                  "onto the base model)")
         if module_weights:
             raise PeftmergeError("module_weights apply to LoRA outputs only; drop --base (or module_weights)")
+        if serving is not None:
+            raise PeftmergeError("--serve-rank applies to LoRA adapter outputs; drop --base (or --serve-rank)")
         from .full_model import combine_full
 
         return combine_full(recipe, m, params, w, base=base or recipe.base, out=out, shard_size=shard_size,
@@ -186,6 +192,10 @@ def combine(
                              "an embedding LoRA cannot share one PEFT adapter (PEFT has no lora_bias on embeddings); "
                              "pass --base BASE for a full merged model, or merge them separately")
     trained = biases.trained_biases(m, adapters, lambda name: per_module.get(name, weights_t), params)
+    if serving is not None:
+        serve.refuse_unservable(heads=sorted({h for a in adapters if a.head_keys
+                                              for h in a.config.get("modules_to_save") or []}),
+                                biases=bool(bias_stacks or trained))
     # over every task vector the adapter changes, biases included
     thresholds = execute.global_thresholds(params, n, lambda: (*(stacked_deltas(adapters, p) for p in plans),
                                                                *bias_stacks.values()))
@@ -203,9 +213,13 @@ def combine(
         for k, result in execute.each_module(m, merge_module, plans):
             done[k] = result
             bar.update()
+    served = None
+    if serving is not None:  # one rank for every module, as the serving engines load adapters
+        fitted, served = serve.fit_all({k: (a, b) for k, (a, b, _) in done.items()}, serving)
+        done = {k: (a, b, done[k][2], (done[k][0].shape[0], cut)) for k, (a, b, cut) in fitted.items()}
     tensors, rows = {}, []
     for k, plan in enumerate(plans):
-        a, b, err = done[k]
+        a, b, err, *fitted_from = done[k]
         norm = factor_norm(b.float(), a.float())
         a, b = _finite(plan.name, a, out_dtype), _finite(plan.name, b, out_dtype)
         if not math.isfinite(norm):
@@ -213,7 +227,8 @@ def combine(
                                  "inputs' weights and scalings")
         tensors[plan.name] = (plan.kind, a.contiguous(), b.contiguous())
         rows.append({"module": plan.name, "inputs": [adapters[i].task for i in plan.present],
-                     "rank_in": plan.ranks(adapters), "rank_out": a.shape[0], "relative_error": err, "norm": norm})
+                     "rank_in": plan.ranks(adapters), "rank_out": a.shape[0], "relative_error": err, "norm": norm,
+                     **({"rank_merged": fitted_from[0][0], "serve_error": fitted_from[0][1]} if fitted_from else {})})
     lora_biases = {}
     for name, stack in bias_stacks.items():  # lora_bias: merged like the --base path merges the bias tensor
         ctx = execute.context(params, f"{name}.bias", thresholds)
@@ -228,6 +243,7 @@ def combine(
         "inputs": [_describe(a) for a in adapters],
         "modules": len(rows), "relative_error_mean": sum(errors) / len(errors),
         "relative_error_max": max(errors), "seconds": round(time.perf_counter() - start, 3),
+        **({"serve": served} if served else {}),
         "per_module": rows,
     }
     with atomic.atomic_dir(out, overwrite=overwrite) as tmp:

@@ -36,6 +36,7 @@ from ..io.adapter_writer import lora_config, lora_keys
 from ..io.card import write_card
 from ..io.checkpoint import Checkpoint, is_checkpoint
 from ..io.hub import resolve
+from . import serve
 from .engine import krylov
 
 log = logging.getLogger(__name__)
@@ -172,13 +173,16 @@ def _open(ref, what: str) -> Checkpoint:
 
 def extract(finetuned: str | Path, base: str | Path, out: str | Path, *, rank: int | None = None,
             energy: float | None = None, modules: list[str] | str | None = None, dtype: str = "float32",
-            task: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+            task: str | None = None, serve_rank: str | int | None = None, overwrite: bool = False,
+            progress: bool = True) -> dict:
     """Write to ``out`` a PEFT LoRA adapter of ``base`` whose update approximates ``finetuned - base``
     optimally per module (see the module docstring); returns the report (also in ``extract_report.json``).
 
     ``rank``: the largest rank per module; ``energy`` (0 < energy <= 1): the smallest rank per module that
     keeps this fraction of ||dW||^2 (with ``rank`` too: capped by it). ``modules``: module names or name
-    suffixes (``q_proj,v_proj``; default: every changed Linear, Conv1D and Embedding weight).
+    suffixes (``q_proj,v_proj``; default: every changed Linear, Conv1D and Embedding weight). ``serve_rank``
+    (``"vllm"`` or a rank): every module at one rank a serving engine loads, zero-padded or optimally truncated
+    (:mod:`peftmerge.merge.serve`; the truncation error is ``serve_error`` in the report).
     """
     if rank is None and energy is None:
         raise PeftmergeError("give --rank R (the largest rank per module) or --energy E (e.g. 0.99), or both")
@@ -188,6 +192,7 @@ def extract(finetuned: str | Path, base: str | Path, out: str | Path, *, rank: i
         raise PeftmergeError(f"--energy must be in (0, 1], got {energy}")
     if dtype not in DTYPES:
         raise PeftmergeError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    serving = serve.parse(serve_rank)
     if isinstance(modules, str):
         modules = [m.strip() for m in modules.split(",") if m.strip()]
     modules = modules or None
@@ -224,7 +229,15 @@ def extract(finetuned: str | Path, base: str | Path, out: str | Path, *, rank: i
         if not tensors:
             raise PeftmergeError(f"{ft.path}: no selected weight differs from {bs.path}; nothing to extract "
                                  "(check --modules, or that these are a base and its fine-tune)")
+        served = None
+        if serving is not None:  # one rank for every module, as the serving engines load adapters
+            fitted, served = serve.fit_all({m: (a, b) for m, (_, a, b) in tensors.items()}, serving)
+            for m, (a, b, cut) in fitted.items():
+                tensors[m] = (tensors[m][0], a, b)
+                report_modules[m].update(rank_extracted=report_modules[m]["rank"], rank=a.shape[0], serve_error=cut)
         report = _report(finetuned, base, rank, energy, modules, dtype, report_modules, skipped, start)
+        if served:
+            report["serve"] = served
         with atomic.atomic_dir(out, overwrite) as tmp:
             _write(tmp, tensors, ft, base, task or ft.path.resolve().name, report)
     finally:

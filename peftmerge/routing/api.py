@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PeftmergeError
 from ..io.atomic import atomic_file, check_output
-from . import registry
+from . import registry, serving
 from .decide import Decision, decide
 from .embed import encode, query_text, read_jsonl, record_query
 from .load import (adapter_info, base_model_of, examples_of, load_base, load_embedder, open_adapters,
@@ -175,22 +175,91 @@ def _answer(router: Router, records: list[dict], routed, tokenizer, embed, mode:
     return rows
 
 
+EMIT = ("answers", "adapter", "names")
+
+
 def predict(router, input, out, *, model: str | None = None, mode: str | None = None, route_only: bool = False,
-            max_new_tokens: int = 32, batch_size: int = 8, overwrite: bool = False, progress: bool = True):
+            max_new_tokens: int = 32, batch_size: int = 8, emit: str = "answers", per_query: bool = False,
+            overwrite: bool = False, progress: bool = True):
     """Route each query of ``input`` (JSONL) and answer it; write ``out`` (JSONL), one record per query: ``id``
     (the query's own, else its line number from 0), ``text`` (the query), ``adapters``/``weights`` (the
-    routing), ``abstained``, and ``label`` (classification) or ``output``."""
+    routing), ``abstained``, and ``label`` (classification) or ``output``.
+
+    ``emit="adapter"``: route only, and give each record ``adapter``, the name a serving engine should be asked
+    for (:mod:`.serving`; None: the base model); ``emit="names"``: ``out`` is plain text, that name per line
+    (an empty line: the base model). An arrow router needs ``per_query`` there (its per-query form)."""
+    if emit not in EMIT:
+        raise PeftmergeError(f"--emit {emit!r} is not one of {', '.join(EMIT)}")
+    if emit == "answers" and per_query:
+        raise PeftmergeError("--per-query names adapters for a serving engine; use it with --emit adapter or names")
+    if emit != "answers" and mode is not None:
+        raise PeftmergeError(f"--mode applies to answers; --emit {emit} only routes (an engine applies the top-1 "
+                             "adapter): drop --mode")
     _positive("max_new_tokens", max_new_tokens)
     _positive("batch_size", batch_size)
     out = Path(out)
     check_output(out, [Path(p) for p in (input, router if not isinstance(router, Router) else router.path, model)
                        if p], overwrite, folder=False)
     router = _as_router(router)
+    if emit != "answers":
+        serving.check(router, per_query)
     records = read_jsonl(input)
+    if emit != "answers":
+        rows = _engine_rows(router, records, model, batch_size, progress)
+        if emit == "names":
+            with atomic_file(out, overwrite) as tmp:
+                tmp.write_text("".join(f"{r['adapter'] or ''}\n" for r in rows), encoding="utf-8")
+        else:
+            _write_jsonl(rows, out, overwrite)
+        return rows
     routed, tokenizer, embed, mode = _open(router, model, mode)
     rows = _answer(router, records, routed, tokenizer, embed, mode, route_only=route_only,
                    max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     _write_jsonl(rows, out, overwrite)
+    return rows
+
+
+def _routing_inputs(router: Router, model: str | None):
+    """(routed model, tokenizer, embedder): what :func:`route_queries` needs, and no more (a query router with its
+    own embedder loads no base model)."""
+    if router.spec.per_token:
+        routed, tokenizer = open_routed(router, model)
+        return routed, tokenizer, None
+    if router.embedder:
+        return None, None, load_embedder(router.embedder, layer=router.params["layer"], pairs=_pairs(router))
+    base, tokenizer = load_base(model or router.base_model)
+    return None, tokenizer, load_embedder(None, base, tokenizer, router.params["layer"], _pairs(router))
+
+
+def engine_router(router, *, model: str | None = None, per_query: bool = False, batch_size: int = 16):
+    """A function ``queries -> names``: per query (a string or a ``(text, text_pair)`` pair), the adapter a serving
+    engine should be asked for (None: the base model), as ``predict --emit names`` gives it; what routing needs is
+    loaded once, here (a router in front of an engine calls the function per request or batch)."""
+    router = _as_router(router)
+    serving.check(router, per_query)
+    _positive("batch_size", batch_size)
+    routed, tokenizer, embed = _routing_inputs(router, model)
+
+    def names(queries: list) -> list[str | None]:
+        return serving.engine_names(router, route_queries(router, list(queries), routed, tokenizer, embed,
+                                                          batch_size))
+
+    return names
+
+
+def _engine_rows(router: Router, records: list[dict], model: str | None, batch_size: int,
+                 progress: bool) -> list[dict]:
+    """One record per query: ``id``, ``text``, the routing and ``adapter`` (the name to ask an engine for)."""
+    routed, tokenizer, embed = _routing_inputs(router, model)
+    rows = []
+    for i in tqdm(range(0, len(records), batch_size), disable=not progress, desc="route"):
+        batch = records[i:i + batch_size]
+        queries = [record_query(r) for r in batch]
+        decision = route_queries(router, queries, routed, tokenizer, embed, batch_size)
+        for n, (query, c, name) in enumerate(zip(queries, decision.rows(), serving.engine_names(router, decision))):
+            rows.append({"id": batch[n].get("id", i + n), "text": list(query) if isinstance(query, tuple) else query,
+                         "adapters": [router.tasks[e] for e, _ in c], "weights": [round(w, 6) for _, w in c],
+                         "abstained": not c, "adapter": name})
     return rows
 
 
@@ -277,17 +346,7 @@ def route_eval(router, data: dict[str, str], *, model: str | None = None, limit:
         raise PeftmergeError(f"--data {unknown[0]}=...: the router has no adapter for task {unknown[0]!r}; "
                              f"its tasks are: {', '.join(router.tasks)}")
     queries = {t: [record_query(r) for r in read_jsonl(f)][:limit] for t, f in data.items()}
-    if router.spec.per_token:
-        routed, tokenizer = open_routed(router, model)
-        embed = None
-    else:
-        routed = None
-        if router.embedder:
-            tokenizer, embed = None, load_embedder(router.embedder, layer=router.params["layer"],
-                                                   pairs=_pairs(router))
-        else:
-            base, tokenizer = load_base(model or router.base_model)
-            embed = load_embedder(None, base, tokenizer, router.params["layer"], _pairs(router))
+    routed, tokenizer, embed = _routing_inputs(router, model)
     report = {"strategy": router.strategy, "tasks": {}, "confusion": {}}
     correct = total = 0
     for task, texts in tqdm(queries.items(), disable=not progress, desc="route eval"):
