@@ -150,6 +150,8 @@ def combine(
     if alpha is not None:
         registry.ALPHA.check(alpha, n)
     params = m.resolve(recipe.params, n)
+    if recipe.mergekit is None:  # where it runs (a mergekit recipe merges in full space, as mergekit defines it)
+        params["space"] = execute.space(m, params, adapter_output=not (base or recipe.base))
     if recipe.rank is not None and (not isinstance(recipe.rank, int) or recipe.rank < 1):
         raise PeftmergeError(f"rank {recipe.rank} must be a positive integer")
     out_dtype = _dtype(recipe.dtype)
@@ -200,7 +202,7 @@ def combine(
 
     done: dict[int, tuple] = {}
     with tqdm(total=len(plans), desc=f"merge ({m.name})", unit="module", disable=not progress) as bar:
-        for k, result in execute.each_module(m, merge_module, plans):
+        for k, result in execute.each_module(m, merge_module, plans, params):
             done[k] = result
             bar.update()
     tensors, rows = {}, []
@@ -226,7 +228,8 @@ def combine(
         **({"module_weights": {k: v.tolist() for k, v in per_module.items()}} if per_module else {}),
         **({"grams": {"path": str(grams), "data": gram_file.meta["data"]}} if gram_file is not None else {}),
         "inputs": [_describe(a) for a in adapters],
-        "modules": len(rows), "relative_error_mean": sum(errors) / len(errors),
+        "modules": len(rows), "rank_out_max": max(r["rank_out"] for r in rows),
+        "relative_error_mean": sum(errors) / len(errors),
         "relative_error_max": max(errors), "seconds": round(time.perf_counter() - start, 3),
         "per_module": rows,
     }
