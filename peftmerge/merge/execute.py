@@ -80,7 +80,8 @@ def describe(m) -> str:
     """How a method's LoRA merge is computed (what ``peftmerge methods`` shows)."""
     route = m.route
     if LORA_SPACE[route] == "core":
-        return "Core Space: exact factors, rank <= sum r_i"
+        full = "per module from the factors" if route == "sparse" else "dense per module"
+        return f"Core Space, exact, rank <= sum r_i (space full: {full}, then rank-r SVD)"
     if route == "linear":
         return "exact, factor space"
     if route == "factored":
