@@ -150,8 +150,7 @@ def combine(
     if alpha is not None:
         registry.ALPHA.check(alpha, n)
     params = m.resolve(recipe.params, n)
-    if recipe.mergekit is None:  # where it runs (a mergekit recipe merges in full space, as mergekit defines it)
-        params["space"] = execute.space(m, params, adapter_output=not (base or recipe.base))
+    params["space"] = execute.space(m, params, adapter_output=not (base or recipe.base))  # where it runs
     if recipe.rank is not None and (not isinstance(recipe.rank, int) or recipe.rank < 1):
         raise PeftmergeError(f"rank {recipe.rank} must be a positive integer")
     out_dtype = _dtype(recipe.dtype)

@@ -70,9 +70,6 @@ def space(m, params: dict, adapter_output: bool = True) -> str:
     if given != "full" and global_trim:
         raise PeftmergeError(f"granularity=global trims over the whole adapter's full-space task vectors; use "
                              f"granularity=tensor with space {given}, or space full")
-    if given != "full" and m.route == "recipe":
-        raise PeftmergeError(f"space {given}: a YAML recipe of mergekit's {m.name} merges as mergekit defines it, in "
-                             f"full space; drop space, or merge with --method {m.name} --space {given}")
     return given
 
 
@@ -227,15 +224,20 @@ def _factored(m, adapters, plan, weights, params: dict, rank: int, ctx: Context)
 
 
 def in_space(m, where: str, factors: list, shape: tuple[int, int], weights, params: dict, rank: int | None,
-             ctx: Context) -> tuple[Tensor, Tensor, float]:
+             ctx: Context, position: float = 0.0) -> tuple[Tensor, Tensor, float]:
     """The method on the inputs' representation in space ``where`` (``core`` or ``knots``; ``factors``: per input
     (B_i, A_i), scaled, or None), mapped back to LoRA factors ``(A, B)`` of rank <= sum r_i, exact (the top ``rank``
-    directions where given, and the relative error of that truncation)."""
+    directions where given, and the relative error of that truncation). A YAML recipe of a mergekit method merges
+    the representations with its settings for the module's weight tensor (at layer ``position``)."""
     rep = spaces.represent(where, factors, shape)
     if rep.stack.numel() == 0:  # every input's update is zero
         return torch.zeros(1, shape[1]), torch.zeros(shape[0], 1), 0.0
     ctx.grams = spaces.grams(rep, ctx.grams)
-    return spaces.lift(rep, dense(m, rep.stack, weights, params, ctx), rank)
+    if m.route == "recipe":
+        merged = m.merge(f"{ctx.module}.weight", None, rep.stack, position)
+    else:
+        merged = dense(m, rep.stack, weights, params, ctx)
+    return spaces.lift(rep, merged, rank)
 
 
 def _in_space(m, where: str, adapters, plan, weights, params: dict, rank: int | None, ctx: Context):
@@ -282,7 +284,7 @@ def full(m, name: str, inputs: list, w0: Tensor, weights: Tensor | None, params:
     if any(x is not None and x[0] == "factors" for x in inputs):  # LoRA weights in Core Space or KnOTS' space
         factors = [None if x is None else x[1] for x in inputs]
         a, b, _ = in_space(m, space(m, params, adapter_output=False), factors, tuple(w0.shape), weights, params,
-                           None, ctx)
+                           None, ctx, position)
         out.copy_(w0.float() + b @ a)
         if out.numel():
             ranges.append(tuple(map(float, torch.aminmax(out))))

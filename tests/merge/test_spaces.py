@@ -108,3 +108,30 @@ def test_cli_space_option(three, tmp_path):
     assert load_adapter(tmp_path / "m").modules
     r = CliRunner().invoke(main, ["combine", *map(str, inputs), "-o", str(tmp_path / "n"), "--space", "cores"])
     assert r.exit_code == 2 and "'cores' is not one of" in r.output
+
+
+def test_a_yaml_recipe_sets_the_space_for_mergekits_methods_too(three, tmp_path):
+    import yaml
+
+    root, inputs = three
+    outs = {}
+    for space in ("full", "core"):
+        cfg = {"merge_method": "task_arithmetic", "parameters": {"space": space},
+               "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(inputs, (0.7, 1.3, 0.4))]}
+        (tmp_path / f"{space}.yml").write_text(yaml.safe_dump(cfg))
+        report = combine(config=tmp_path / f"{space}.yml", out=tmp_path / space, progress=False)
+        assert report["params"]["space"] == space
+        outs[space] = load_adapter(tmp_path / space)
+    for name in outs["full"].modules:
+        assert relative(outs["core"].delta(name), outs["full"].delta(name)) < 1e-6
+    cfg = {"merge_method": "ties", "parameters": {"space": "knots"},
+           "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.4}} for p in inputs]}
+    (tmp_path / "ties.yml").write_text(yaml.safe_dump(cfg))
+    report = combine(config=tmp_path / "ties.yml", out=tmp_path / "ties", progress=False)
+    assert report["params"]["space"] == "knots" and report["rank_out_max"] <= 9
+    with pytest.raises(PeftmergeError, match="--space would change it: set it in the recipe"):
+        combine(config=tmp_path / "ties.yml", out=tmp_path / "x", space="core", progress=False)
+    cfg["parameters"]["space"] = "cores"
+    (tmp_path / "bad.yml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(PeftmergeError, match="bad.yml: parameters: space 'cores' is not one of full, core, knots"):
+        combine(config=tmp_path / "bad.yml", out=tmp_path / "x", progress=False)
