@@ -154,6 +154,7 @@ def combine(
     if alpha is not None:
         registry.ALPHA.check(alpha, n)
     params = m.resolve(recipe.params, n)
+    params["space"] = execute.space(m, params, adapter_output=not (base or recipe.base))  # where it runs
     if recipe.rank is not None and (not isinstance(recipe.rank, int) or recipe.rank < 1):
         raise PeftmergeError(f"rank {recipe.rank} must be a positive integer")
     out_dtype = _dtype(recipe.dtype)
@@ -210,7 +211,7 @@ def combine(
 
     done: dict[int, tuple] = {}
     with tqdm(total=len(plans), desc=f"merge ({m.name})", unit="module", disable=not progress) as bar:
-        for k, result in execute.each_module(m, merge_module, plans):
+        for k, result in execute.each_module(m, merge_module, plans, params):
             done[k] = result
             bar.update()
     served = None
@@ -241,7 +242,8 @@ def combine(
         **({"module_weights": {k: v.tolist() for k, v in per_module.items()}} if per_module else {}),
         **({"grams": {"path": str(grams), "data": gram_file.meta["data"]}} if gram_file is not None else {}),
         "inputs": [_describe(a) for a in adapters],
-        "modules": len(rows), "relative_error_mean": sum(errors) / len(errors),
+        "modules": len(rows), "rank_out_max": max(r["rank_out"] for r in rows),
+        "relative_error_mean": sum(errors) / len(errors),
         "relative_error_max": max(errors), "seconds": round(time.perf_counter() - start, 3),
         **({"serve": served} if served else {}),
         "per_module": rows,

@@ -17,6 +17,11 @@ recipe     mergekit's definition on the stacked task vectors, then a      mergek
            seeded randomized SVD
 =========  ==============================================================  =======================================
 
+Every route runs in a *space* (the ``space`` parameter every method takes, :func:`space`): ``full`` as above, or, on
+LoRA inputs, ``core`` (Core Space) or ``knots`` (KnOTS): the method runs on the inputs' representation there
+(:mod:`peftmerge.merge.engine.spaces`, from the factors) and the merge comes back as exact factors of rank <= the sum
+of the input ranks (:func:`in_space`), for adapter outputs and ``--base`` alike.
+
 Every random choice of a module (random masks, the randomized SVD's start) comes from
 :func:`module_generator` (seed, module name), so adapter and full-model outputs draw the same masks.
 :func:`combine <peftmerge.merge.combine.combine>`, :func:`combine_full <peftmerge.merge.full_model.combine_full>`,
@@ -30,7 +35,8 @@ import zlib
 import torch
 from torch import Tensor
 
-from .engine import blocked, blocks, krylov, selection, sparse_lora
+from ..errors import PeftmergeError
+from .engine import blocked, blocks, krylov, selection, spaces, sparse_lora
 from .methods import lowrank
 from .methods.ops import mask_seed
 from .plan import ModulePlan, stacked_deltas
@@ -47,9 +53,32 @@ def context(params: dict, module: str, thresholds: Tensor | None = None, grams: 
     return Context(module, module_generator(params.get("seed", 0), module), thresholds, grams=grams)
 
 
+# The space of an adapter output when none is given, by route (docs/spaces.md gives the measurements): the linear
+# and factored methods are exact in factor space already; the entrywise (sparse) and dense ones lose much of their
+# merge to the rank-R refactorization in full space, and nothing in Core Space.
+LORA_SPACE = {"linear": "full", "factored": "full", "sparse": "core", "dense": "core", "recipe": "full"}
+
+
+def space(m, params: dict, adapter_output: bool = True) -> str:
+    """Where method ``m`` runs: ``params["space"]`` where given, else its family's default for adapter outputs
+    (:data:`LORA_SPACE`) and ``full`` for full models. TIES' global trim ranks entries over the whole adapter's task
+    vectors, which only the full space has: it runs in full space unless another is asked for, and is refused then."""
+    given = params.get("space")
+    global_trim = params.get("granularity") == "global"
+    if given is None:
+        return "full" if global_trim or not adapter_output else LORA_SPACE[m.route]
+    if given != "full" and global_trim:
+        raise PeftmergeError(f"granularity=global trims over the whole adapter's full-space task vectors; use "
+                             f"granularity=tensor with space {given}, or space full")
+    return given
+
+
 def describe(m) -> str:
     """How a method's LoRA merge is computed (what ``peftmerge methods`` shows)."""
     route = m.route
+    if LORA_SPACE[route] == "core":
+        full = "per module from the factors" if route == "sparse" else "dense per module"
+        return f"Core Space, exact, rank <= sum r_i (space full: {full}, then rank-r SVD)"
     if route == "linear":
         return "exact, factor space"
     if route == "factored":
@@ -60,17 +89,19 @@ def describe(m) -> str:
     return "dense per module, then rank-r SVD"
 
 
-def modules_in_parallel(m) -> bool:
+def modules_in_parallel(m, params: dict | None = None) -> bool:
     """Whether an adapter's modules merge one per core (each single-threaded) rather than one at a time on every
-    core: for the sparse merges, whose serial steps (thresholds, the Krylov SVD) would keep cores waiting."""
-    return m.route == "sparse"
+    core: for the sparse merges, whose serial steps (thresholds, the Krylov SVD) would keep cores waiting, and for
+    merges of many small steps (dense methods such as WUDI's Adam steps; any merge in Core Space or KnOTS', whose
+    representations are small), where every core on one small op waits at its barrier."""
+    return m.route in ("sparse", "dense") or space(m, params or {}) != "full"
 
 
-def each_module(m, merge_one, plans: list[ModulePlan]):
-    """Yield ``(k, merge_one(plans[k]))`` as the modules finish: one per core for the methods that gain from it
+def each_module(m, merge_one, plans: list[ModulePlan], params: dict | None = None):
+    """Yield ``(k, merge_one(plans[k]))`` as the modules finish: one per core for the merges that gain from it
     (:func:`modules_in_parallel`), else one at a time on every core."""
     sizes = [plan.shape[0] * plan.shape[1] for plan in plans]
-    yield from blocks.each_on_a_thread(merge_one, plans, sizes, None if modules_in_parallel(m) else 1)
+    yield from blocks.each_on_a_thread(merge_one, plans, sizes, None if modules_in_parallel(m, params) else 1)
     blocks.release("merged")  # this thread's M buffer (the module threads' go with them)
 
 
@@ -108,6 +139,9 @@ def lora(m, adapters, plan: ModulePlan, weights: Tensor | None, params: dict, ra
     merge. ``rank``: the output rank (default: the sum of the input ranks; never truncated for ``cat``).
     ``deltas``: the module's stacked task vectors, where the caller holds them already."""
     route = m.route
+    where = space(m, params)
+    if where != "full":
+        return _in_space(m, where, adapters, plan, weights, params, rank, ctx)
     if route == "linear":
         return _linear(adapters, plan, m.coefficients(weights, params), rank)
     target = min(rank or sum(plan.ranks(adapters)), *plan.shape)
@@ -126,7 +160,7 @@ def lora_delta(m, adapters, plan: ModulePlan, weights: Tensor, params: dict, ran
                deltas: Tensor | None = None) -> Tensor:
     """The dense dW that :func:`lora` writes for this module (what a search patches into a model): a linear merge at
     full rank exactly as the weighted sum of ``deltas``, the others as ``B @ A``."""
-    if m.route == "linear" and (rank is None or rank >= sum(plan.ranks(adapters))):
+    if m.route == "linear" and space(m, params) == "full" and (rank is None or rank >= sum(plan.ranks(adapters))):
         stack = deltas if deltas is not None else stacked_deltas(adapters, plan)
         return m.reference(stack, weights, params)
     a, b, _ = lora(m, adapters, plan, weights, params, rank, ctx, deltas)
@@ -189,6 +223,36 @@ def _factored(m, adapters, plan, weights, params: dict, rank: int, ctx: Context)
     return _truncation(b, a, rank)
 
 
+def in_space(m, where: str, factors: list, shape: tuple[int, int], weights, params: dict, rank: int | None,
+             ctx: Context, position: float = 0.0) -> tuple[Tensor, Tensor, float]:
+    """The method on the inputs' representation in space ``where`` (``core`` or ``knots``; ``factors``: per input
+    (B_i, A_i), scaled, or None), mapped back to LoRA factors ``(A, B)`` of rank <= sum r_i, exact (the top ``rank``
+    directions where given, and the relative error of that truncation). A YAML recipe of a mergekit method merges
+    the representations with its settings for the module's weight tensor (at layer ``position``)."""
+    rep = spaces.represent(where, factors, shape)
+    if rep.stack.numel() == 0:  # every input's update is zero
+        return torch.zeros(1, shape[1]), torch.zeros(shape[0], 1), 0.0
+    ctx.grams = spaces.grams(rep, ctx.grams)
+    if m.route == "recipe":
+        merged = m.merge(f"{ctx.module}.weight", None, rep.stack, position)
+    else:
+        merged = dense(m, rep.stack, weights, params, ctx)
+    return spaces.lift(rep, merged, rank)
+
+
+def _in_space(m, where: str, adapters, plan, weights, params: dict, rank: int | None, ctx: Context):
+    """:func:`in_space` for one module of an adapter output, in the weight's own layout (rows are the weight's rows,
+    as in full space: for embeddings and Conv1D the factors of dW^T; Gram-reading methods use (d_out, d_in))."""
+    transposed = plan.transposed and not m.needs_grams
+    factors = [None] * len(adapters)
+    for i in plan.present:
+        a, b = adapters[i].scaled_factors(plan.name)
+        factors[i] = (a.T, b.T) if transposed else (b, a)
+    shape = plan.shape[::-1] if transposed else plan.shape
+    a, b, err = in_space(m, where, factors, shape, weights, params, rank, ctx)
+    return (b.T, a.T, err) if transposed else (a, b, err)
+
+
 def _sparse(m, adapters, plan, weights, params: dict, rank: int, ctx: Context):
     """A sparse method from the inputs' factors (:func:`sparse_lora.merge_to_rank`), in the weight's own layout
     (rows are the weight's rows, as with --base: for embeddings and Conv1D the factors of dW^T)."""
@@ -212,10 +276,19 @@ def full(m, name: str, inputs: list, w0: Tensor, weights: Tensor | None, params:
          ranges: list, stacked, position: float = 0.0) -> Tensor:
     """W0 + the merge of tensor ``name`` into ``out`` (any dtype), the (min, max) of its blocks appended to
     ``ranges``. ``inputs``: per input ``("theta", its tensor)``, ``("delta", its task vector)`` or None (unchanged),
-    read by row blocks (:class:`blocked.Deltas`) with ``w0``, the base tensor as stored; ``stacked()``: (W0 in
+    read by row blocks (:class:`blocked.Deltas`) with ``w0``, the base tensor as stored, or ``("factors", (B, A))``
+    (the weight's layout) where the merge runs in Core Space or KnOTS' (:func:`in_space`); ``stacked()``: (W0 in
     float32, the (n, *shape) task vectors), for the routes that need them whole; ``position``: the tensor's place
     in the layers (a recipe's gradients)."""
     route = m.route
+    if any(x is not None and x[0] == "factors" for x in inputs):  # LoRA weights in Core Space or KnOTS' space
+        factors = [None if x is None else x[1] for x in inputs]
+        a, b, _ = in_space(m, space(m, params, adapter_output=False), factors, tuple(w0.shape), weights, params,
+                           None, ctx, position)
+        out.copy_(w0.float() + b @ a)
+        if out.numel():
+            ranges.append(tuple(map(float, torch.aminmax(out))))
+        return out
     src = blocked.Deltas(inputs, w0, tuple(w0.shape))
     if route == "linear":  # W0 + sum_i c_i dW_i
         return blocked.linear(src, m.coefficients(weights, params).tolist(), out, ranges=ranges)

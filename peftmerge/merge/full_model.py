@@ -15,7 +15,9 @@ the next one, read ahead on a background thread while this one is merged); the o
 shard file.
 Sparsifying methods act on the tensor as stored (rows are the weight's rows); DARE masks are seeded
 with the module name as in the adapter path, so on Linear modules a full merge of LoRA inputs equals
-``merge_and_unload`` of the merged adapter (at full rank).
+``merge_and_unload`` of the merged adapter (at full rank). With ``space`` core or knots (LoRA inputs only) each
+adapted weight is W0 + the merge in that space (:func:`peftmerge.merge.execute.in_space`), exactly the adapter
+output of the same space merged into W0; biases merge in full space.
 """
 
 from __future__ import annotations
@@ -189,12 +191,17 @@ def _read(name: str, base: Checkpoint, sources: list[Source], changed: bool, ws:
     return w0, raws
 
 
-def _inputs(name: str, sources: list[Source], raws: list, w0_raw: torch.Tensor) -> list:
-    """What :func:`execute.full` takes: each input's full tensor (``theta``), LoRA task vector, or None."""
+def _inputs(name: str, sources: list[Source], raws: list, w0_raw: torch.Tensor, factors: bool = False) -> list:
+    """What :func:`execute.full` takes: each input's full tensor (``theta``), LoRA task vector, or None; with
+    ``factors`` (a merge in Core Space or KnOTS') a LoRA weight's scaled factors (B, A) in the weight's layout."""
     out = []
     for src, raw in zip(sources, raws):
         if src.checkpoint is not None:
             out.append(("theta", raw))
+        elif factors and name in src.targets:
+            module, transpose = src.targets[name]
+            a, b = src.adapter.scaled_factors(module)
+            out.append(("factors", (a.T, b.T) if transpose else (b, a)))
         elif src.adapts(name):
             out.append(("delta", src.task_vector(name, w0_raw, raw)))
         else:
@@ -222,8 +229,8 @@ def merge_tensor(name: str, w0_raw: torch.Tensor, raws: list, sources: list[Sour
         return w0, stacked(name, w0, raws, sources, ws.get("stack", (len(sources), *w0.shape)))
 
     ctx = execute.context(params, name.removesuffix(".weight"), thresholds)
-    execute.full(method, name, _inputs(name, sources, raws, w0_raw), w0_raw, weights, params, ctx, out, ranges, whole,
-                 position)
+    inputs = _inputs(name, sources, raws, w0_raw, params.get("space", "full") != "full")
+    execute.full(method, name, inputs, w0_raw, weights, params, ctx, out, ranges, whole, position)
     _check_finite(name, ranges, raws, sources, out.dtype)
     return out
 
@@ -278,6 +285,10 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
     aliases = {out_name: inp for out_name, inp in (pairs or {}).items() if out_name not in ckpt.tensors}
     tied.alias(ckpt, aliases)
     sources = open_sources(recipe.inputs, ckpt, alpha, force, aliases)
+    checkpoint = next((s.path for s in sources if s.checkpoint is not None), None)
+    if checkpoint is not None and params.get("space", "full") != "full":
+        raise PeftmergeError(f"{checkpoint}: a full checkpoint has no LoRA factors to merge in space {params['space']}; "
+                             "drop --space (full space), or merge LoRA adapters only")
     if pairs is None:
         tied.refuse_unknown(sources, base_path)
         pairs = {}

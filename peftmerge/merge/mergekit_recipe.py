@@ -202,9 +202,11 @@ class MergekitRecipe:
         return params.pop("weight"), params
 
     def resolve(self, given: dict, n: int) -> dict:
-        """What the merge report records: the shared parameters and each model's settings as written."""
+        """What the merge report records: the shared parameters and each model's settings as written, and the space
+        it runs in where ``given`` names one."""
         shared = {k.name: self.shared.get(k.name, k.default) for k in self.spec.keys if not k.per_model}
-        return {**shared, "models": [dict(p) for p in self.per_model], "dialect": "mergekit"}
+        space = {"space": given["space"]} if given.get("space") else {}
+        return {**shared, "models": [dict(p) for p in self.per_model], "dialect": "mergekit", **space}
 
     def weights(self) -> list:
         """Each input's ``weight`` setting as written (a number, a gradient or conditionals)."""

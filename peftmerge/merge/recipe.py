@@ -12,7 +12,9 @@ A YAML recipe is mergekit's format and means what it means to mergekit (``mergek
     parameters: {normalize: true}
     dtype: bfloat16
 
-Methods mergekit defines are merged with its definitions, defaults, gradients and filters
+``parameters: {space: core}`` (or knots) runs the method on the LoRA inputs' Core Space or KnOTS' representation
+(:mod:`peftmerge.merge.engine.spaces`), for mergekit's methods too. Methods mergekit defines are merged with its
+definitions, defaults, gradients and filters
 (:mod:`peftmerge.merge.mergekit_recipe`, :mod:`peftmerge.merge.mergekit_methods`); the methods only
 peftmerge has keep peftmerge's definitions and take scalar parameters. What cannot be done exactly is
 refused with one line (:data:`mergekit_methods.REFUSED_KEYS`, :data:`mergekit_methods.REFUSED_METHODS`).
@@ -27,6 +29,7 @@ from ..errors import PeftmergeError
 from ..io.meta import read_yaml
 from . import mergekit_methods as mk
 from .mergekit_recipe import MergekitRecipe, base_entries, warn_ignored
+from .registry import SPACE
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "rank"}
 @dataclass
@@ -54,7 +57,7 @@ class Recipe:
         if params.get("seed") is not None:
             if self.mergekit is not None:
                 self.mergekit.set_seed(params["seed"])
-                self.params = self.mergekit.resolve({}, len(self.inputs))
+                self.params = self.mergekit.resolve(self.params, len(self.inputs))
             else:
                 self.params["seed"] = params["seed"]
 
@@ -146,10 +149,13 @@ def load_recipe(path: str | Path) -> Recipe:
     if not keep:
         raise PeftmergeError(f"{path}: every model is the base model; list the models to merge into it")
     recipe.inputs = [inputs[i] for i in keep]
+    space = shared.pop("space", None)  # where peftmerge runs mergekit's method (LoRA inputs), not a mergekit key
+    if space is not None and space not in SPACE.choices:
+        raise PeftmergeError(f"{path}: parameters: space {space!r} is not one of {', '.join(SPACE.choices)}")
     recipe.mergekit = MergekitRecipe(path, spec, [labels[i] for i in keep], [per_model[i] for i in keep],
                                      dict(shared))
     recipe.weights = recipe.mergekit.weights()
-    recipe.params = recipe.mergekit.resolve({}, len(keep))
+    recipe.params = recipe.mergekit.resolve({"space": space}, len(keep))
     return recipe
 
 

@@ -37,6 +37,11 @@ SIGN = Param("sign", "total", "sign election: 'total' (sign of the sum) or 'freq
 GRANULARITY = Param("granularity", "tensor", "magnitude trim per tensor, or over the whole adapter ('global')",
                     choices=("tensor", "global"))
 SEED = Param("seed", 0, "random seed (random masks; the start block of the randomized SVD)", low=0)
+# Where every method runs on LoRA inputs (:mod:`peftmerge.merge.engine.spaces`); None: the method's default
+SPACE = Param("space", None, "where the method runs on LoRA inputs: full (the task vectors dW_i), core (Core Space: "
+              "the cores U_B^T dW_i V_A) or knots (KnOTS: the rows S V_i^T of the SVD of [dW_1 .. dW_n]); default: "
+              "the method family's for adapter outputs (docs/spaces.md), full with --base",
+              choices=("full", "core", "knots"), grid=("full", "core", "knots"))
 # Not method hyperparameters, checked with the same rule (finite numbers):
 WEIGHT = Param("weight", 1.0, "per-input weight", per_model=True)
 ALPHA = Param("alpha", None, "lora_alpha of inputs that have no adapter_config.json")
@@ -118,8 +123,9 @@ class Method:
 
         ``seed`` is accepted by every method (a sweep over methods passes one seed to all): methods that draw
         random masks declare it (default 0); for the others it is kept only when given, and seeds the start block
-        of the randomized SVD that refactorizes a dense merge."""
-        out = resolve(self.params, given, n, f"method {self.name}", always=(SEED,))
+        of the randomized SVD that refactorizes a dense merge. ``space`` is accepted by every method and kept only
+        when given (:func:`peftmerge.merge.execute.space` picks the default)."""
+        out = resolve(self.params, given, n, f"method {self.name}", always=(SEED, SPACE))
         if self.check is not None:
             self.check(out)
         return out
@@ -192,6 +198,6 @@ def parameters() -> dict[str, tuple[Param, list[str]]]:
     definition; methods sharing a name share its meaning). What the command line makes its options from."""
     out: dict[str, tuple[Param, list[str]]] = {}
     for m in methods():
-        for p in (*m.params, *([] if m.random else [SEED])):
+        for p in (*m.params, *([] if m.random else [SEED]), SPACE):
             out.setdefault(p.name, (p, []))[1].append(m.name)
     return out

@@ -92,12 +92,13 @@ class Evaluator:
         return out
 
 
-def _axes(grid: dict | None, method: registry.Method) -> dict[str, list[float]]:
-    """The grid: the given one, else the method's first two parameters that declare default values to try."""
+def _axes(grid: dict | None, method: registry.Method) -> dict[str, list]:
+    """The grid: the given one, else the method's first two parameters that declare default values to try (the
+    space every method runs in, ``space=full,core,knots``, only where given)."""
     searchable = {p.name: p for p in method.params if p.grid}
-    known = list(searchable)
+    known = list(searchable) + [registry.SPACE.name]
     if not grid:
-        grid = {name: list(searchable[name].grid) for name in known[:2]}
+        grid = {name: list(searchable[name].grid) for name in list(searchable)[:2]}
     for name, values in grid.items():
         if name not in known:
             raise PeftmergeError(f"--grid {name}: method {method.name} has no searchable parameter {name!r} "
@@ -109,16 +110,24 @@ def _axes(grid: dict | None, method: registry.Method) -> dict[str, list[float]]:
                              "(per-model weights)")
     if len(grid) > 2:
         raise PeftmergeError(f"--grid over {len(grid)} parameters; grid one or two (use --strategy es for more)")
-    return {k: [float(v) for v in vs] for k, vs in grid.items()}
+    for name, values in grid.items():
+        if name == registry.SPACE.name:
+            for v in values:
+                registry.SPACE.check(v)
+    return {k: [v if isinstance(v, str) else float(v) for v in vs] for k, vs in grid.items()}
 
 
-def parse_grid(values: Sequence[str]) -> dict[str, list[float]]:
-    """``("lambda=0.5,1", "density=0.1,0.2")`` -> {name: values}."""
+def parse_grid(values: Sequence[str]) -> dict[str, list]:
+    """``("lambda=0.5,1", "density=0.1,0.2")`` -> {name: values}; ``space=core,knots`` keeps its names."""
     out = {}
     for v in values or ():
         name, sep, rest = v.partition("=")
+        items = [x.strip() for x in rest.split(",") if x.strip()]
+        if name.strip() == registry.SPACE.name:
+            out[name.strip()] = items
+            continue
         try:
-            out[name.strip()] = [float(x) for x in rest.split(",") if x.strip()]
+            out[name.strip()] = [float(x) for x in items]
         except ValueError:
             sep = ""
         if sep and not all(math.isfinite(x) for x in out[name.strip()]):
@@ -335,8 +344,8 @@ def plot_trace(result: dict, path: Path) -> None:
         (n1, v1), (n2, v2) = axes.items()
         grid = np.array([r["score"] for r in trace]).reshape(len(v1), len(v2))
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(v2)), [f"{v:g}" for v in v2])
-        ax.set_yticks(range(len(v1)), [f"{v:g}" for v in v1])
+        ax.set_xticks(range(len(v2)), [v if isinstance(v, str) else f"{v:g}" for v in v2])
+        ax.set_yticks(range(len(v1)), [v if isinstance(v, str) else f"{v:g}" for v in v1])
         ax.set_xlabel(n2)
         ax.set_ylabel(n1)
         fig.colorbar(im)

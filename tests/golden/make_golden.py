@@ -28,6 +28,15 @@ N, SHAPE = 3, (12, 20)
 WEIGHTS = (0.7, 1.3, 0.4)
 
 
+R = 2  # the rank of each input of the LoRA cases (Core Space, KnOTS): 3 x 2 = 6 <= min(SHAPE)
+
+
+def factors() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """N LoRA inputs (B_i (12, R), A_i (R, 20)), the same on every machine."""
+    g = torch.Generator().manual_seed(20250917)
+    return [(torch.randn(SHAPE[0], R, generator=g), torch.randn(R, SHAPE[1], generator=g)) for _ in range(N)]
+
+
 def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(deltas (N, *SHAPE), weights (N,), base (*SHAPE)), the same on every machine."""
     g = torch.Generator().manual_seed(20240917)
@@ -76,6 +85,18 @@ def ours_flags(method: str, weights=None, **given) -> torch.Tensor:
     params = m.resolve(given, N)
     return execute.dense(m, deltas, w if weights is None else weights, params,
                          registry.Context("m", torch.Generator().manual_seed(7)))
+
+
+def ours_space(method: str, space: str, **given) -> torch.Tensor:
+    """``peftmerge combine --space SPACE``'s merge of the fixed LoRA inputs (weights 1: the official code's single
+    scaling coefficient), B @ A of its factors."""
+    from peftmerge.merge import execute, registry
+
+    m = registry.get(method)
+    params = m.resolve({**given, "space": space}, N)
+    a, b, _ = execute.in_space(m, space, factors(), SHAPE, torch.ones(N), params, None,
+                               registry.Context("m", torch.Generator().manual_seed(7)))
+    return b @ a
 
 
 def dare_masks_from_ours(density: float) -> list[torch.Tensor]:
@@ -153,6 +174,10 @@ def official_flags(fn: str, **kw) -> torch.Tensor:
                                           merge_utils.calculate_majority_sign_mask(masked, "total"))
     if fn == "pcb":
         return official.pcb(deltas.reshape(N, -1), kw["density"]).reshape(SHAPE)
+    if fn in ("core_space", "knots"):
+        return getattr(official, fn)(factors(), **kw)
+    if fn == "wudi":
+        return official.wudi(deltas, **kw)
     return getattr(official, fn)(deltas, w)
 
 
@@ -182,7 +207,24 @@ def cases() -> list[Case]:
              lambda: ours_flags("pcb", ones, density=0.2), "official"),
         Case("official/tsv", lambda: official_flags("tsv"), lambda: ours_flags("tsv"), "official"),
         Case("official/iso_c", lambda: official_flags("iso_c"), lambda: ours_flags("iso_c"), "official"),
+        Case("official/wudi", lambda: official_flags("wudi"), lambda: ours_flags("wudi", ones), "official"),
+        Case("official/wudi_lr0.01_100", lambda: official_flags("wudi", lr=0.01, iter_num=100),
+             lambda: ours_flags("wudi", ones, learning_rate=0.01, steps=100), "official"),
+        Case("official/core_task_arithmetic_0.7", lambda: official_flags("core_space", merge="sum", scale=0.7),
+             lambda: ours_space("task_arithmetic", "core", **{"lambda": 0.7}), "official"),
+        Case("official/core_tsv", lambda: official_flags("core_space", merge="tsv"), lambda: ours_space("tsv", "core"),
+             "official"),
+        Case("official/knots_task_arithmetic", lambda: official_flags("knots", merge="sum"),
+             lambda: ours_space("task_arithmetic", "knots"), "official"),
     ]
+    # TIES: the official top-k (kthvalue, >=) keeps int(d k) + 1 of d entries, peftmerge int(d density) (PEFT's):
+    # the cores hold 36 entries: top_k 0.2 keeps 8 = int(36 * 0.23), 0.5 keeps 19 = int(36 * 0.53); KnOTS' rows
+    # (6 x 20) 120 entries: 0.2 keeps 25 = int(120 * 0.21).
+    for space, official_k, density in (("core", 0.2, 0.23), ("knots", 0.2, 0.21), ("core", 0.5, 0.53)):
+        fn = "core_space" if space == "core" else "knots"
+        out.append(Case(f"official/{space}_ties_{official_k}", lambda f=fn, k=official_k: official_flags(
+            f, merge="ties", top_k=k, scale=1.3), lambda s=space, d=density: ours_space(
+            "ties", s, density=d, **{"lambda": 1.3}), "official"))
     recipes = [
         ("task_arithmetic", {"lambda": 0.8}, None, None),
         ("ties", {}, {"density": [0.3, 0.5, 0.2]}, None),

@@ -252,7 +252,7 @@ def test_breadcrumbs_rows_are_the_weights_rows_for_conv1d_and_embeddings(tmp_pat
     base = tmp_path / "base"
     tiny_gpt2().save_pretrained(str(base))
     params = {"density": 0.3, "gamma": 0.05}
-    combine([a, b], tmp_path / "lora", method, rank=32, progress=False, **params)
+    combine([a, b], tmp_path / "lora", method, rank=32, space="full", progress=False, **params)
     combine([a, b], tmp_path / "full", method, base=base, progress=False, **params)
     out, ins = load_adapter(tmp_path / "lora"), [load_adapter(a), load_adapter(b)]
     full, w0 = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(base / "model.safetensors"))

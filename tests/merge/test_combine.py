@@ -61,7 +61,7 @@ def test_task_arithmetic_is_exact_and_loads_in_peft(adapters, tmp_path):
 
 def test_ties_round_trip_equals_peft_merge_utils(adapters, tmp_path):
     # rank 32 = full rank of a 32x32 module, so the refactorization is exact and only the method is tested
-    combine(adapters, tmp_path / "m", "ties", density=0.3, weights=[1, 0.5, 2], rank=32, progress=False)
+    combine(adapters, tmp_path / "m", "ties", density=0.3, weights=[1, 0.5, 2], rank=32, space="full", progress=False)
     ds = [peft_deltas(a) for a in adapters]
     expected = {}
     for k in set().union(*ds):
@@ -142,7 +142,7 @@ def test_randomized_svd_is_near_optimal_on_a_flat_ties_spectrum():
 
 
 def test_sparse_merge_reports_refactorization_error(adapters, tmp_path):
-    report = combine(adapters, tmp_path / "m", "ties", progress=False)
+    report = combine(adapters, tmp_path / "m", "ties", space="full", progress=False)
     out = load_adapter(tmp_path / "m")
     ins = [load_adapter(a) for a in adapters]
     row = report["per_module"][0]

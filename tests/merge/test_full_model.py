@@ -71,7 +71,7 @@ def test_lora_inputs_equal_merge_and_unload(tmp_path, base, method, kw):
               make_adapter(tmp_path / "b", seed=2, r=2, alpha=4, targets=("q_proj", "o_proj", "down_proj")),
               make_adapter(tmp_path / "c", seed=3, r=6, alpha=3, use_rslora=True)]
     rank = None if method == "task_arithmetic" else 128  # full rank: the adapter holds the merged dW exactly
-    combine(inputs, tmp_path / "adapter", method, rank=rank, progress=False, **kw)
+    combine(inputs, tmp_path / "adapter", method, rank=rank, space="full", progress=False, **kw)
     report = combine(inputs, tmp_path / "full", method, base=base, progress=False, **kw)
 
     expected = logits(PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "adapter")).merge_and_unload())
@@ -85,7 +85,7 @@ def test_dare_lora_inputs_use_the_adapter_masks(tmp_path, base, adapters):
     """DARE masks are seeded by module name, so the full merge equals the dare_ties adapter merged in."""
     from peft import PeftModel
 
-    combine(adapters, tmp_path / "adapter", "dare_ties", density=0.5, seed=3, rank=128, progress=False)
+    combine(adapters, tmp_path / "adapter", "dare_ties", density=0.5, seed=3, rank=128, space="full", progress=False)
     combine(adapters, tmp_path / "full", "dare_ties", density=0.5, seed=3, base=base, progress=False)
     expected = logits(PeftModel.from_pretrained(tiny_llama(0), str(tmp_path / "adapter")).merge_and_unload())
     torch.testing.assert_close(logits(load_model(tmp_path / "full")), expected, atol=2e-5, rtol=1e-4)

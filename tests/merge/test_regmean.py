@@ -139,7 +139,7 @@ def test_cli_grams_then_combine_regmean_writes_the_closed_form(bert_pair, tmp_pa
         expected = _merge(deltas, [1.0, 1.0], [x.double() for x in gf.of(module, ["sent", "topic"])], 0.9)
         torch.testing.assert_close(merged.delta(module).double(), expected, rtol=1e-4, atol=1e-6)
     report = json.loads((out / "merge_report.json").read_text())
-    assert report["params"] == {"off_diagonal": 0.9} and report["grams"]["path"] == str(g)
+    assert report["params"] == {"off_diagonal": 0.9, "space": "full"} and report["grams"]["path"] == str(g)
     assert sorted(p.stem for p in (out / "heads").iterdir()) == ["sent", "topic"]  # every input's head kept
 
 
@@ -198,7 +198,7 @@ def test_layerwise_regmean_starts_at_regmean_and_writes_the_learned_shares(bert_
         assert plain["tasks"][t]["accuracy"] == pytest.approx(start["tasks"][t])
     merged, ins, gf = load_adapter(tmp_path / "best"), [load_adapter(p) for p in inputs], Grams(g)
     report = json.loads((tmp_path / "best" / "merge_report.json").read_text())
-    assert report["method"] == "regmean" and report["params"] == {"off_diagonal": 0.9}
+    assert report["method"] == "regmean" and report["params"] == {"off_diagonal": 0.9, "space": "full"}
     for module, weights in report["module_weights"].items():  # sum_i c_i,module dW_i T_i
         deltas = torch.stack([a.delta(module).double() for a in ins])
         expected = _merge(deltas, weights, [x.double() for x in gf.of(module, ["sent", "topic"])], 0.9)
@@ -219,7 +219,7 @@ def test_grid_search_over_off_diagonal_writes_the_best_point(bert_pair, tmp_path
                grid={"off_diagonal": [0.0, 1.0]}, batch_size=4, max_length=32, progress=False)
     assert [row["params"]["off_diagonal"] for row in r["trace"]] == [0.0, 1.0]
     report = json.loads((tmp_path / "best" / "merge_report.json").read_text())
-    assert report["params"] == r["best"]["params"] and report["grams"]["path"] == str(g)
+    assert report["params"] == {**r["best"]["params"], "space": "full"} and report["grams"]["path"] == str(g)
 
 
 def test_grams_of_a_label_word_adapter_cover_prompt_and_answer_tokens(tmp_path):

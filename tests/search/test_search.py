@@ -125,3 +125,15 @@ def test_cli_search_bad_input_exit_2(tmp_path, adapters, args, message):
     res = CliRunner().invoke(main, ["search", *map(str, adapters), "-o", str(tmp_path / "o"), *args])
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
+
+
+def test_a_grid_over_the_space_keeps_its_names():
+    from peftmerge.merge import registry
+    from peftmerge.search.search import _axes, parse_grid
+
+    grid = parse_grid(["space=full,core,knots", "density=0.2,0.4"])
+    assert grid == {"space": ["full", "core", "knots"], "density": [0.2, 0.4]}
+    assert _axes(grid, registry.get("ties")) == grid
+    assert _axes(None, registry.get("ties")) == {"lambda": list(registry.LAMBDA.grid), "density": [0.1, 0.2, 0.4, 0.7]}
+    with pytest.raises(PeftmergeError, match="space 'cores' is not one of full, core, knots"):
+        _axes(parse_grid(["space=cores"]), registry.get("ties"))
