@@ -1,5 +1,6 @@
 """Where the time of one sparse LoRA -> LoRA module merge goes: CPU time per stage of
-``combine.merge_sparse`` on the benchmark's q_proj inputs (3 seeded random r=16 adapters, 4096 x 4096).
+``execute.lora`` (a sparse method: the engine from the factors) on the benchmark's q_proj inputs (3 seeded
+random r=16 adapters, 4096 x 4096).
 
 Each stage is timed with ``time.process_time`` (CPU of the whole process, all threads), so the figures
 hold on a loaded machine; run single-threaded for per-core costs. Warm: the last of ``--repeat`` runs.
@@ -31,7 +32,8 @@ def main() -> None:
     import torch
     from lora_vs_peft import make_adapters
 
-    from peftmerge.merge import blocked, combine, lowrank, radix, registry
+    from peftmerge.merge import execute, registry
+    from peftmerge.merge.engine import blocked, krylov, radix
     from peftmerge.merge.plan import open_inputs, plan_modules
 
     spent: dict[str, float] = {}
@@ -50,8 +52,8 @@ def main() -> None:
     timed(radix, "bracket", "sample brackets")
     timed(radix, "band_cuts", "top-k thresholds (incl. brackets)")
     timed(blocked, "merge", "merge pass (incl. thresholds, M @ V0, ||M||^2)")
-    timed(lowrank, "products", "Krylov products with M")
-    timed(lowrank, "warm_krylov", "Krylov SVD (incl. products)")
+    timed(krylov, "products", "Krylov products with M")
+    timed(krylov, "warm_krylov", "Krylov SVD (incl. products)")
 
     adapters = open_inputs([str(f) for f in make_adapters(args.workdir, ["q_proj"], 16)])
     plan = plan_modules(adapters)[0]
@@ -60,15 +62,15 @@ def main() -> None:
     for _ in range(args.repeat):
         spent.clear()
         start = time.process_time()
-        _, _, err = combine.merge_sparse(m, adapters, plan, torch.ones(len(adapters)), params, args.rank,
-                                         combine._module_generator(0, plan.name))
+        _, _, err = execute.lora(m, adapters, plan, torch.ones(len(adapters)), params, args.rank,
+                                 execute.context(params, plan.name))
         total = time.process_time() - start
     print(f"{args.method}, {plan.shape[0]} x {plan.shape[1]}, rank {args.rank}, {torch.get_num_threads()} thread(s); "
           f"relative error {err:.9f}")
     print("| stage | CPU ms |\n|---|---|")
     for label, seconds in spent.items():
         print(f"| {label} | {seconds * 1000:.0f} |")
-    print(f"| total merge_sparse | {total * 1000:.0f} |")
+    print(f"| total (execute.lora) | {total * 1000:.0f} |")
 
 
 if __name__ == "__main__":

@@ -107,9 +107,8 @@ def worker_peft(args, folders: list[Path]) -> dict:
 def worker_peftmerge(args, folders: list[Path]) -> dict:
     import tempfile
 
-    import peftmerge.io.adapter_writer  # noqa: F401  (imports peft: outside the timed call, as for PEFT)
-    from peftmerge.merge import fused
     from peftmerge.merge.combine import combine
+    from peftmerge.merge.engine import fused
 
     start = time.perf_counter()
     fused.warm()  # numba loads its compiled kernels once per process (~0.5 s): outside, like the imports

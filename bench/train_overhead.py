@@ -103,7 +103,7 @@ def main() -> None:
                     if run.returncode != 0:
                         sys.exit(f"{v} failed:\n{run.stderr[-3000:]}")
                     times.setdefault((steps, v), []).append(dt)
-                    logs[(steps, v)] = run.stderr
+                    logs[(steps, v)] = run.stdout
                     print(f"round {r + 1} {steps} steps {v}: {dt:.1f} s", flush=True)
     rows = ["| steps | variant | median wall s | ratio to plain | runs |", "|---|---|---|---|---|"]
     result = {}

@@ -1,16 +1,35 @@
-"""peftmerge: compose parameter-efficient adapters (merge, train, route, evaluate, share)."""
+"""peftmerge: compose parameter-efficient adapters (merge, train, route, evaluate, share).
 
-__version__ = "0.1.0"
+Commands have their Python twins here, imported on first use (``import peftmerge`` stays cheap)::
 
-from .errors import PeftmergeError  # noqa: E402
+    peftmerge.combine(inputs, out, "ties", params={"density": 0.3})   # peftmerge combine
+    peftmerge.methods()                                              # peftmerge methods
 
-__all__ = ["PeftmergeError", "__version__", "combine", "methods"]
+and in the subpackage of the same name: ``peftmerge.search.search``, ``peftmerge.train.train``,
+``peftmerge.evaluate.evaluate``, ``peftmerge.routing.route_build``.
+"""
+
+from .errors import PeftmergeError
+from .version import __version__
+
+# name -> (module, attribute): the library function behind each command
+_API = {
+    "combine": ("peftmerge.merge.combine", "combine"),
+    "methods": ("peftmerge.merge.registry", "methods"),
+    "extract": ("peftmerge.merge.extract", "extract"),
+    "grams": ("peftmerge.analysis.grams", "grams"),
+    "inspect": ("peftmerge.analysis.inspect", "inspect"),
+    "push": ("peftmerge.hub.push", "push"),
+    "set_threads": ("peftmerge.threads", "set_threads"),
+}
+
+__all__ = ["PeftmergeError", "__version__", *_API]
 
 
 def __getattr__(name):
-    # Lazy: `import peftmerge` stays cheap; torch is imported when a function is used.
-    if name in ("combine", "methods"):
-        from .merge import combine as _combine_mod, registry
+    if name not in _API:
+        raise AttributeError(f"module 'peftmerge' has no attribute {name!r}")
+    import importlib
 
-        return {"combine": _combine_mod.combine, "methods": registry.methods}[name]
-    raise AttributeError(f"module 'peftmerge' has no attribute {name!r}")
+    module, attr = _API[name]
+    return getattr(importlib.import_module(module), attr)

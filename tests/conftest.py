@@ -71,3 +71,26 @@ def bert_pair(tmp_path):
     d1 = write_task(tmp_path / "sent", SENTIMENT, name="validation.jsonl")
     d2 = write_task(tmp_path / "topic", TOPIC, name="validation.jsonl")
     return base, [a, b], {"sent": d1, "topic": d2}
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+
+
+def gpt2_adapter(folder, seed, r=4, targets=("c_attn", "wte")):
+    """A LoRA adapter on GPT-2's Conv1D (fan_in_fan_out) and embedding layers."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(tiny_gpt2(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                                                fan_in_fan_out=True, init_lora_weights=False))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.2)
+    pm.save_pretrained(str(folder))
+    return folder

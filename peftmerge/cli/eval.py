@@ -8,10 +8,10 @@ from __future__ import annotations
 import click
 
 from ..errors import PeftmergeError
-from .common import debug_option
+from .common import SubGroup, common_options, is_quiet, runtime, show_progress
 
 
-@click.group("eval", invoke_without_command=True)
+@click.group("eval", cls=SubGroup, invoke_without_command=True)
 @click.option("--model", "model", default=None, help="Base model: folder, .gguf file, Hub id, or a full merged model.")
 @click.option("--adapter", type=click.Path(), default=None, help="A LoRA adapter or merged adapter folder.")
 @click.option("--router", type=click.Path(), default=None, help="A router folder (needs peftmerge.routing).")
@@ -32,11 +32,10 @@ from .common import debug_option
 @click.option("-o", "--out", type=click.Path(), default=None,
               help="results.json to write (with .md table and .png bars beside it).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-@debug_option
+@common_options
 @click.pass_context
 def eval_command(ctx, model, adapter, router, data, reference, reference_results, train, icl_shots, zero_shot,
-                 name, limit, batch_size, max_length, max_new_tokens, seed, out, overwrite, quiet):
+                 name, limit, batch_size, max_length, max_new_tokens, seed, out, overwrite):
     """Evaluate a base model, adapter, merged adapter/model or router on task data.
 
     \b
@@ -46,21 +45,19 @@ def eval_command(ctx, model, adapter, router, data, reference, reference_results
     """
     if ctx.invoked_subcommand is not None:
         return
-    from ..evaluate import Settings, evaluate
-    from ..evaluate.report import majority_of, markdown, systems_of
-
-    if model is None:
+    if model is None:  # before any heavy import: a missing option fails at once
         raise PeftmergeError("--model is required: the base model folder, .gguf file or Hub id")
-    for opt, v in (("--limit", limit), ("--batch-size", batch_size), ("--max-length", max_length)):
-        if v is not None and v < 1:
-            raise PeftmergeError(f"{opt} {v} must be >= 1")
-    settings = Settings(batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens, limit=limit,
-                        seed=seed, progress=not quiet)
-    results = evaluate(model, list(data), adapter=adapter, router=router, name=name, reference=list(reference),
-                       train=list(train), icl_shots=icl_shots, zero_shot=zero_shot,
-                       reference_results=reference_results, settings=settings, out=out,
-                       overwrite=overwrite)
-    click.echo(markdown(systems_of(results), majority_of(results)))
+    with runtime(ctx):
+        from ..evaluate import Settings, evaluate
+        from ..evaluate.report import majority_of, markdown, systems_of
+
+        settings = Settings(batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
+                            limit=limit, seed=seed, progress=show_progress())
+        results = evaluate(model, list(data), adapter=adapter, router=router, name=name, reference=list(reference),
+                           train=list(train), icl_shots=icl_shots, zero_shot=zero_shot,
+                           reference_results=reference_results, settings=settings, out=out,
+                           overwrite=overwrite)
+        click.echo(markdown(systems_of(results), majority_of(results)))
 
 
 @eval_command.command("report")
@@ -68,10 +65,11 @@ def eval_command(ctx, model, adapter, router, data, reference, reference_results
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output folder (report.md + PNG plots).")
 @click.option("--title", default="Results", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@debug_option
+@common_options
 def report_command(files, out, title, overwrite):
     """Combine results files: one table, per-task bars, normalized accuracy vs number of merged tasks."""
     from ..evaluate import report
 
     report(list(files), out, title=title, overwrite=overwrite)
-    click.echo(f"wrote {out}/report.md, bars.png, normalized_vs_tasks.png")
+    if not is_quiet():
+        click.echo(f"wrote {out}/report.md, bars.png, normalized_vs_tasks.png")

@@ -1,35 +1,51 @@
-"""``peftmerge methods``: every merge method with its parameters and defaults."""
+"""``peftmerge methods``: every merge method with its parameters and defaults, read from the registry."""
 
 from __future__ import annotations
 
 import click
 
-from .common import debug_option
+from .common import Command, common_options
 
 
-def _how(m) -> str:
-    """How a method's LoRA merge is computed (``combine``'s paths)."""
-    if m.linear:
-        return "exact, factor space"
-    if m.factored is not None:
-        grams = "; needs --grams" if m.needs_grams else ""
-        return ("exact, factor space" if m.components is not None else "factor space (SVDs of the factors)") + grams
-    if m.sparse is not None:
-        return "per module from the factors, then rank-r SVD"
-    return "dense per module, then rank-r SVD"
+PAGE = """# Merge methods
+
+Every method `peftmerge combine --method NAME` and `peftmerge search --method NAME` take, with its parameters and
+the paper's defaults (each parameter is an option of both commands: `--density 0.3`; in Python
+`peftmerge.combine(..., params={"density": 0.3})`). "LoRA output" says how an adapter output is computed
+(`docs/engine.md`). This page is generated from the registry: `peftmerge methods --markdown > docs/methods.md`;
+`peftmerge methods -v` prints each method's equations. To add a method: `docs/adding-a-method.md`.
+
+"""
 
 
-@click.command("methods")
-@click.option("--verbose", "-v", is_flag=True, help="Also print each method's equation and paper.")
-@debug_option
-def methods_command(verbose):
-    """List the merge methods, their parameters and the papers' defaults."""
+def table() -> str:
+    """``docs/methods.md``: the methods as a markdown table under :data:`PAGE`."""
+    from ..merge.execute import describe
     from ..merge.registry import methods
 
+    rows = ["| method | parameters (defaults) | LoRA output | paper |", "|---|---|---|---|"]
+    for m in methods():
+        params = ", ".join(f"`{p.name}={p.default}`" for p in m.params) or "weights only"
+        alias = f" (alias `{'`, `'.join(m.aliases)}`)" if m.aliases else ""
+        rows.append(f"| `{m.name}`{alias} | {params} | {describe(m)} | {m.paper} |")
+    return PAGE + "\n".join(rows)
+
+
+@click.command("methods", cls=Command)
+@click.option("--verbose", "-v", is_flag=True, help="Also print each method's equation and paper.")
+@click.option("--markdown", is_flag=True, help="Print the methods as a markdown page (docs/methods.md).")
+@common_options
+def methods_command(verbose, markdown):
+    """List the merge methods, their parameters and the papers' defaults."""
+    from ..merge.execute import describe
+    from ..merge.registry import methods
+
+    if markdown:
+        click.echo(table())
+        return
     for m in methods():
         params = ", ".join(f"{p.name}={p.default}" for p in m.params) or "(weights only)"
         alias = f" (alias: {', '.join(m.aliases)})" if m.aliases else ""
-        kind = _how(m)
-        click.echo(f"{m.name}{alias}: {params}  [{kind}]  {m.paper}")
+        click.echo(f"{m.name}{alias}: {params}  [{describe(m)}]  {m.paper}")
         if verbose:
             click.echo("    " + m.doc.replace("\n", "\n    ") + "\n")

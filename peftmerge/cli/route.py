@@ -8,7 +8,7 @@ import json
 import click
 
 from ..errors import PeftmergeError
-from .common import debug_option
+from .common import SubGroup, common_options, debug_option, is_quiet, show_progress
 
 
 def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -18,11 +18,14 @@ def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
         name, sep, path = v.partition("=")
         if not sep or not name or not path:
             raise PeftmergeError(f"{option} {v!r} is not NAME=FILE.jsonl (e.g. {option} sst2=sst2_test.jsonl)")
+        if name in out:
+            raise PeftmergeError(f"{option} names task {name!r} twice; give each task once")
         out[name] = path
     return out
 
 
-@click.group("route")
+@click.group("route", cls=SubGroup)
+@debug_option
 def route_command():
     """Route queries to task adapters: build a router, evaluate it (see also `peftmerge predict`)."""
 
@@ -32,12 +35,12 @@ def route_command():
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output router folder.")
 @click.option("--strategy", default="centroid", show_default=True, help="Router: arrow, centroid or probe.")
 @click.option("--top-k", type=int, default=None, help="Adapters combined per query (arrow: per token).")
-@click.option("--temperature", type=float, default=None, help="Softmax temperature of the weights.")
+@click.option("--temperature", type=float, default=None, help="Softmax temperature of the weights (> 0).")
 @click.option("--abstain", type=float, default=None,
               help="Confidence (centroid: cosine, probe: probability) under which the base model answers.")
 @click.option("--layer", type=int, default=None, help="Hidden state pooled for query embeddings (-1 = last).")
 @click.option("--examples", multiple=True, metavar="NAME=FILE.jsonl", help="Example inputs of adapter NAME.")
-@click.option("--max-examples", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--max-examples", type=int, default=1000, show_default=True,
               help="Example inputs used per adapter (stored samples first, then --examples).")
 @click.option("--general", multiple=True, type=click.Path(), help="Arrow GenKnowSub: a general adapter (repeat).")
 @click.option("--embedder", type=click.Path(), default=None, help="Sentence-embedding model folder (default: base).")
@@ -48,7 +51,7 @@ def route_command():
               help="Centroid/probe: embed a sentence pair as [text; text_pair] (segments, the default) or as one "
                    "sequence (joint).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@debug_option
+@common_options
 def build_command(adapters, out, strategy, top_k, temperature, abstain, layer, examples, max_examples, general,
                   embedder, model, hidden, steps, pairs, overwrite):
     """Build a router over ADAPTER... (PEFT LoRA adapter folders) into OUT."""
@@ -58,8 +61,9 @@ def build_command(adapters, out, strategy, top_k, temperature, abstain, layer, e
                          layer=layer, examples=parse_pairs(examples, "--examples"), general=list(general),
                          embedder=embedder, model=model, params={"hidden": hidden, "steps": steps, "pairs": pairs},
                          max_examples=max_examples, overwrite=overwrite)
-    click.echo(f"{strategy} router over {len(router.adapters)} adapters ({', '.join(router.tasks)}) "
-               f"written to {out}; params {json.dumps(router.params)}")
+    if not is_quiet():
+        click.echo(f"{strategy} router over {len(router.adapters)} adapters ({', '.join(router.tasks)}) "
+                   f"written to {out}; params {json.dumps(router.params)}")
 
 
 @route_command.command("eval")
@@ -69,15 +73,14 @@ def build_command(adapters, out, strategy, top_k, temperature, abstain, layer, e
 @click.option("--model", default=None, help="Base model path (default: the router's).")
 @click.option("--limit", type=int, default=None, help="At most this many queries per task.")
 @click.option("-o", "--out", type=click.Path(), default=None, help="Also write the report as JSON here.")
-@debug_option
-def eval_command(router, data, model, limit, out):
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@common_options
+def eval_command(router, data, model, limit, out, overwrite):
     """Routing accuracy: the share of each task's queries routed (top-1) to that task's adapter."""
     from ..routing.api import route_eval
 
-    report = route_eval(router, parse_pairs(data, "--data"), model=model, limit=limit)
+    report = route_eval(router, parse_pairs(data, "--data"), model=model, limit=limit, out=out, overwrite=overwrite,
+                        progress=show_progress())
     for task, r in report["tasks"].items():
         click.echo(f"{task}: {r['accuracy']:.4f} ({r['n']} queries, {r['abstained']} abstained)")
     click.echo(f"overall: {report['accuracy']:.4f}")
-    if out:
-        with open(out, "w") as f:
-            json.dump(report, f, indent=2)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
-from .common import debug_option, parse_floats
+from . import params
+from .common import common_options, is_quiet, parse_floats, show_progress
 
 
-@click.command("search")
+@click.command("search", cls=params.MethodCommand)
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output folder: the best merge + search trace.")
 @click.option("--method", default=None, help="Merge method (default: ties); see `peftmerge methods`.")
@@ -17,8 +18,8 @@ from .common import debug_option, parse_floats
               help="grid: one or two parameters; es: per-model weights by an evolution strategy; layerwise: "
                    "task-arithmetic (or regmean) coefficients per input and layer learned on the validation labels.")
 @click.option("--grid", "grid", multiple=True, metavar="NAME=V1,V2,...",
-              help="Grid values of lambda / density / gamma / off_diagonal (default: lambda x density, or "
-                   "off_diagonal, where the method has them).")
+              help="Grid values of a method parameter, e.g. lambda, density, gamma, off_diagonal (default: the "
+                   "method's first two such parameters with their default grids, e.g. lambda x density).")
 @click.option("--budget", type=int, default=40, show_default=True, help="ES: number of merges evaluated.")
 @click.option("--population", type=int, default=8, show_default=True, help="ES: offspring per generation.")
 @click.option("--sigma", type=float, default=0.3, show_default=True, help="ES: initial step size.")
@@ -31,12 +32,6 @@ from .common import debug_option, parse_floats
 @click.option("--average", is_flag=True,
               help="layerwise: write the mean of the last half of the epochs' coefficients, not the best epoch.")
 @click.option("--weights", default=None, help="Per-input weights (grid: fixed; es: the start point).")
-@click.option("--lambda", "lam", type=float, default=None,
-              help="Fixed lambda (when not searched); layerwise: the start of every coefficient (default 0.3).")
-@click.option("--density", type=float, default=None, help="Fixed density (when not searched).")
-@click.option("--gamma", type=float, default=None, help="Fixed breadcrumbs gamma (when not searched).")
-@click.option("--sign", type=click.Choice(["total", "frequency"]), default=None, help="TIES sign election.")
-@click.option("--off-diagonal", type=float, default=None, help="RegMean: fixed off-diagonal scale (default 1).")
 @click.option("--grams", type=click.Path(), default=None, help="RegMean: the Gram matrices from `peftmerge grams`.")
 @click.option("--rank", type=int, default=None, help="Output rank (default: sum of the input ranks).")
 @click.option("--limit", type=int, default=200, show_default=True, help="Validation rows per task.")
@@ -45,21 +40,23 @@ from .common import debug_option, parse_floats
 @click.option("--alpha", type=float, default=None, help="lora_alpha of inputs that have no adapter_config.json.")
 @click.option("--force", is_flag=True, help="Merge adapters of different base models.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--quiet", is_flag=True, help="No progress bar and no summary.")
-@debug_option
+@common_options
 def search_command(inputs, out, method, data, model, strategy, grid, budget, population, sigma, l1, seed, epochs,
-                   lr, by, average, weights, lam, density, gamma, sign, off_diagonal, grams, rank, limit, batch_size,
-                   max_length, alpha, force, overwrite, quiet):
-    """Tune lambda / density / per-model weights of a merge of INPUT... on validation splits; write the best."""
+                   lr, by, average, weights, grams, rank, limit, batch_size, max_length, alpha, force, overwrite,
+                   **method_params):
+    """Tune lambda / density / per-model weights of a merge of INPUT... on validation splits; write the best.
+
+    A method parameter given as an option (--density 0.3, ...) is held fixed; --lambda is also the start of every
+    coefficient of --strategy layerwise (default 0.3)."""
     from ..search import search
     from ..search.search import parse_grid
 
+    quiet = is_quiet()
     r = search(list(inputs), out, method, data=list(data), model=model, strategy=strategy, grid=parse_grid(grid),
                budget=budget, population=population, sigma=sigma, l1=l1, seed=seed,
-               weights=parse_floats(weights, "--weights"), lam=lam, density=density, gamma=gamma, sign=sign,
-               rank=rank, limit=limit, batch_size=batch_size, max_length=max_length, alpha=alpha, force=force,
-               epochs=epochs, lr=lr, by=by, average=average, off_diagonal=off_diagonal, grams=grams,
-               overwrite=overwrite, progress=not quiet)
+               weights=parse_floats(weights, "--weights"), params=params.given(method_params), rank=rank,
+               limit=limit, batch_size=batch_size, max_length=max_length, alpha=alpha, force=force, epochs=epochs,
+               lr=lr, by=by, average=average, grams=grams, overwrite=overwrite, progress=show_progress())
     if not quiet and strategy == "layerwise":
         b = r["best"]
         when = f"at epoch {b['epoch']}" if isinstance(b["epoch"], int) else f"for the {b['epoch']}"

@@ -7,17 +7,20 @@ import logging
 
 import click
 
-from .common import debug_option
+from .common import Command, common_options, is_quiet, show_progress
 from .push import maybe_push, push_to_hub_option
 
 
 def _echo_result(r) -> None:
+    if is_quiet():
+        return
     m = r.meta["metrics"]
     shown = ", ".join(f"{k}={m[k]:.4f}" for k in ("train_loss", "eval_loss", "eval_accuracy") if k in m)
     click.echo(f"{r.meta['task']}: wrote {r.out} ({r.meta['method']}, {r.meta['shape']}; {shown})")
+    click.echo(f"{r.meta['evaluation']}\nkept {r.meta['kept']['why']}")
 
 
-@click.command("train")
+@click.command("train", cls=Command, log_level=logging.INFO)
 @click.option("--model", required=True, help="Base model: local folder, Hub id, or .gguf file.")
 @click.option("--gguf-file", default=None, help="GGUF file name inside the --model folder.")
 @click.option("--data", required=True, help="Training rows: .jsonl/.json/.csv/.parquet, a datasets folder, or a task folder.")
@@ -27,18 +30,21 @@ def _echo_result(r) -> None:
               help="Task name (stored in peftmerge.json). Default: the data folder's name (printed).")
 @click.option("-o", "--out", required=True, help="Output adapter folder.")
 @click.option("--method", default="lora", show_default=True,
-              help="lora, qlora, dora, prompt_tuning, ia3, bitfit, llama_adapter.")
+              help="lora, qlora, dora, prompt_tuning, ia3, bitfit, llama_adapter, context_distillation.")
 @click.option("--shape", type=click.Choice(["text2text", "classify"]), default=None,
               help="Default: classify for labelled rows on an encoder, else text2text.")
 @click.option("--labels", default=None, help="Label names in order, comma-separated (default: task.json or sorted).")
 @click.option("--template", default=None, help="Prompt template for labelled rows in text2text ({task} {labels} {text} {text_pair}).")
-@click.option("--r", "r", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--r", "--lora-r", "r", type=int, default=16, show_default=True,
+              help="LoRA rank (--lora-r under torchrun / accelerate launch, whose parsers take --r for their own).")
 @click.option("--alpha", type=float, default=32.0, show_default=True, help="LoRA alpha.")
 @click.option("--dropout", type=float, default=0.05, show_default=True, help="LoRA dropout.")
 @click.option("--target-modules", default=None, help="Comma-separated module names, or all-linear.")
 @click.option("--rslora", is_flag=True, help="Rank-stabilised LoRA scaling alpha/sqrt(r).")
 @click.option("--num-virtual-tokens", type=int, default=20, show_default=True, help="Prompt tuning / LLaMA-Adapter length.")
 @click.option("--adapter-layers", type=int, default=8, show_default=True, help="LLaMA-Adapter: number of top layers.")
+@click.option("--teacher-prompt", default=None,
+              help="context_distillation: a text file with the prompt the adapter learns to do without.")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate.")
 @click.option("--epochs", type=float, default=1.0, show_default=True, help="Epochs (ignored with --max-steps).")
 @click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps.")
@@ -75,7 +81,7 @@ def _echo_result(r) -> None:
 @click.option("--training-args", "extra", default=None, help="Extra transformers TrainingArguments as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @push_to_hub_option
-@debug_option
+@common_options
 def train(push_to_hub, **kw) -> None:
     """Train one task adapter on a base model (transformers' Trainer underneath).
 
@@ -91,31 +97,33 @@ def train(push_to_hub, **kw) -> None:
     """
     from ..errors import PeftmergeError
     from ..train import TrainConfig, train as train_fn
+    from ..train.distributed import is_main_process
 
     if kw["labels"]:
         kw["labels"] = [x.strip() for x in kw["labels"].split(",") if x.strip()]
     try:
-        extra = json.loads(kw["extra"]) if kw["extra"] else {}
+        extra = json.loads(kw["extra"]) if kw["extra"] is not None else {}
     except json.JSONDecodeError:
         extra = None
     if not isinstance(extra, dict):
         raise PeftmergeError(f"--training-args {kw['extra']!r} is not a JSON object; e.g. '{{\"deepspeed\": \"ds.json\"}}'")
     kw["extra"] = extra
     kw["task"] = kw["task"] or ""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = train_fn(TrainConfig(**kw))
-    _echo_result(result)
-    maybe_push(result.out, push_to_hub)
+    result = train_fn(TrainConfig(**kw), progress=show_progress())
+    if is_main_process():  # under torchrun / accelerate launch: one report, one push
+        _echo_result(result)
+        maybe_push(result.out, push_to_hub)
 
 
-@click.command("train-many")
+@click.command("train-many", cls=Command, log_level=logging.INFO)
 @click.argument("tasks_yaml", type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace existing output folders.")
-@debug_option
+@common_options
 def train_many(tasks_yaml: str, overwrite: bool) -> None:
     """Train one adapter per task listed in TASKS_YAML (defaults, output_dir, tasks)."""
     from ..train import train_many as train_many_fn
+    from ..train.distributed import is_main_process
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for r in train_many_fn(tasks_yaml, overwrite=overwrite):
-        _echo_result(r)
+    for r in train_many_fn(tasks_yaml, overwrite=overwrite, progress=show_progress()):
+        if is_main_process():
+            _echo_result(r)

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import PeftmergeError
 from ..io.base_model import local_path
+from ..io.checkpoint import refuse_pickle_weights
 from ..io.gguf import loadable
 from ..io.heads import head_tasks, load_head, load_merged
 
@@ -31,6 +32,35 @@ def _check_base(base: str) -> None:
     looks_local = base.startswith((".", "/", "~")) or p.suffix == ".gguf"
     if looks_local and not p.exists():
         raise PeftmergeError(f"{base}: no such model file or folder; pass a model folder, a .gguf file or a Hub id")
+    refuse_pickle_weights(p)
+
+
+def check_adapter(adapter: str | Path) -> None:
+    """An adapter folder that can be loaded safely: adapter_config.json (a JSON object) and safetensors weights
+    with a sound header (pickle weights are never loaded)."""
+    from ..io.safetensors_file import TensorFile
+
+    folder = Path(adapter)
+    if not folder.is_dir():
+        raise PeftmergeError(f"{folder}: not an adapter folder; pass the folder written by train or combine")
+    cfg = folder / "adapter_config.json"
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PeftmergeError(f"{folder}: no adapter_config.json; pass a PEFT adapter folder") from None
+    except (ValueError, OSError):
+        raise PeftmergeError(f"{cfg}: not valid JSON; fix or re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise PeftmergeError(f"{cfg}: not a PEFT adapter config (expected a JSON object)")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").exists():
+            raise PeftmergeError(f"{folder}: only adapter_model.bin (pickle), which peftmerge never loads; re-save it "
+                                 "with safetensors (PeftModel.save_pretrained(..., safe_serialization=True))")
+        raise PeftmergeError(f"{folder}: no adapter_model.safetensors; pass a PEFT adapter folder")
+    tensors = TensorFile(weights)
+    for name in tensors.keys():
+        tensors.get(name, dtype=None)  # refuses NaN and infinity: an adapter is small, reading it all is cheap
 
 
 def base_config(base: str) -> dict:
@@ -73,14 +103,21 @@ def load_model(base: str, kind: str, num_labels: int | None = None, adapter: str
         kw.update(num_labels=num_labels, ignore_mismatched_sizes=True)  # the adapter brings the head
     try:
         model = cls.from_pretrained(path, dtype=torch.float32, **kw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise PeftmergeError(f"{base}: cannot load it as a {kind} model ({str(e).splitlines()[0]})") from None
-    if adapter is not None and head_task is not None:
-        return load_merged(model, adapter, head_task).eval()
-    if adapter is not None:
+    if adapter is None:
+        return model.eval()
+    check_adapter(adapter)
+    try:
+        if head_task is not None:
+            return load_merged(model, adapter, head_task).eval()
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:  # a config PEFT refuses, tensors that do not fit
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise PeftmergeError(f"{adapter}: cannot load it onto {base} ({first}); check the adapter and its base "
+                             "model") from None
     return model.eval()
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from ..errors import PeftmergeError
@@ -128,25 +126,26 @@ def plot_normalized_vs_tasks(results: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+def _results_files(out: Path) -> list[Path]:
+    """results.json and the table (.md) and bars (.png) written beside it."""
+    return [out, out.with_suffix(".md"), out.with_suffix(".png")]
+
+
+def check_results_output(out: str | Path, inputs, overwrite: bool = False) -> None:
+    """Before an eval: ``out`` is a .json file name, and none of the three files touches an input or exists
+    without ``overwrite``."""
+    out = Path(out)
+    if out.suffix != ".json":
+        raise PeftmergeError(f"output {out} must be a .json file (e.g. -o results.json)")
+    for p in _results_files(out):
+        atomic.check_output(p, [Path(i) for i in inputs if i is not None], overwrite, folder=False)
+
+
 def _write_files(files: dict[Path, callable], overwrite: bool) -> None:
     """Write each file to a temporary name beside it, then rename all: no half outputs."""
-    for p in files:
-        if p.exists() and not overwrite:
-            raise PeftmergeError(f"output {p} already exists; pass --overwrite to replace it or choose another path")
-    tmps = {}
-    try:
+    with atomic.atomic_files(list(files), overwrite) as tmps:
         for p, write in files.items():
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.tmp-", suffix=p.suffix, dir=p.parent)
-            os.close(fd)
-            write(Path(tmp))
-            tmps[p] = tmp
-        for p, tmp in tmps.items():
-            os.replace(tmp, p)
-    finally:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            write(tmps[p])
 
 
 def write_results(results: dict, out: str | Path, overwrite: bool = False) -> list[Path]:
@@ -156,7 +155,7 @@ def write_results(results: dict, out: str | Path, overwrite: bool = False) -> li
         raise PeftmergeError(f"output {out} must be a .json file (e.g. -o results.json)")
     systems = systems_of(results)
     files = {
-        out: lambda p: p.write_text(json.dumps(results, indent=2)),
+        out: lambda p: p.write_text(json.dumps(_finite(results), indent=2, allow_nan=False)),
         out.with_suffix(".md"): lambda p: p.write_text(f"# Results: {results['name']}\n\n"
                                                      + markdown(systems, majority_of(results))),
         out.with_suffix(".png"): lambda p: plot_bars(systems, p),
@@ -165,20 +164,63 @@ def write_results(results: dict, out: str | Path, overwrite: bool = False) -> li
     return list(files)
 
 
+def _number(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _metrics_ok(m) -> bool:
+    """{metric: number}, holding the primary metric (accuracy or rougeL) as a number."""
+    primary = m.get("accuracy", m.get("rougeL")) if isinstance(m, dict) else None
+    return (isinstance(m, dict) and all(isinstance(k, str) and _number(v) for k, v in m.items())
+            and primary is not None and _number(primary))
+
+
+def _results_error(r) -> str | None:
+    """What makes ``r`` not a results.json that a report can use (types of every field it reads), or None."""
+    if not isinstance(r, dict) or "tasks" not in r or "name" not in r:
+        return "not a peftmerge results.json (no 'name'/'tasks')"
+    if not isinstance(r["name"], str):
+        return f"'name' {r['name']!r} is not a string"
+    for key, row in [("the evaluated system", r), *((f"baseline {k!r}", v) for k, v in
+                                                    (r.get("baselines") or {}).items())]:
+        if not isinstance(row, dict) or not isinstance(row.get("tasks"), dict) or \
+                not all(_metrics_ok(m) for m in row["tasks"].values()):
+            return f"the tasks of {key} are not {{task: {{metric: number}}}}"
+        if not isinstance(row.get("average", {}), dict) or not all(_number(v) for v in row.get("average", {}).values()):
+            return f"the average of {key} is not {{metric: number}}"
+    if not isinstance(r.get("baselines", {}), dict):
+        return "'baselines' is not a JSON object"
+    if r.get("n_tasks") is not None and (not isinstance(r["n_tasks"], int) or isinstance(r["n_tasks"], bool)):
+        return f"'n_tasks' {r['n_tasks']!r} is not a whole number"
+    return None
+
+
 def load_results(paths) -> list[dict]:
     out = []
     for p in paths:
         p = Path(p)
         try:
-            r = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
+            r = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # ValueError: bad JSON, and bytes that are not UTF-8
             raise PeftmergeError(f"{p}: not a readable results.json; pass files written by `peftmerge eval -o`") \
                 from None
-        if not isinstance(r, dict) or "tasks" not in r or "name" not in r:
-            raise PeftmergeError(f"{p}: not a peftmerge results.json (no 'name'/'tasks'); "
-                                 "pass files written by `peftmerge eval -o`")
+        bad = _results_error(r)
+        if bad:
+            raise PeftmergeError(f"{p}: {bad}; pass files written by `peftmerge eval -o`")
+        r.setdefault("average", {})
         out.append(r)
     return out
+
+
+def _finite(value):
+    """``value`` with NaN and infinities as None: JSON has no NaN (an undefined normalized score is null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def report(files, out: str | Path, *, title: str = "Results", overwrite: bool = False) -> dict:
@@ -193,7 +235,7 @@ def report(files, out: str | Path, *, title: str = "Results", overwrite: bool = 
             systems.setdefault(name, s)  # a baseline shared by several files is shown once
         for t, rate in majority_of(r).items():
             majority.setdefault(t, rate)
-    out = atomic.check_output(out, [], overwrite)
+    out = atomic.check_output(out, [Path(f) for f in files], overwrite)
     md = [f"# {title}", "", markdown(systems, majority), "![per-task scores](bars.png)", ""]
     if any(r["average"].get("normalized") is not None for r in results):
         md += ["![normalized accuracy vs number of merged tasks](normalized_vs_tasks.png)", ""]
@@ -201,6 +243,6 @@ def report(files, out: str | Path, *, title: str = "Results", overwrite: bool = 
         plot_bars(systems, tmp / "bars.png")
         plot_normalized_vs_tasks(results, tmp / "normalized_vs_tasks.png")
         (tmp / "report.md").write_text("\n".join(md))
-        (tmp / "report.json").write_text(json.dumps({"systems": systems, "files": [str(f) for f in files]},
+        (tmp / "report.json").write_text(json.dumps(_finite({"systems": systems, "files": [str(f) for f in files]}),
                                                     indent=2))
     return {"systems": systems, "out": str(out)}

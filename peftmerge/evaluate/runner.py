@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+from ..data.predict import predict_generate, predict_head, predict_label_words
+from ..data.tasks import Task, icl_examples, load_task, parse_pairs, read_meta
 from ..errors import PeftmergeError
 from ..io.heads import head_tasks
 from . import metrics as M
-from .data import Task, icl_examples, load_task, parse_pairs, read_meta
-from .model import ModelCache, adapter_has_head, base_config, is_classifier
-from .predict import predict_generate, predict_head, predict_label_words
+from .model import ModelCache, adapter_has_head, base_config, check_adapter, is_classifier
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,17 @@ class Settings:
     limit: int | None = None  # first N rows of each data file (quick runs)
     seed: int = 0  # torch seed and the draw of in-context examples
     progress: bool = True
+
+    def check(self) -> "Settings":
+        """One line naming the option for a count that is not a whole number >= 1 (``limit``: or None)."""
+        for name in ("batch_size", "max_length", "max_new_tokens", "limit", "seed"):
+            v = getattr(self, name)
+            if name == "limit" and v is None:
+                continue
+            low = 0 if name == "seed" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise PeftmergeError(f"--{name.replace('_', '-')} {v!r} must be a whole number >= {low}")
+        return self
 
 
 @dataclass
@@ -71,12 +82,26 @@ def _is_causal(base: str) -> bool:
     return archs is None or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
+def _merge_report(adapter: str | Path) -> dict:
+    """The adapter folder's merge_report.json ({} when there is none)."""
+    path = Path(adapter) / "merge_report.json"
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise PeftmergeError(f"{path}: not valid JSON; merge again or remove it") from None
+    if not isinstance(report, dict) or not isinstance(report.get("inputs", []), list) or \
+            not isinstance(report.get("method"), (str, type(None))):
+        raise PeftmergeError(f"{path}: not a merge report (no inputs list / method name); merge again or remove it")
+    return report
+
+
 def _merged_input_metas(adapter: str | Path) -> list[dict]:
-    report = Path(adapter) / "merge_report.json"
-    if not report.is_file():
-        return []
     metas = []
-    for inp in json.loads(report.read_text()).get("inputs", []):
+    for inp in _merge_report(adapter).get("inputs", []):
+        if not isinstance(inp, dict) or not isinstance(inp.get("path", ""), str):
+            continue
         meta = read_meta(inp.get("path"))
         metas.append({**meta, "task": meta.get("task") or inp.get("task")})
     return metas
@@ -171,9 +196,11 @@ def average(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def _individual_from(path: str | Path, tasks: list[str]) -> dict:
+    from .report import load_results
+
     try:
-        row = json.loads(Path(path).read_text())["baselines"]["individual"]["tasks"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        row = load_results([path])[0]["baselines"]["individual"]["tasks"]
+    except (KeyError, TypeError):
         raise PeftmergeError(f"{path}: no 'individual' results in it; pass a results.json written by "
                              "`peftmerge eval --reference ...`") from None
     missing = [t for t in tasks if t not in row]
@@ -187,8 +214,7 @@ def _describe(adapter) -> tuple[str, str | None, int]:
     if adapter is None:
         return "base", None, 0
     meta = read_meta(adapter)
-    report = Path(adapter) / "merge_report.json"
-    method = json.loads(report.read_text()).get("method") if report.is_file() else None
+    method = _merge_report(adapter).get("method")
     n = len(meta.get("tasks") or []) or 1
     return (method or Path(adapter).name), method, n
 
@@ -202,11 +228,11 @@ def evaluate(model: str, data, *, adapter=None, router=None, name: str | None = 
     ``data``, ``reference`` and ``train`` map task names to paths (dicts, or ``NAME=PATH`` strings).
     ``reference_results``: a results.json whose "individual" row is reused instead of evaluating ``reference``.
     """
-    s = settings or Settings()
+    s = (settings or Settings()).check()
     if adapter and router:
         raise PeftmergeError("give --adapter or --router, not both")
-    if icl_shots < 0:
-        raise PeftmergeError(f"--icl-shots {icl_shots} must be >= 0")
+    if isinstance(icl_shots, bool) or not isinstance(icl_shots, int) or icl_shots < 0:
+        raise PeftmergeError(f"--icl-shots {icl_shots!r} must be a whole number >= 0")
     data = data if isinstance(data, dict) else parse_pairs(data, "--data")
     reference = reference if isinstance(reference, dict) else parse_pairs(reference, "--reference")
     train = train if isinstance(train, dict) else parse_pairs(train, "--train")
@@ -220,8 +246,16 @@ def evaluate(model: str, data, *, adapter=None, router=None, name: str | None = 
     for p in [adapter, router, *reference.values()]:
         if p is not None and not Path(p).exists():
             raise PeftmergeError(f"{p}: no such adapter folder; check the path")
-    if out is not None and Path(out).exists() and not overwrite:
-        raise PeftmergeError(f"output {out} already exists; pass --overwrite to replace it or choose another path")
+    for p in [adapter, *reference.values()]:
+        if p is not None:
+            check_adapter(p)
+    if router is not None:
+        _routing().load_router(router)  # a damaged router.json fails now, not after the other systems ran
+    if out is not None:
+        from .report import check_results_output
+
+        check_results_output(out, [model, adapter, router, reference_results, *data.values(), *reference.values(),
+                                   *train.values()], overwrite)
 
     metas = {t: task_meta(t, adapter, reference) for t in data}
     tasks = [load_task(t, p, limit=s.limit, meta=metas[t]) for t, p in data.items()]
@@ -238,10 +272,11 @@ def evaluate(model: str, data, *, adapter=None, router=None, name: str | None = 
     if reference:
         systems.append(System("individual", per_task={t: str(p) for t, p in reference.items()}))
 
+    reused = _individual_from(reference_results, [t.name for t in tasks]) if reference_results is not None else None
     cache = ModelCache(model)
     table = {sys.name: run_system(sys, tasks, model, cache, s, train_tasks) for sys in systems}
-    if reference_results is not None:
-        table["individual"] = _individual_from(reference_results, [t.name for t in tasks])
+    if reused is not None:
+        table["individual"] = reused
     results = {
         "name": main.name, "model": str(model), "adapter": str(adapter) if adapter else None,
         "router": str(router) if router else None, "method": method, "n_tasks": n_tasks,

@@ -28,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import PeftmergeError
-from .hub import looks_like_repo_id, repo_id_of, snapshot_of
+from .hub import looks_like_repo_id, repo_id_of
 from .meta import read_meta
 
 # Hub repo id -> (installed package, file or folder inside it) of an offline copy of that model.

@@ -32,6 +32,19 @@ DTYPES = {
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
+def refuse_pickle_weights(path: str | Path) -> None:
+    """A model folder whose weights are only pickles (``*.bin``, ``*.pt``, ``*.pth``) is refused before anything
+    loads it: unpickling runs code, so peftmerge reads safetensors only."""
+    path = Path(path)
+    if not path.is_dir() or any(path.glob("*.safetensors")) or any(path.glob("*.gguf")):
+        return
+    pickles = sorted(f.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for f in path.glob(pattern))
+    if pickles:
+        raise PeftmergeError(f"{path}: only pickle weights ({', '.join(pickles[:3])}), which peftmerge never loads "
+                             "(unpickling runs code); re-save the model with safetensors "
+                             "(save_pretrained(..., safe_serialization=True))")
+
+
 def is_checkpoint(path: str | Path) -> bool:
     """A folder holding a full model (config.json + model*.safetensors), not a LoRA adapter."""
     path = Path(path)

@@ -32,10 +32,19 @@ def is_offline() -> bool:
     return env or bool(constants.HF_HUB_OFFLINE)
 
 
+def valid_revision(rev: str) -> bool:
+    """A branch, tag or commit name as git allows it: no ``..``, no empty or dot-led component, no ``.lock``
+    ending, nothing a path could climb out with."""
+    parts = str(rev).split("/")
+    return (re.fullmatch(r"[A-Za-z0-9._/-]+", str(rev)) is not None and ".." not in rev and not rev.startswith("-")
+            and all(p and not p.startswith(".") and not p.endswith(".lock") for p in parts))
+
+
 def looks_like_repo_id(s: str) -> bool:
     """True for ``user/name`` or ``user/name@revision`` (not a path such as ``./a/b`` or ``/a/b``)."""
     m = _REPO_ID.match(str(s))
-    return bool(m) and "--" not in m["repo"] and ".." not in m["repo"]
+    return (bool(m) and "--" not in m["repo"] and ".." not in m["repo"]
+            and (m["rev"] is None or valid_revision(m["rev"])))
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:

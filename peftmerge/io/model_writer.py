@@ -144,3 +144,13 @@ def copy_model_files(base: Path, folder: Path, dtype: torch.dtype | None = None)
         cfg[key] = str(dtype).removeprefix("torch.")
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return copied
+
+
+def update_config(folder: Path, changes: dict) -> None:
+    """Set keys of ``folder``'s config.json (also in its ``text_config``, where a composite model keeps them)."""
+    cfg_path = Path(folder) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(changes)
+    if isinstance(cfg.get("text_config"), dict):
+        cfg["text_config"].update({k: v for k, v in changes.items() if k in cfg["text_config"]})
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

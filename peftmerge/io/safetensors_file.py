@@ -17,6 +17,9 @@ from safetensors import safe_open
 from ..errors import PeftmergeError
 
 _MAX_HEADER = 100 * 1024 * 1024
+# Bytes per element of each safetensors dtype.
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+            "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8}
 
 
 def read_header(path: str | Path) -> dict[str, dict]:
@@ -47,16 +50,37 @@ def read_header(path: str | Path) -> dict[str, dict]:
     header.pop("__metadata__", None)
     data_len = size - 8 - n
     for name, info in header.items():
-        try:
-            start, end = info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise PeftmergeError(f"{path}: corrupt safetensors header at tensor {name!r}; re-download or re-save it") from None
-        if not (0 <= start <= end <= data_len):
-            raise PeftmergeError(
-                f"{path}: truncated file: tensor {name!r} ends at byte {end} but only {data_len} data bytes exist; "
-                "re-download or re-save it"
-            )
+        bad = _entry_error(info, data_len)
+        if bad:
+            raise PeftmergeError(f"{path}: corrupt safetensors header at tensor {name!r} ({bad}); re-download or "
+                                 "re-save it")
     return header
+
+
+def _entry_error(info, data_len: int) -> str | None:
+    """What is wrong with one header entry (its dtype, shape and byte range must agree), or None."""
+    if not isinstance(info, dict):
+        return "not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in ITEMSIZE:
+        return f"unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        return f"shape {shape!r} is not a list of sizes"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(
+            isinstance(o, int) and not isinstance(o, bool) for o in offsets):
+        return f"data_offsets {offsets!r} are not [start, end]"
+    start, end = offsets
+    if not 0 <= start <= end:
+        return f"data_offsets {offsets} are not a byte range"
+    if end > data_len:
+        return f"truncated file: it ends at byte {end} but only {data_len} data bytes exist"
+    numel = 1
+    for d in shape:
+        numel *= d
+    if end - start != numel * ITEMSIZE[dtype]:
+        return f"{end - start} bytes for shape {shape} of {dtype}, which needs {numel * ITEMSIZE[dtype]}"
+    return None
 
 
 def check_finite(t: torch.Tensor, path: str | Path, name: str) -> torch.Tensor:
@@ -81,9 +105,15 @@ class TensorFile:
         return tuple(self.header[name]["shape"])
 
     def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        if self._handle is None:
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-        t = self._handle.get_tensor(name)
+        try:
+            if self._handle is None:
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            t = self._handle.get_tensor(name)
+        except Exception as e:  # noqa: BLE001  (safetensors' own error type, e.g. a dtype torch cannot hold)
+            if isinstance(e, PeftmergeError):
+                raise
+            raise PeftmergeError(f"{self.path}: cannot read tensor {name!r} ({str(e).splitlines()[0][:120]}); "
+                                 "re-download or re-save it") from None
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         return check_finite(t, self.path, name)

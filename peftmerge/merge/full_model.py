@@ -8,11 +8,16 @@ tensor of BASE, in storage order:
     merged  = method(dW_1, ..., dW_n)     # float32; linear methods as sum_i c_i dW_i without a stack
     W       = W0 + merged                 # written in --dtype (default: the tensor's own dtype)
 
-tensors no input changes are copied. Memory: one tensor from each input (plus the next one, read ahead
-on a background thread while this one is merged); the output goes straight to its shard file.
+tensors no input changes are copied. A YAML recipe of one of mergekit's methods merges each tensor with
+mergekit's definition instead, its weights and parameters resolved for that tensor (gradients over the
+layers, filters by name: :mod:`peftmerge.merge.mergekit_recipe`). Memory: one tensor from each input (plus
+the next one, read ahead on a background thread while this one is merged); the output goes straight to its
+shard file.
 Sparsifying methods act on the tensor as stored (rows are the weight's rows); DARE masks are seeded
 with the module name as in the adapter path, so on Linear modules a full merge of LoRA inputs equals
-``merge_and_unload`` of the merged adapter (at full rank).
+``merge_and_unload`` of the merged adapter (at full rank). With ``space`` core or knots (LoRA inputs only) each
+adapted weight is W0 + the merge in that space (:func:`peftmerge.merge.execute.in_space`), exactly the adapter
+output of the same space merged into W0; biases merge in full space.
 """
 
 from __future__ import annotations
@@ -28,15 +33,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..card import write_card
 from ..errors import PeftmergeError
 from ..io import atomic
 from ..io.adapter import LoraAdapter
+from ..io.card import write_card
 from ..io.checkpoint import Checkpoint, is_checkpoint
 from ..io.hub import resolve
-from ..io.model_writer import ShardedWriter, Slot, copy_model_files, parse_size
-from . import blocked, ops, registry
-from .combine import _module_generator, file_sha256  # one seeding rule for adapters and models
+from ..io.meta import file_sha256
+from ..io.model_writer import ShardedWriter, Slot, copy_model_files, parse_size, update_config
+from . import execute, registry, tied, vocab
+from .mergekit_recipe import MergekitRecipe, layer_positions
 from .plan import open_inputs
 from .recipe import Recipe
 
@@ -62,21 +68,34 @@ class Source:
     adapter: LoraAdapter | None = None
     checkpoint: Checkpoint | None = None
     targets: dict[str, tuple[str, bool]] = field(default_factory=dict)  # tensor -> (module, transpose)
+    bias_targets: dict[str, str] = field(default_factory=dict)  # bias tensor -> module whose lora_B.bias changes it
+
+    def adapts(self, name: str) -> bool:
+        """A LoRA input changes tensor ``name``: a LoRA weight, a lora_bias bias or a trained bias."""
+        return name in self.targets or name in self.bias_targets or name in self.adapter.biases
 
     def changes(self, name: str, base: Checkpoint) -> bool:
         if self.adapter is not None:
-            return name in self.targets
+            return self.adapts(name)
         return base.tensors[name].dtype.is_floating_point
 
-    def task_vector(self, name: str, w0: torch.Tensor, raw: torch.Tensor | None) -> torch.Tensor | None:
-        """This input's task vector for tensor ``name`` (float32, the weight's layout), or None if zero."""
-        if self.adapter is not None:
-            if name not in self.targets:
-                return None
+    def task_vector(self, name: str, w0: torch.Tensor | None, raw: torch.Tensor | None) -> torch.Tensor | None:
+        """This input's task vector for tensor ``name`` (float32, the weight's layout), or None if zero. A LoRA
+        input's biases: s * lora_B.bias (lora_bias) plus b_i - b0 (a trained bias, bias="all"/"lora_only")."""
+        if self.adapter is None:
+            return torch.sub(raw, w0, out=torch.empty_like(w0))
+        if not self.adapts(name):
+            return None
+        if name in self.targets:
             module, transpose = self.targets[name]
             delta = self.adapter.delta(module)
             return delta.T if transpose else delta
-        return torch.sub(raw, w0, out=torch.empty_like(w0))
+        delta = torch.zeros(w0.shape)
+        if name in self.bias_targets:
+            delta += self.adapter.bias_delta(self.bias_targets[name])
+        if name in self.adapter.biases:
+            delta += self.adapter.bias(name) - w0.float()
+        return delta
 
 
 def _lora_targets(adapter: LoraAdapter, base: Checkpoint) -> dict[str, tuple[str, bool]]:
@@ -98,22 +117,38 @@ def _lora_targets(adapter: LoraAdapter, base: Checkpoint) -> dict[str, tuple[str
             raise PeftmergeError(f"{adapter.path}: module {module} has an update of shape {list(shape)} but the base "
                                  f"model's {name} is {list(info.shape)}; pass the base model it was trained on")
         targets[name] = (module, transpose)
+        if m.bias_key is not None:
+            bias = base.tensors.get(f"{module}.bias")
+            if bias is None:
+                raise PeftmergeError(f"{adapter.path}: module {module} has a lora_bias update, but the base model "
+                                     f"{base.path} has no tensor {module}.bias to add it to (PEFT cannot merge it "
+                                     "either); merge it into an adapter instead (no --base)")
+    for name in adapter.biases:
+        info = base.tensors.get(name)
+        if info is None or tuple(info.shape) != tuple(adapter.file.shape(adapter.biases[name])):
+            raise PeftmergeError(f"{adapter.path}: has a trained bias {name} that the base model {base.path} "
+                                 f"{'lacks' if info is None else 'has in another shape'}; pass the base model this "
+                                 "adapter was trained on")
     return targets
 
 
-def open_sources(inputs: list[str], base: Checkpoint, alpha: float | None, force: bool) -> list[Source]:
-    """Open every input as a LoRA adapter or a full checkpoint of ``base`` (shapes checked)."""
+def open_sources(inputs: list[str], base: Checkpoint, alpha: float | None, force: bool,
+                 aliases: dict[str, str] | None = None) -> list[Source]:
+    """Open every input as a LoRA adapter or a full checkpoint of ``base`` (shapes checked). ``aliases``: tied
+    output tensors read as their input embedding where a checkpoint does not store them (:mod:`tied`)."""
     paths = [_resolve(p) for p in inputs]
     is_full = [is_checkpoint(p) for p in paths]
-    lora = open_inputs([p for p, f in zip(paths, is_full) if not f], alpha=alpha, force=force) \
+    lora = open_inputs([p for p, f in zip(paths, is_full) if not f], alpha=alpha, force=force, merges_biases=True) \
         if not all(is_full) else []
     sources, it = [], iter(lora)
     for path, full in zip(paths, is_full):
         if not full:
             a = next(it)
-            sources.append(Source(path, a.task, adapter=a, targets=_lora_targets(a, base)))
+            sources.append(Source(path, a.task, adapter=a, targets=_lora_targets(a, base),
+                                  bias_targets={f"{k}.bias": k for k, m in a.modules.items() if m.bias_key}))
             continue
         ck = Checkpoint(path)
+        tied.alias(ck, aliases or {})
         for name, info in base.tensors.items():
             other = ck.tensors.get(name)
             if other is None:
@@ -156,14 +191,19 @@ def _read(name: str, base: Checkpoint, sources: list[Source], changed: bool, ws:
     return w0, raws
 
 
-def _inputs(name: str, sources: list[Source], raws: list) -> list:
-    """What :class:`blocked.Deltas` takes: each input's full tensor (``theta``), LoRA task vector, or None."""
+def _inputs(name: str, sources: list[Source], raws: list, w0_raw: torch.Tensor, factors: bool = False) -> list:
+    """What :func:`execute.full` takes: each input's full tensor (``theta``), LoRA task vector, or None; with
+    ``factors`` (a merge in Core Space or KnOTS') a LoRA weight's scaled factors (B, A) in the weight's layout."""
     out = []
     for src, raw in zip(sources, raws):
         if src.checkpoint is not None:
             out.append(("theta", raw))
-        elif name in src.targets:
-            out.append(("delta", src.task_vector(name, None, raw)))
+        elif factors and name in src.targets:
+            module, transpose = src.targets[name]
+            a, b = src.adapter.scaled_factors(module)
+            out.append(("factors", (a.T, b.T) if transpose else (b, a)))
+        elif src.adapts(name):
+            out.append(("delta", src.task_vector(name, w0_raw, raw)))
         else:
             out.append(None)
     return out
@@ -177,25 +217,20 @@ def _read_after(write, *args):
 
 def merge_tensor(name: str, w0_raw: torch.Tensor, raws: list, sources: list[Source], method: registry.Method,
                  weights: torch.Tensor, params: dict, thresholds, ws: Workspace,
-                 dtype: torch.dtype | None = None, slot: int = 0) -> torch.Tensor:
-    """W0 + merged task vectors of one tensor, computed in float32 and written in ``dtype`` (default: W0's)
-    into workspace buffer ``slot``; checked finite. Linear and sparse methods run row-blocked from the raw
-    inputs (:mod:`blocked`); others on the stacked float32 task vectors."""
+                 dtype: torch.dtype | None = None, slot: int = 0, position: float = 0.0) -> torch.Tensor:
+    """W0 + merged task vectors of one tensor (:func:`execute.full`), computed in float32 and written in ``dtype``
+    (default: W0's) into workspace buffer ``slot``; checked finite. ``position``: the tensor's place in the layers
+    (a YAML recipe's gradients)."""
     out = ws.get(("cast", slot), w0_raw.shape, dtype or w0_raw.dtype)
-    src = blocked.Deltas(_inputs(name, sources, raws), w0_raw, tuple(w0_raw.shape))
     ranges: list = []  # (min, max) of each block of the output: NaN and overflow show there
-    module = name.removesuffix(".weight")
-    gen = _module_generator(params.get("seed", 0), module)
-    if method.linear:  # W0 + sum_i c_i dW_i
-        blocked.linear(src, method.coefficients(weights, params).tolist(), out, ranges=ranges)
-    elif method.sparse is not None:
-        blocked.merge(method.sparse, src, weights, params, seed=blocked.mask_seed(gen), thresholds=thresholds,
-                      out=out, ranges=ranges)
-    else:
+
+    def whole():  # W0 and the stacked task vectors, for the methods that need them whole
         w0 = ws.get("w0", w0_raw.shape).copy_(w0_raw)
-        deltas = stacked(name, w0, raws, sources, ws.get("stack", (len(sources), *w0.shape)))
-        out.copy_(method.merge(deltas, weights, params, registry.Context(module, gen, thresholds)).add_(w0))
-        ranges = [tuple(map(float, torch.aminmax(out)))] if out.numel() else []
+        return w0, stacked(name, w0, raws, sources, ws.get("stack", (len(sources), *w0.shape)))
+
+    ctx = execute.context(params, name.removesuffix(".weight"), thresholds)
+    inputs = _inputs(name, sources, raws, w0_raw, params.get("space", "full") != "full")
+    execute.full(method, name, inputs, w0_raw, weights, params, ctx, out, ranges, whole, position)
     _check_finite(name, ranges, raws, sources, out.dtype)
     return out
 
@@ -206,7 +241,7 @@ def stacked(name: str, w0: torch.Tensor, raws: list, sources: list[Source], out:
     for i, (src, raw) in enumerate(zip(sources, raws)):
         if src.checkpoint is not None:
             deltas[i].copy_(raw).sub_(w0)
-        elif name in src.targets:
+        elif src.adapts(name):
             deltas[i].copy_(src.task_vector(name, w0, raw))
         else:
             deltas[i].zero_()
@@ -241,24 +276,51 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
     if not is_checkpoint(base_path):
         raise PeftmergeError(f"{base_path}: not a full model folder (config.json + model*.safetensors); "
                              "--base takes the base model, not an adapter")
+    if recipe.base is not None and Path(str(base)).resolve() != Path(recipe.base).resolve():
+        raise PeftmergeError(f"{recipe.file} sets base_model {recipe.base} but --base is {base}; give the base "
+                             "model in one place")
     atomic.check_output(out, [base_path] + [Path(p) for p in recipe.inputs], overwrite)
     ckpt = Checkpoint(base_path)
-    sources = open_sources(recipe.inputs, ckpt, alpha, force)
-    weights_t = torch.tensor(weights, dtype=torch.float32)
+    pairs = tied.tied_pairs(ckpt)
+    aliases = {out_name: inp for out_name, inp in (pairs or {}).items() if out_name not in ckpt.tensors}
+    tied.alias(ckpt, aliases)
+    sources = open_sources(recipe.inputs, ckpt, alpha, force, aliases)
+    checkpoint = next((s.path for s in sources if s.checkpoint is not None), None)
+    if checkpoint is not None and params.get("space", "full") != "full":
+        raise PeftmergeError(f"{checkpoint}: a full checkpoint has no LoRA factors to merge in space {params['space']}; "
+                             "drop --space (full space), or merge LoRA adapters only")
+    if pairs is None:
+        tied.refuse_unknown(sources, base_path)
+        pairs = {}
+    untied = [o for o, i in pairs.items() if not tied.changes_both_alike(sources, o, i)]
+    for o in set(aliases) - set(untied):  # stays tied: written once, as the input embedding
+        for c in [ckpt] + [s.checkpoint for s in sources if s.checkpoint is not None]:
+            c.tensors.pop(o, None)
+        for s in sources:
+            s.targets.pop(o, None)
     names = ckpt.names()
     changed = {n: any(s.changes(n, ckpt) for s in sources) for n in names}
     if not any(changed.values()):
         raise PeftmergeError("no input changes any tensor of the base model; check the inputs")
+    positions = {}
+    if isinstance(method, MergekitRecipe):
+        weights_t = None
+        if method.spec.name == "linear":  # a weighted sum of the models themselves: every tensor, the base's too
+            changed = {n: ckpt.tensors[n].dtype.is_floating_point for n in names}
+        positions = layer_positions(names)
+        for n in names:  # every setting resolved once up front: a missing weight fails before anything is written
+            if changed[n]:
+                method.at(n, positions[n])
+    else:
+        weights_t = torch.tensor(weights, dtype=torch.float32)
+    tokenizer = vocab.output_tokenizer(recipe, base_path, sources)  # a recipe's tokenizer_source, checked
     slots = [Slot(n, dtype if (dtype is not None and ckpt.tensors[n].dtype.is_floating_point)
                   else ckpt.tensors[n].dtype, ckpt.tensors[n].shape) for n in names]
 
     ws = Workspace()
-    thresholds = None
-    if params.get("granularity") == "global":
-        merged_names = [n for n in names if changed[n]]
-        thresholds = ops.global_thresholds(
-            lambda: (stacked(n, *_prepared(n, ckpt, sources, ws)) for n in merged_names), len(sources),
-            params["density"])
+    merged_names = [n for n in names if changed[n]]
+    thresholds = execute.global_thresholds(params, len(sources), lambda: (stacked(n, *_prepared(n, ckpt, sources, ws))
+                                                                         for n in merged_names))
 
     start = time.perf_counter()
     bar = tqdm(total=sum(s.nbytes for s in slots), unit="B", unit_scale=True, desc=f"merge ({method.name})",
@@ -266,7 +328,7 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
     pool = ThreadPoolExecutor(max_workers=1)  # reads the next tensor while this one is merged
     io = ThreadPoolExecutor(max_workers=1)  # writes the last merged tensor while this one is merged
     try:
-        with atomic.atomic_dir(out, overwrite=overwrite) as tmp, blocked.single_threaded_caller():
+        with atomic.atomic_dir(out, overwrite=overwrite) as tmp, execute.single_threaded_caller():
             writer = ShardedWriter(tmp, slots, size)
             written = None  # the write in flight
             try:
@@ -279,7 +341,7 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
                                               changed[names[k + 1]], ws, (k + 1) % 2)
                     if changed[slot.name]:
                         result = merge_tensor(slot.name, w0, raws, sources, method, weights_t, params, thresholds,
-                                              ws, slot.dtype, k % 2)
+                                              ws, slot.dtype, k % 2, positions.get(slot.name, 0.0))
                     elif w0.dtype != slot.dtype:
                         result = ws.get(("cast", k % 2), w0.shape, slot.dtype).copy_(w0)
                     else:
@@ -296,7 +358,11 @@ def combine_full(recipe: Recipe, method: registry.Method, params: dict, weights:
                 io.shutdown(wait=True, cancel_futures=True)  # nothing writes into OUT's temp folder after this
                 writer.abort()
             report = _report(recipe, method, params, weights, base, sources, changed, writer, slots, dtype, start)
+            report["untied"] = untied
             copy_model_files(base_path, tmp, dtype)
+            if untied:
+                update_config(tmp, {"tie_word_embeddings": False})
+            vocab.copy_tokenizer(tokenizer, base_path, tmp)
             _write_metadata(tmp, report, base)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import PeftmergeError
-from ..io.atomic import check_output
-from . import registry
+from ..io.atomic import atomic_file, check_output
+from . import registry, serving
 from .decide import Decision, decide
-from .embed import encode, query_text, read_jsonl, record_query, record_text
+from .embed import encode, query_text, read_jsonl, record_query
 from .load import (adapter_info, base_model_of, examples_of, load_base, load_embedder, open_adapters,
                    open_routed)
 from .registry import BuildContext
@@ -38,7 +36,9 @@ def route_build(adapters: list, out, strategy: str = "centroid", *, top_k: int |
     model = str(model) if model else None
     given = {"top_k": top_k, "temperature": temperature, "abstain": abstain, "layer": layer, **(params or {})}
     resolved = spec.resolve(given)
-    check_output(out, [Path(p) for p in adapters], overwrite)
+    _positive("max_examples", max_examples)
+    used = [*adapters, *(general or []), *(examples or {}).values(), embedder, model]
+    check_output(out, [Path(p) for p in used if p], overwrite)
     opened = open_adapters(adapters)
     gen = open_adapters(general) if general else []
     if gen and strategy != "arrow":
@@ -60,6 +60,14 @@ def route_build(adapters: list, out, strategy: str = "centroid", *, top_k: int |
                     [str(g.path.resolve()) for g in gen])
     router.save(out, overwrite)
     return router
+
+
+def _positive(name: str, value, optional: bool = False) -> None:
+    """A count option (``--limit``, ``--batch-size``...): a whole number >= 1 (or None where ``optional``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PeftmergeError(f"--{name.replace('_', '-')} {value!r} must be a whole number >= 1")
 
 
 def _as_router(router) -> Router:
@@ -95,25 +103,19 @@ def _prompt(rec: dict, info=None) -> str | tuple[str, str]:
     """What the model reads: the routed adapter's training template filled in exactly as ``peftmerge eval``
     fills it (``{task}``, ``{labels}`` and the record's fields), else the query itself (a pair stays a pair)."""
     if info is not None and info.template:
-        from ..evaluate.data import Task
-        from ..evaluate.prompts import prompt_of
+        from ..data.tasks import Task
+        from ..data.prompts import prompt_of
 
         return prompt_of(Task(info.task, Path(info.path), [rec], info.labels, info.template, {"task": info.task}), rec)
     query = record_query(rec)
     return query if rec.get("text") is not None else query_text(query)
 
 
-def _write_jsonl(rows: list[dict], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+def _write_jsonl(rows: list[dict], out: Path, overwrite: bool) -> None:
+    with atomic_file(out, overwrite) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _open(router: Router, model: str | None, mode: str | None):
@@ -164,24 +166,100 @@ def _answer(router: Router, records: list[dict], routed, tokenizer, embed, mode:
                 texts_out = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
                 for row, t in zip(rows[-len(batch):], texts_out):
                     row["output"] = t
-    for rec, row in zip(records, rows):
-        if "id" in rec:
-            row["id"] = rec["id"]
+    for n, (rec, row) in enumerate(zip(records, rows)):
+        query = record_query(rec)
+        ordered = {"id": rec.get("id", n), "text": list(query) if isinstance(query, tuple) else query}
+        ordered.update(row)
+        row.clear()
+        row.update(ordered)
     return rows
 
 
+EMIT = ("answers", "adapter", "names")
+
+
 def predict(router, input, out, *, model: str | None = None, mode: str | None = None, route_only: bool = False,
-            max_new_tokens: int = 32, batch_size: int = 8, overwrite: bool = False, progress: bool = True):
-    """Route each query of ``input`` (JSONL) and answer it; write ``out`` (JSONL), one record per query:
-    ``adapters``/``weights`` (the routing), ``abstained``, and ``label`` (classification) or ``output``."""
-    router = _as_router(router)
+            max_new_tokens: int = 32, batch_size: int = 8, emit: str = "answers", per_query: bool = False,
+            overwrite: bool = False, progress: bool = True):
+    """Route each query of ``input`` (JSONL) and answer it; write ``out`` (JSONL), one record per query: ``id``
+    (the query's own, else its line number from 0), ``text`` (the query), ``adapters``/``weights`` (the
+    routing), ``abstained``, and ``label`` (classification) or ``output``.
+
+    ``emit="adapter"``: route only, and give each record ``adapter``, the name a serving engine should be asked
+    for (:mod:`.serving`; None: the base model); ``emit="names"``: ``out`` is plain text, that name per line
+    (an empty line: the base model). An arrow router needs ``per_query`` there (its per-query form)."""
+    if emit not in EMIT:
+        raise PeftmergeError(f"--emit {emit!r} is not one of {', '.join(EMIT)}")
+    if emit == "answers" and per_query:
+        raise PeftmergeError("--per-query names adapters for a serving engine; use it with --emit adapter or names")
+    if emit != "answers" and mode is not None:
+        raise PeftmergeError(f"--mode applies to answers; --emit {emit} only routes (an engine applies the top-1 "
+                             "adapter): drop --mode")
+    _positive("max_new_tokens", max_new_tokens)
+    _positive("batch_size", batch_size)
     out = Path(out)
-    check_output(out, [Path(input)], overwrite)
+    check_output(out, [Path(p) for p in (input, router if not isinstance(router, Router) else router.path, model)
+                       if p], overwrite, folder=False)
+    router = _as_router(router)
+    if emit != "answers":
+        serving.check(router, per_query)
     records = read_jsonl(input)
+    if emit != "answers":
+        rows = _engine_rows(router, records, model, batch_size, progress)
+        if emit == "names":
+            with atomic_file(out, overwrite) as tmp:
+                tmp.write_text("".join(f"{r['adapter'] or ''}\n" for r in rows), encoding="utf-8")
+        else:
+            _write_jsonl(rows, out, overwrite)
+        return rows
     routed, tokenizer, embed, mode = _open(router, model, mode)
     rows = _answer(router, records, routed, tokenizer, embed, mode, route_only=route_only,
                    max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    _write_jsonl(rows, out)
+    _write_jsonl(rows, out, overwrite)
+    return rows
+
+
+def _routing_inputs(router: Router, model: str | None):
+    """(routed model, tokenizer, embedder): what :func:`route_queries` needs, and no more (a query router with its
+    own embedder loads no base model)."""
+    if router.spec.per_token:
+        routed, tokenizer = open_routed(router, model)
+        return routed, tokenizer, None
+    if router.embedder:
+        return None, None, load_embedder(router.embedder, layer=router.params["layer"], pairs=_pairs(router))
+    base, tokenizer = load_base(model or router.base_model)
+    return None, tokenizer, load_embedder(None, base, tokenizer, router.params["layer"], _pairs(router))
+
+
+def engine_router(router, *, model: str | None = None, per_query: bool = False, batch_size: int = 16):
+    """A function ``queries -> names``: per query (a string or a ``(text, text_pair)`` pair), the adapter a serving
+    engine should be asked for (None: the base model), as ``predict --emit names`` gives it; what routing needs is
+    loaded once, here (a router in front of an engine calls the function per request or batch)."""
+    router = _as_router(router)
+    serving.check(router, per_query)
+    _positive("batch_size", batch_size)
+    routed, tokenizer, embed = _routing_inputs(router, model)
+
+    def names(queries: list) -> list[str | None]:
+        return serving.engine_names(router, route_queries(router, list(queries), routed, tokenizer, embed,
+                                                          batch_size))
+
+    return names
+
+
+def _engine_rows(router: Router, records: list[dict], model: str | None, batch_size: int,
+                 progress: bool) -> list[dict]:
+    """One record per query: ``id``, ``text``, the routing and ``adapter`` (the name to ask an engine for)."""
+    routed, tokenizer, embed = _routing_inputs(router, model)
+    rows = []
+    for i in tqdm(range(0, len(records), batch_size), disable=not progress, desc="route"):
+        batch = records[i:i + batch_size]
+        queries = [record_query(r) for r in batch]
+        decision = route_queries(router, queries, routed, tokenizer, embed, batch_size)
+        for n, (query, c, name) in enumerate(zip(queries, decision.rows(), serving.engine_names(router, decision))):
+            rows.append({"id": batch[n].get("id", i + n), "text": list(query) if isinstance(query, tuple) else query,
+                         "adapters": [router.tasks[e] for e, _ in c], "weights": [round(w, 6) for _, w in c],
+                         "abstained": not c, "adapter": name})
     return rows
 
 
@@ -219,7 +297,7 @@ def _label_words_routed(router: Router, task, routed, tokenizer, embed, mode: st
     the task's own prompt). A misrouted query thus answers from another task's label set."""
     from dataclasses import replace
 
-    from ..evaluate.predict import predict_label_words
+    from ..data.predict import predict_label_words
 
     decision = route_queries(router, [record_query(r) for r in task.rows], routed, tokenizer, embed)
     top = [None if a else int(i) for i, a in zip(decision.indices[:, 0], decision.abstained)]
@@ -252,25 +330,23 @@ def predict_for_eval(router_dir, base: str | None, task, *, batch_size: int = 8,
 
 
 def route_eval(router, data: dict[str, str], *, model: str | None = None, limit: int | None = None,
-               batch_size: int = 16, progress: bool = True) -> dict:
-    """Routing accuracy: the share of each task's queries whose top-1 adapter is that task's."""
+               batch_size: int = 16, progress: bool = True, out: str | Path | None = None,
+               overwrite: bool = False) -> dict:
+    """Routing accuracy: the share of each task's queries whose top-1 adapter is that task's (written to ``out``
+    as JSON too, when given)."""
+    _positive("limit", limit, optional=True)
+    _positive("batch_size", batch_size)
+    if out is not None:
+        out = check_output(out, [Path(p) for p in (*data.values(), model,
+                                                   router if not isinstance(router, Router) else router.path) if p],
+                           overwrite, folder=False)
     router = _as_router(router)
     unknown = [t for t in data if t not in router.tasks]
     if unknown:
         raise PeftmergeError(f"--data {unknown[0]}=...: the router has no adapter for task {unknown[0]!r}; "
                              f"its tasks are: {', '.join(router.tasks)}")
     queries = {t: [record_query(r) for r in read_jsonl(f)][:limit] for t, f in data.items()}
-    if router.spec.per_token:
-        routed, tokenizer = open_routed(router, model)
-        embed = None
-    else:
-        routed = None
-        if router.embedder:
-            tokenizer, embed = None, load_embedder(router.embedder, layer=router.params["layer"],
-                                                   pairs=_pairs(router))
-        else:
-            base, tokenizer = load_base(model or router.base_model)
-            embed = load_embedder(None, base, tokenizer, router.params["layer"], _pairs(router))
+    routed, tokenizer, embed = _routing_inputs(router, model)
     report = {"strategy": router.strategy, "tasks": {}, "confusion": {}}
     correct = total = 0
     for task, texts in tqdm(queries.items(), disable=not progress, desc="route eval"):
@@ -282,4 +358,7 @@ def route_eval(router, data: dict[str, str], *, model: str | None = None, limit:
         report["confusion"][task] = {str(t): top1.count(t) for t in sorted(set(top1), key=str)}
         correct, total = correct + hits, total + len(texts)
     report["accuracy"] = correct / total
+    if out is not None:
+        with atomic_file(out, overwrite) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
     return report

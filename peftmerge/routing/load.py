@@ -10,6 +10,7 @@ from ..errors import PeftmergeError
 from ..io.meta import read_meta
 from ..io.adapter import PREFIX, LoraAdapter, load_adapter
 from ..io.base_model import check_same_base
+from ..io.checkpoint import refuse_pickle_weights
 from ..io.gguf import loadable
 from .embed import Embedder, as_query, read_jsonl, record_query
 from .router import AdapterInfo, Router
@@ -83,6 +84,7 @@ def load_base(path: str, classify: bool = False, num_labels: int = 2):
     local cache (or its known offline copy); float32, eval mode."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    refuse_pickle_weights(path)
     cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
     extra = {"num_labels": num_labels} if classify else {}
     try:
@@ -106,6 +108,7 @@ def load_embedder(path: str | None, base=None, base_tokenizer=None, layer: int =
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    refuse_pickle_weights(path)
     try:
         src = loadable(path)
         config = AutoConfig.from_pretrained(src)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..merge.registry import Param
+from ..registry import Param
 from .centroid import check_examples
 from .registry import ABSTAIN, PAIRS, TEMPERATURE, TOP_K, BuildContext, register
 

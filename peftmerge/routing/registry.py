@@ -17,10 +17,10 @@ Two kinds share this registry:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from ..errors import PeftmergeError
-from ..merge.registry import Param
+from ..registry import Param, Registry, resolve
 
 TOP_K = lambda default: Param("top_k", default, "adapters combined per query/token", low=1)  # noqa: E731
 TEMPERATURE = lambda default: Param("temperature", default, "softmax temperature of the weights",  # noqa: E731
@@ -54,19 +54,16 @@ class Strategy:
 
     def resolve(self, given: dict) -> dict:
         """Defaults filled in, values checked; an unknown parameter names the valid ones."""
-        known = {p.name: p for p in self.params}
-        for key, value in given.items():
-            if value is not None and key not in known:
-                raise PeftmergeError(f"router {self.name} takes no parameter {key!r} "
-                                     f"(its parameters: {', '.join(known)})")
-        out: dict[str, Any] = {}
-        for p in self.params:
-            v = given.get(p.name)
-            out[p.name] = p.check(v, 1) if v is not None else p.default
-        return out
+        try:
+            return resolve(self.params, given, 1, f"router {self.name}")
+        except PeftmergeError as e:
+            message = str(e)
+            raise PeftmergeError(message if message.startswith("router ") else f"router {self.name}: {message}") \
+                from None
 
 
-_REGISTRY: dict[str, Strategy] = {}
+REGISTRY: Registry[Strategy] = Registry("router", ("peftmerge.routing.arrow", "peftmerge.routing.centroid",
+                                                   "peftmerge.routing.probe"))
 
 
 def register(name: str, *, paper: str, params: tuple[Param, ...], score: Callable | None = None,
@@ -77,25 +74,17 @@ def register(name: str, *, paper: str, params: tuple[Param, ...], score: Callabl
         import sys
 
         doc = (sys.modules[build.__module__].__doc__ or "").strip()
-        _REGISTRY[name] = Strategy(name, paper, doc, tuple(params), build, score, per_token)
+        REGISTRY.add(name, Strategy(name, paper, doc, tuple(params), build, score, per_token))
         return build
 
     return wrap
 
 
-def _load_all() -> None:
-    from . import arrow, centroid, probe  # noqa: F401  (importing registers each router)
-
-
 def names() -> list[str]:
     """Every registered router name."""
-    _load_all()
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def get(name: str) -> Strategy:
     """The router called ``name``; an unknown name lists the valid ones."""
-    _load_all()
-    if name not in _REGISTRY:
-        raise PeftmergeError(f"unknown router {name!r}; choose one of: {', '.join(names())}")
-    return _REGISTRY[name]
+    return REGISTRY.get(name)

@@ -1,10 +1,9 @@
 """Merge in memory and patch a loaded model, so each search candidate costs no disk round trip.
 
 For each module, the inputs' task vectors are stacked once (cached when they fit ``cache_bytes``); a
-candidate's merged dW comes from the registry's ``Method.merge`` and, for non-linear methods, the same
-seeded rank-r refactorization as :func:`peftmerge.merge.combine.combine` (sparse methods: the same
-:func:`peftmerge.merge.combine.merge_sparse` from the factors), so the model evaluated is the adapter
-``combine`` would write. Patching sets W = W0 + dW on the base model's weights in place.
+candidate's merged dW is what :func:`peftmerge.merge.execute.lora` writes for it in
+:func:`peftmerge.merge.combine.combine` (the same seeds, the same refactorization), so the model evaluated is the
+adapter ``combine`` would write. Patching sets W = W0 + dW on the base model's weights in place.
 """
 
 from __future__ import annotations
@@ -13,9 +12,8 @@ import torch
 
 from ..errors import PeftmergeError
 from ..io.adapter import PREFIX, LoraAdapter
-from ..merge import ops, registry
-from ..merge.combine import _module_generator, merge_dense, merge_factored, merge_sparse, stacked_deltas
-from ..merge.plan import ModulePlan
+from ..merge import execute, registry
+from ..merge.plan import ModulePlan, stacked_deltas
 
 
 class InMemoryMerge:
@@ -24,7 +22,7 @@ class InMemoryMerge:
     def __init__(self, adapters: list[LoraAdapter], plans: list[ModulePlan], method: registry.Method,
                  rank: int | None = None, cache_bytes: int = 2 << 30, grams=None):
         self.adapters, self.plans, self.method, self.rank = adapters, plans, method, rank
-        self.grams, self.tasks = grams, [a.task for a in adapters]  # grams: a peftmerge.grams.Grams (regmean)
+        self.grams, self.tasks = grams, [a.task for a in adapters]  # grams: a peftmerge.analysis.grams.Grams (regmean)
         need = sum(len(adapters) * p.shape[0] * p.shape[1] * 4 for p in plans)
         self._cache = {p.name: stacked_deltas(adapters, p) for p in plans} if need <= cache_bytes else None
 
@@ -47,27 +45,13 @@ class InMemoryMerge:
         m, n = self.method, len(self.adapters)
         params = m.resolve(params, n)
         w = torch.as_tensor(list(weights), dtype=torch.float32)
-        thresholds = None
-        if params.get("granularity") == "global":
-            thresholds = ops.global_thresholds(lambda: (self.deltas(p) for p in self.plans), n, params["density"])
+        thresholds = execute.global_thresholds(params, n, lambda: (self.deltas(p) for p in self.plans))
         out = {}
         for plan in self.plans:
-            if m.linear:  # exact: combine keeps every factor at the default rank
-                if self.rank is not None and self.rank < sum(plan.ranks(self.adapters)):
-                    raise PeftmergeError("search with --rank below the sum of the input ranks supports "
-                                         "non-linear methods only; drop --rank for linear methods")
-                out[plan.name] = m.merge(self.deltas(plan), w, params)
-                continue
-            gen = _module_generator(params.get("seed", 0), plan.name)
-            target = min(self.rank or sum(plan.ranks(self.adapters)), *plan.shape)
-            if m.sparse is not None:  # as combine: from the factors
-                a, b, _ = merge_sparse(m, self.adapters, plan, w, params, target, gen, thresholds)
-            elif m.factored is not None:
-                a, b, _ = merge_factored(m, self.adapters, plan, w, params, target, self.context(plan, gen))
-            else:  # the sparse and factored paths above never form the dense task vectors
-                merged = m.merge(self.deltas(plan), w, params, self.context(plan, gen, thresholds))
-                a, b, _ = merge_dense(merged, target, gen)
-            out[plan.name] = b @ a
+            grams = self.grams.of(plan.name, self.tasks) if self.grams is not None else None
+            ctx = execute.context(params, plan.name, thresholds, grams)
+            cached = self._cache[plan.name] if self._cache is not None else None
+            out[plan.name] = execute.lora_delta(m, self.adapters, plan, w, params, self.rank, ctx, cached)
         return out
 
     def single(self, i: int) -> dict[str, torch.Tensor]:
@@ -76,10 +60,15 @@ class InMemoryMerge:
 
 
 class Patcher:
-    """W = W0 + dW on a loaded (non-PEFT) model; W0 kept for the targeted modules only."""
+    """W = W0 + dW on a loaded (non-PEFT) model; W0 kept for the targeted modules only.
+
+    Where the model ties its input embedding to its output layer (``tie_word_embeddings``) and either is patched,
+    they are untied first: PEFT applies an embedding LoRA in the embedding only and an output-layer LoRA in the
+    output layer only (a tied adapter adapts both, as two modules), and so does the patched model."""
 
     def __init__(self, model, plans: list[ModulePlan], fan_in_fan_out: bool = False):
         self.model, self.targets = model, {}
+        _untie_patched_embeddings(model, plans)
         for plan in plans:
             try:
                 module = model.get_submodule(plan.name)
@@ -102,6 +91,28 @@ class Patcher:
                 weight.copy_(w0)
             else:
                 weight.copy_(w0 + (d.T if transpose else d).to(w0.dtype))
+
+
+def _untie_patched_embeddings(model, plans: list[ModulePlan]) -> None:
+    """Give the output layer its own copy of W0 where it shares its weight with the input embedding and either
+    is patched."""
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if inp is None or out is None or out.weight is not inp.weight:
+        return
+    if not any(model.get_submodule(plan.name) in (inp, out) for plan in plans if _has(model, plan.name)):
+        return
+    out.weight = torch.nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False  # so nothing ties them again
+
+
+def _has(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def load_head(model, adapter: LoraAdapter) -> None:

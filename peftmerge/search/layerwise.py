@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..evaluate.predict import encode_rows, pad_id, prompt_and_answer, right_pad
-from ..evaluate.prompts import prompt_of
+from ..data.predict import encode_rows, pad_id, prompt_and_answer, right_pad
+from ..data.prompts import prompt_of
 from .inmemory import load_head
 
 _BLOCK = re.compile(r"\.(\d+)\.")
@@ -87,7 +87,7 @@ def answer_sequences(tokenizer, task, rows, max_length: int) -> tuple[list[list[
 
 def answer_loss(model, tokenizer, task, rows, params, max_length: int) -> torch.Tensor:
     """Mean negative log-likelihood per gold answer token (label word or output) after each row's prompt,
-    packed as :func:`peftmerge.evaluate.predict.label_scores` packs a label word (an answer's first
+    packed as :func:`peftmerge.data.predict.label_scores` packs a label word (an answer's first
     ``max_length // 2`` tokens at most)."""
     seqs, starts = answer_sequences(tokenizer, task, rows, max_length)
     ids, mask = right_pad(seqs, pad_id(tokenizer))

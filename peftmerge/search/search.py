@@ -2,8 +2,9 @@
 
 Strategies (the objective is the mean over tasks of accuracy, or ROUGE-L for free text):
 
-- ``grid``: every combination of one or two parameters (``lambda``, ``density``, ``gamma``), as the
-  task-arithmetic and TIES papers choose lambda on validation data (Ilharco et al. 2023; Yadav et al. 2023);
+- ``grid``: every combination of one or two of the method's parameters (those that declare a default grid:
+  ``lambda``, ``density``, ``gamma``, ``off_diagonal``...), as the task-arithmetic and TIES papers choose lambda on
+  validation data (Ilharco et al. 2023; Yadav et al. 2023);
 - ``es``: per-model weights by a seeded evolution strategy (:func:`.optim.evolve`), as LoraHub and PCB-Merging
   search per-model coefficients (optional L1 penalty on the weights, LoraHub's regulariser);
 - ``layerwise``: one task-arithmetic coefficient per input and layer (or module), learned with Adam on the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Sequence
@@ -29,13 +31,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..card import write_card
+from ..data.predict import predict_generate, predict_head, predict_label_words
+from ..data.tasks import load_task, parse_pairs, read_meta, refuse_test_split
 from ..errors import PeftmergeError
 from ..evaluate import metrics as M
-from ..evaluate.data import load_task, parse_pairs, read_meta, refuse_test_split
 from ..evaluate.model import load_model, load_tokenizer
-from ..evaluate.predict import predict_generate, predict_head, predict_label_words
 from ..io import atomic
+from ..io.card import write_card
 from ..merge import registry
 from ..merge.combine import combine, open_grams
 from ..merge.plan import open_inputs, plan_modules
@@ -43,10 +45,6 @@ from . import layerwise, optim
 from .inmemory import InMemoryMerge, Patcher, load_head
 
 log = logging.getLogger(__name__)
-
-DEFAULT_GRID = {"lambda": [0.3, 0.5, 0.7, 1.0, 1.3, 1.6], "density": [0.1, 0.2, 0.4, 0.7], "gamma": [0.0, 0.01, 0.05],
-                "off_diagonal": [0.5, 0.7, 0.9, 1.0]}
-SEARCHABLE = ("lambda", "density", "gamma", "off_diagonal")
 
 
 class Evaluator:
@@ -94,10 +92,13 @@ class Evaluator:
         return out
 
 
-def _axes(grid: dict | None, method: registry.Method) -> dict[str, list[float]]:
-    known = [p.name for p in method.params if p.name in SEARCHABLE]
+def _axes(grid: dict | None, method: registry.Method) -> dict[str, list]:
+    """The grid: the given one, else the method's first two parameters that declare default values to try (the
+    space every method runs in, ``space=full,core,knots``, only where given)."""
+    searchable = {p.name: p for p in method.params if p.grid}
+    known = list(searchable) + [registry.SPACE.name]
     if not grid:
-        grid = {k: DEFAULT_GRID[k] for k in known if k in ("lambda", "density", "off_diagonal")}
+        grid = {name: list(searchable[name].grid) for name in list(searchable)[:2]}
     for name, values in grid.items():
         if name not in known:
             raise PeftmergeError(f"--grid {name}: method {method.name} has no searchable parameter {name!r} "
@@ -109,18 +110,28 @@ def _axes(grid: dict | None, method: registry.Method) -> dict[str, list[float]]:
                              "(per-model weights)")
     if len(grid) > 2:
         raise PeftmergeError(f"--grid over {len(grid)} parameters; grid one or two (use --strategy es for more)")
-    return {k: [float(v) for v in vs] for k, vs in grid.items()}
+    for name, values in grid.items():
+        if name == registry.SPACE.name:
+            for v in values:
+                registry.SPACE.check(v)
+    return {k: [v if isinstance(v, str) else float(v) for v in vs] for k, vs in grid.items()}
 
 
-def parse_grid(values: Sequence[str]) -> dict[str, list[float]]:
-    """``("lambda=0.5,1", "density=0.1,0.2")`` -> {name: values}."""
+def parse_grid(values: Sequence[str]) -> dict[str, list]:
+    """``("lambda=0.5,1", "density=0.1,0.2")`` -> {name: values}; ``space=core,knots`` keeps its names."""
     out = {}
     for v in values or ():
         name, sep, rest = v.partition("=")
+        items = [x.strip() for x in rest.split(",") if x.strip()]
+        if name.strip() == registry.SPACE.name:
+            out[name.strip()] = items
+            continue
         try:
-            out[name.strip()] = [float(x) for x in rest.split(",") if x.strip()]
+            out[name.strip()] = [float(x) for x in items]
         except ValueError:
             sep = ""
+        if sep and not all(math.isfinite(x) for x in out[name.strip()]):
+            raise PeftmergeError(f"--grid {v!r} holds a value that is not finite; give finite numbers")
         if not sep:
             raise PeftmergeError(f"--grid {v!r} is not NAME=V1,V2,... (e.g. --grid lambda=0.5,0.8,1.0)")
     return out
@@ -129,14 +140,14 @@ def parse_grid(values: Sequence[str]) -> dict[str, list[float]]:
 def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = None, *, data, model: str | None = None,
            strategy: str = "grid", grid: dict | None = None, budget: int = 40, population: int = 8,
            sigma: float = 0.3, l1: float = 0.0, seed: int = 0, weights: Sequence[float] | None = None,
-           lam: float | None = None, density=None, gamma: float | None = None, sign: str | None = None,
-           granularity: str | None = None, rank: int | None = None, limit: int | None = 200, batch_size: int = 16,
+           params: dict | None = None, rank: int | None = None, limit: int | None = 200, batch_size: int = 16,
            max_length: int = 256, max_new_tokens: int = 32, alpha: float | None = None, force: bool = False,
            epochs: int = 4, lr: float = 0.05, by: str = "layer", average: bool = False,
-           off_diagonal: float | None = None, grams: str | Path | None = None, overwrite: bool = False,
-           progress: bool = True) -> dict:
+           grams: str | Path | None = None, overwrite: bool = False, progress: bool = True, **shorthand) -> dict:
     """Tune ``method`` on validation ``data`` ({task: file} or NAME=FILE strings) and write the best merge
-    (``grams``: the file of :func:`peftmerge.grams` that regmean reads)."""
+    (``grams``: the file of :func:`peftmerge.analysis.grams.grams` that regmean reads). ``params``: the method's
+    parameters held fixed (by name, or as keywords of their own as in :func:`peftmerge.combine`; ``lambda`` is the
+    start of every coefficient with ``strategy="layerwise"``)."""
     m = registry.get(method or "ties")
     data = data if isinstance(data, dict) else parse_pairs(data, "--data")
     if not data:
@@ -146,9 +157,9 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
     if strategy not in ("grid", "es", "layerwise"):
         raise PeftmergeError(f"--strategy {strategy!r} is not one of grid, es, layerwise")
     if strategy == "layerwise":
-        if m.name != "task_arithmetic" and m.components is None:
-            raise PeftmergeError(f"--strategy layerwise learns per-input coefficients of task arithmetic or "
-                                 f"regmean; use --method task_arithmetic or regmean (not {m.name})")
+        if not m.linear and m.components is None:
+            raise PeftmergeError(f"--strategy layerwise learns per-input coefficients of a merge that is a weighted "
+                                 f"sum of per-input shares; use --method task_arithmetic or regmean (not {m.name})")
         if epochs < 1 or lr <= 0 or by not in ("layer", "module"):
             raise PeftmergeError(f"layerwise needs --epochs >= 1, --lr > 0 and --by layer|module (got {epochs}, "
                                  f"{lr}, {by!r})")
@@ -156,15 +167,20 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
         raise PeftmergeError(f"--limit {limit} must be >= 1")
     if budget < 1 or population < 2:
         raise PeftmergeError("--budget must be >= 1 and --population >= 2")
+    for name, v in (("--sigma", sigma), ("--l1", l1), ("--lr", lr)):
+        if not math.isfinite(v) or v < 0 or (name == "--sigma" and v == 0):
+            raise PeftmergeError(f"{name} {v} must be a finite number {'> 0' if name == '--sigma' else '>= 0'}")
+    for name, v in (("--batch-size", batch_size), ("--max-length", max_length), ("--max-new-tokens", max_new_tokens)):
+        if v < 1:
+            raise PeftmergeError(f"{name} {v} must be >= 1")
     n = len(inputs)
-    fixed = {k: v for k, v in {"lambda": lam, "density": density, "gamma": gamma, "sign": sign,
-                               "granularity": granularity, "off_diagonal": off_diagonal}.items() if v is not None}
+    fixed = registry.given(params, shorthand)
     m.resolve(fixed, n)  # unknown / out-of-range parameters fail before any work
     axes = _axes(grid, m) if strategy == "grid" else {}
     w0 = list(weights) if weights is not None else [1.0] * n
     if len(w0) != n:
         raise PeftmergeError(f"{len(w0)} weights for {n} inputs; give one weight per input")
-    out = atomic.check_output(out, [Path(p) for p in inputs], overwrite)
+    out = atomic.check_output(out, [Path(p) for p in (*inputs, *data.values(), grams, model) if p], overwrite)
     gram_file = open_grams(m, grams, inputs)
 
     adapters = open_inputs(list(inputs), alpha=alpha, force=force)
@@ -185,7 +201,7 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
             individual.update(ev(merger.single(i), only=a.task))
 
     if strategy == "layerwise":
-        start = 1.0 if m.components is not None else lam if lam is not None else 0.3  # regmean: itself
+        start = 1.0 if m.components is not None else fixed.get("lambda", 0.3)  # regmean: itself
         return _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, base, w0, start, fixed,
                           grams, epochs=epochs, lr=lr, by=by, batch_size=batch_size,
                           max_length=max_length, seed=seed, limit=limit, rank=rank, alpha=alpha, force=force,
@@ -227,10 +243,8 @@ def search(inputs: Sequence[str | Path], out: str | Path, method: str | None = N
                            "limit": limit, "grid": axes, "rank": rank}}
 
     p = best_params
-    return _write(out, inputs, result, dict(weights=best_w, lam=p.get("lambda"), density=p.get("density"),
-                                            gamma=p.get("gamma"), sign=p.get("sign"),
-                                            granularity=p.get("granularity"), off_diagonal=p.get("off_diagonal"),
-                                            grams=grams, rank=rank, alpha=alpha, force=force),
+    return _write(out, inputs, result, dict(weights=best_w, params=p, grams=grams, rank=rank, alpha=alpha,
+                                            force=force),
                   f"{m.name} merge of {', '.join(a.task for a in adapters)} (searched)", overwrite)
 
 
@@ -304,8 +318,9 @@ def _layerwise(inputs, out, m, adapters, plans, merger, ev, tasks, individual, b
               "inputs": [a.task for a in adapters],
               "settings": {"epochs": epochs, "lr": lr, "by": by, "start": start, "average": average, "seed": seed,
                            "limit": limit, "batch_size": batch_size, "rank": rank, "grid": {}}}
-    written = dict(lam=1.0) if m.components is None else dict(off_diagonal=fixed.get("off_diagonal"), grams=grams)
-    return _write(out, inputs, result, dict(**written, rank=rank, alpha=alpha, force=force,
+    # the coefficients carry the scale: a linear method's lambda is 1 in the written merge
+    written = {**fixed, **({"lambda": 1.0} if registry.LAMBDA in m.params else {})}
+    return _write(out, inputs, result, dict(params=written, grams=grams, rank=rank, alpha=alpha, force=force,
                                             module_weights=module_weights),
                   f"layer-wise {m.name} of {', '.join(a.task for a in adapters)} (learned on validation)", overwrite)
 
@@ -329,8 +344,8 @@ def plot_trace(result: dict, path: Path) -> None:
         (n1, v1), (n2, v2) = axes.items()
         grid = np.array([r["score"] for r in trace]).reshape(len(v1), len(v2))
         im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(v2)), [f"{v:g}" for v in v2])
-        ax.set_yticks(range(len(v1)), [f"{v:g}" for v in v1])
+        ax.set_xticks(range(len(v2)), [v if isinstance(v, str) else f"{v:g}" for v in v2])
+        ax.set_yticks(range(len(v1)), [v if isinstance(v, str) else f"{v:g}" for v in v1])
         ax.set_xlabel(n2)
         ax.set_ylabel(n1)
         fig.colorbar(im)

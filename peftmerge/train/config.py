@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -69,6 +70,9 @@ class TrainConfig:
     """Prompt tuning: number of soft-prompt tokens; LLaMA-Adapter: adapter length."""
     adapter_layers: int = 8
     """LLaMA-Adapter: number of top layers that get an adaption prompt."""
+    teacher_prompt: str | None = None
+    """Context distillation: a text file with the prompt (instructions, demonstrations) the teacher sees
+    before every input and the student learns to do without."""
 
     # --- optimisation -------------------------------------------------------------------------
     lr: float = 2e-4
@@ -126,11 +130,16 @@ class TrainConfig:
     """Extra ``transformers.TrainingArguments`` (e.g. ``{"deepspeed": "ds.json"}``)."""
 
     def check(self) -> "TrainConfig":
-        """Refuse missing or impossible values with one line naming the field."""
+        """Refuse missing, mistyped or impossible values with one line naming the field."""
         for name in ("model", "data", "out", "validation", "checkpoint_dir", "gguf_file"):
             value = getattr(self, name)
             if isinstance(value, Path):
                 setattr(self, name, str(value))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+                setattr(self, f.name, [str(v) for v in value])  # YAML labels may be numbers: 0, 1
+            _check_type(f.name, getattr(self, f.name), str(f.type))
         if not self.task and self.data:
             from .data import default_task_name
 
@@ -142,17 +151,22 @@ class TrainConfig:
             raise PeftmergeError(f"shape {self.shape!r} is unknown; use one of {', '.join(SHAPES)}")
         if self.keep not in KEEP:
             raise PeftmergeError(f"keep {self.keep!r} is unknown; use one of {', '.join(KEEP)}")
-        if self.max_eval_samples is not None and self.max_eval_samples < 1:
-            raise PeftmergeError(f"max_eval_samples must be >= 1, got {self.max_eval_samples}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise PeftmergeError(f"val_fraction {self.val_fraction} must be in [0, 1)")
-        for name in ("r", "batch_size", "grad_accum", "max_length", "num_virtual_tokens", "adapter_layers"):
+        _in_range("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
+        _in_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        _in_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
+        _in_range("weight_decay", self.weight_decay, 0.0)
+        for name in ("r", "batch_size", "grad_accum", "max_length", "num_virtual_tokens", "adapter_layers",
+                     "logging_steps"):
             if getattr(self, name) < 1:
                 raise PeftmergeError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise PeftmergeError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.lr <= 0:
-            raise PeftmergeError(f"lr must be > 0, got {self.lr}")
+        for name in ("max_steps", "max_samples", "max_eval_samples", "eval_steps", "early_stopping"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise PeftmergeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise PeftmergeError(f"seed must be >= 0, got {self.seed}")
+        for name in ("lr", "alpha", "epochs"):
+            if not getattr(self, name) > 0:
+                raise PeftmergeError(f"{name} must be > 0, got {getattr(self, name)}")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
         return self
@@ -183,3 +197,34 @@ class TrainConfig:
             return Path(self.checkpoint_dir)
         out = Path(self.out)
         return out.parent / f".{out.name}.checkpoints"
+
+
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,)}
+
+
+def _check_type(name: str, value, annotation: str) -> None:
+    """``value`` fits the field's annotation (``int``, ``float | None``, ``list[str] | str | None``, ...); finite."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return
+    for k in kinds:
+        if k.startswith("list"):
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return
+            continue
+        types = _TYPES.get(k)
+        if types and isinstance(value, types) and (k == "bool" or not isinstance(value, bool)):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise PeftmergeError(f"{name} {value} is not a finite number")
+            return
+    want = " or ".join("a list of strings" if k.startswith("list") else f"{'an' if k == 'int' else 'a'} {k}"
+                       for k in kinds if k != "None")
+    raise PeftmergeError(f"{name} {value!r} must be {want} (it is a {type(value).__name__}); fix the option or the "
+                         "YAML value")
+
+
+def _in_range(name: str, value: float, low: float, high: float | None = None, high_open: bool = False) -> None:
+    if not (value >= low and (high is None or (value < high if high_open else value <= high))):
+        bound = f"[{low}, {high}{')' if high_open else ']'}" if high is not None else f">= {low}"
+        raise PeftmergeError(f"{name} {value} is out of range: must be in {bound}" if high is not None
+                             else f"{name} {value} must be {bound}")

@@ -85,20 +85,27 @@ def _frame_rows(reader, path: Path) -> list[dict]:
 
 
 def _read_json(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    from ..io.meta import jsonl_lines
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            is_array = path.suffix == ".json" and f.read(4096).lstrip().startswith("[")
+    except UnicodeDecodeError:
+        raise PeftmergeError(f"data {path}: not UTF-8 text (a binary file?); give a JSON/JSONL data file") from None
+    if is_array:
         try:
-            rows = json.loads(text)
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise PeftmergeError(f"data {path}: not UTF-8 text (a binary file?); give a JSON data file") from None
         except json.JSONDecodeError as e:
             raise PeftmergeError(f"data {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     else:
         rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise PeftmergeError(f"data {path} line {n}: not valid JSON; write one JSON object per line") from None
+        for n, line in jsonl_lines(path):  # split on "\n" only: U+2028 and the like may sit inside strings
+            try:
+                rows.append(json.loads(line))
+            except (json.JSONDecodeError, RecursionError):
+                raise PeftmergeError(f"data {path} line {n}: not valid JSON; write one JSON object per line") from None
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise PeftmergeError(f"data {path} row {n}: not a JSON object; write one object per row")
@@ -161,9 +168,11 @@ def load_task(config) -> TaskData:
     info = data.parent / "task.json" if data.exists() and data.is_file() else None
     if labels is None and info is not None and info.exists():
         try:
-            labels = json.loads(info.read_text()).get("labels")
-        except (json.JSONDecodeError, AttributeError):
+            labels = json.loads(info.read_text(encoding="utf-8")).get("labels")
+        except (ValueError, AttributeError):  # ValueError: bad JSON, or bytes that are not UTF-8
             raise PeftmergeError(f"{info}: not a valid task.json; fix it or pass --labels") from None
+        if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, (str, int)) for x in labels)):
+            raise PeftmergeError(f"{info}: 'labels' is not a list of label names; fix it or pass --labels")
     train = read_rows(data)
     rng = random.Random(config.seed)
     if config.max_samples and len(train) > config.max_samples:

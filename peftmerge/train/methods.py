@@ -12,6 +12,9 @@ merge methods can combine; the others train, evaluate and save for comparison.
 - bitfit: Ben Zaken et al. 2021 (arXiv:2106.10199): train only the bias terms (and the classification head).
 - llama_adapter: LLaMA-Adapter, Zhang et al. 2023 (arXiv:2303.16199): zero-gated adaption prompts in the top
   ``adapter_layers`` layers (PEFT's adaption prompt; Llama/Mistral causal LMs only).
+- context_distillation: Snell et al. 2022 (arXiv:2209.15189), Askell et al. 2021 (arXiv:2112.00861): a LoRA
+  adapter trained without labels so that base + LoRA *without* a prompt matches the base *with* it,
+  min KL(p_base(y | prompt, x) || p_lora(y | x)) (:mod:`peftmerge.train.distill`); merges like ``lora``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Callable
 import torch
 
 from ..errors import PeftmergeError
+from ..registry import Registry
 
 HEAD_NAMES = ("classifier", "score")  # sequence-classification heads (BERT-like, decoder-like)
 BITFIT_FILE = "bitfit_model.safetensors"
@@ -41,16 +45,18 @@ class Method:
     """Load the base in 4-bit NF4 (bitsandbytes) before ``build``."""
     causal_only: bool = False
     """Only for text2text on a causal LM."""
+    distill: bool = False
+    """Trained by context distillation (:mod:`peftmerge.train.distill` builds its rows, examples and Trainer)."""
 
 
-_METHODS: dict[str, Method] = {}
+REGISTRY: Registry[Method] = Registry("method", "peftmerge.train.methods", ordered=True)
 
 
 def register(name: str, paper: str, **kwargs) -> Callable:
     """Decorator: add ``build`` to the registry under ``name``."""
 
     def deco(build: Callable) -> Callable:
-        _METHODS[name] = Method(name=name, paper=paper, build=build, **kwargs)
+        REGISTRY.add(name, Method(name=name, paper=paper, build=build, **kwargs))
         return build
 
     return deco
@@ -58,14 +64,12 @@ def register(name: str, paper: str, **kwargs) -> Callable:
 
 def names() -> list[str]:
     """The registered method names."""
-    return list(_METHODS)
+    return REGISTRY.names()
 
 
 def get(name: str) -> Method:
     """The method called ``name``; an unknown name gets an error listing the valid ones."""
-    if name not in _METHODS:
-        raise PeftmergeError(f"unknown method {name!r}; choose one of {', '.join(names())}")
-    return _METHODS[name]
+    return REGISTRY.get(name)
 
 
 def _lora_config(config, task_type: str, use_dora: bool = False):
@@ -156,6 +160,11 @@ def build_bitfit(model, config, task_type: str):
             f"bitfit: {type(model).__name__} has no bias parameters to train; use a model with biases or another method"
         )
     return model
+
+
+@register("context_distillation", "https://arxiv.org/abs/2209.15189", mergeable=True, causal_only=True, distill=True)
+def build_context_distillation(model, config, task_type: str):
+    return build_lora(model, config, task_type)  # the student: base + LoRA; the teacher: the same, adapter off
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

@@ -12,16 +12,24 @@ checkpoint (``keep="best"``, early stopping).
 
 from __future__ import annotations
 
+import inspect
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import PeftmergeError
 from .config import EVAL_ROWS, EVAL_SHARE
+from .distributed import cpu_launch
 from .examples import IGNORE, Collator, text2text_example
 
 log = logging.getLogger(__name__)
+
+COMPLETE = "peftmerge-complete"  # written into a checkpoint folder once transformers has saved all of it
+# TrainingArguments that would move or prune what peftmerge manages (the checkpoints folder).
+RESERVED_ARGS = ("output_dir", "overwrite_output_dir", "save_total_limit", "logging_dir", "push_to_hub")
 
 
 def classify_metrics(eval_pred) -> dict[str, float]:
@@ -74,7 +82,7 @@ def describe_schedule(config, n_val: int, n_total: int) -> str:
     return f"evaluation: {', '.join(when)} on {rows}; keeping {keep}"
 
 
-def training_args(config, has_eval: bool, shape: str):
+def training_args(config, has_eval: bool, shape: str, progress: bool = True):
     """``TrainingArguments`` for ``config``: cadence, best checkpoint, precision, reproducibility."""
     from transformers import TrainingArguments
 
@@ -106,11 +114,11 @@ def training_args(config, has_eval: bool, shape: str):
         label_names=["labels"],  # PEFT wrappers hide the forward signature Trainer would read it from
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=cpu_launch(),  # torchrun / accelerate on CPUs: gloo data parallel, not N lone runs
     )
     # transformers 5 takes a warmup ratio as a float below 1 in warmup_steps; 4.x has warmup_ratio.
-    import inspect
-
-    warm = "warmup_ratio" if "warmup_ratio" in inspect.signature(TrainingArguments).parameters else "warmup_steps"
+    known = inspect.signature(TrainingArguments).parameters
+    warm = "warmup_ratio" if "warmup_ratio" in known else "warmup_steps"
     kwargs[warm] = config.warmup_ratio
     if every is not None:
         kwargs.update(eval_steps=every, save_steps=every)
@@ -119,8 +127,25 @@ def training_args(config, has_eval: bool, shape: str):
     if config.keeps_best and has_eval:
         best = "accuracy" if shape == "classify" else "loss"
         kwargs.update(load_best_model_at_end=True, metric_for_best_model=best, greater_is_better=best != "loss")
+    kwargs.update(disable_tqdm=not progress)
+    unknown = sorted(set(config.extra) - set(known))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], list(known), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise PeftmergeError(f"--training-args: {', '.join(map(repr, unknown))} is not a transformers "
+                             f"TrainingArguments field; {hint}see transformers' TrainingArguments")
+    reserved = sorted(set(config.extra) & set(RESERVED_ARGS))
+    if reserved:
+        raise PeftmergeError(f"--training-args: {', '.join(reserved)} is set by peftmerge (use --checkpoint-dir, "
+                             "--keep-checkpoints, --push-to-hub); drop it")
     kwargs.update(config.extra)
-    return TrainingArguments(**kwargs)
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PeftmergeError(f"--training-args / training options refused by transformers: {first[:300]}") from None
 
 
 def kept_weights(trainer, config) -> dict:
@@ -139,17 +164,34 @@ def kept_weights(trainer, config) -> dict:
     return {"checkpoint": "last", "step": last, "why": why}
 
 
-def make_trainer(model, tokenizer, train_examples, val_examples, config, shape: str, left_pad: bool = False):
-    """A ``Trainer`` over lists of tokenized examples, with early stopping when asked."""
-    from transformers import EarlyStoppingCallback, Trainer
+def mark_complete():
+    """A callback that marks each checkpoint folder complete once transformers has written all of it
+    (``on_save`` comes after the weights, optimizer, scheduler, RNG and trainer state), so that a resume
+    never picks a half-written one (a run stopped by a full disk or a kill)."""
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / COMPLETE).write_text(f"{state.global_step}\n")
+
+    return MarkComplete()
+
+
+def make_trainer(model, tokenizer, train_examples, val_examples, config, shape: str, left_pad: bool = False,
+                 progress: bool = True):
+    """A ``Trainer`` over lists of tokenized examples, with early stopping when asked; ``progress=False``: no
+    progress bar and no printed log lines."""
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
 
     has_eval = bool(val_examples)
-    callbacks = []
+    callbacks = [mark_complete()]
     if config.early_stopping and has_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping))
-    return Trainer(
+    trainer = Trainer(
         model=model,
-        args=training_args(config, has_eval, shape),
+        args=training_args(config, has_eval, shape, progress),
         train_dataset=train_examples,
         eval_dataset=val_examples or None,
         data_collator=Collator(tokenizer.pad_token_id, left=left_pad),
@@ -157,6 +199,9 @@ def make_trainer(model, tokenizer, train_examples, val_examples, config, shape: 
         compute_metrics=classify_metrics if shape == "classify" else None,
         callbacks=callbacks,
     )
+    if not progress:
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 @torch.no_grad()

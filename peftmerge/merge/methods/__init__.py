@@ -1,3 +1,7 @@
-"""Every merge method, one short file each; importing this package registers them all."""
+"""The merge methods: one short file each, pure math over tensors (no engine).
 
-from . import breadcrumbs, cat, dare, iso_c, magnitude_prune, pcb, regmean, task_arithmetic, ties, tsv  # noqa: F401
+Every module here is imported by the registry on first use (pkgutil), so a method is its file and nothing else:
+``register(...)`` in it declares the name, the paper, the parameters (:class:`~peftmerge.merge.registry.Param`)
+and how it may be computed fast. ``ops`` and ``lowrank`` are the shared building blocks (masks, consensus,
+factor-space linear algebra); they register nothing.
+"""

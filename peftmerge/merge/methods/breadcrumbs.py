@@ -8,9 +8,8 @@ Sparse Masks", arXiv:2312.06795; official code rezazzr/breadcrumbs).
 Defaults: density 0.1 (the paper's best keeps ~10% after dropping the top 1%), gamma 0.01, lambda 1.
 """
 
-from .. import ops
-from ..blocked import Sparse
-from ..registry import DENSITY, GAMMA, LAMBDA, SIGN, register
+from ..registry import DENSITY, GAMMA, LAMBDA, SIGN, Sparse, register
+from . import ops
 
 
 def _crumbs(deltas, params):

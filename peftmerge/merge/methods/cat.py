@@ -3,7 +3,9 @@
     B = [w_1 s_1 B_1, ..., w_n s_n B_n],  A = [A_1; ...; A_n]   =>   B @ A = sum_i w_i dW_i
 
 Never truncated: the output rank is the sum of the input ranks (use ``task_arithmetic --rank R`` to
-truncate). No hyperparameters besides the per-input weights.
+truncate), less only where inputs share bit-identical A factors (one block, their B's added, so an adapter
+minus itself is exactly zero). No hyperparameters besides the per-input weights (and ``seed``, accepted and
+unused).
 """
 
 import torch

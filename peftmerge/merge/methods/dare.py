@@ -11,9 +11,8 @@ Defaults: the paper's drop rate p = 0.9 (density 0.1), lambda 1, sign total.
 
 import torch
 
-from .. import ops
-from ..blocked import Sparse
-from ..registry import DENSITY, LAMBDA, SEED, SIGN, register
+from ..registry import DENSITY, LAMBDA, SEED, SIGN, Sparse, register
+from . import ops
 
 
 def _drop_and_rescale(deltas, params, ctx):

@@ -5,9 +5,8 @@
 Defaults: density 0.2, lambda 1; ``granularity=global`` trims over the whole adapter.
 """
 
-from .. import ops
-from ..blocked import Sparse
-from ..registry import DENSITY, GRANULARITY, LAMBDA, register
+from ..registry import DENSITY, GRANULARITY, LAMBDA, Sparse, register
+from . import ops
 
 
 @register("magnitude_prune", paper="https://arxiv.org/abs/2306.01708 (trim step)",

@@ -11,10 +11,11 @@ paper's per-model lambdas (searched by evolution there; see ``peftmerge search``
 Defaults: density (the paper's ``pcb_ratio``) 0.1, lambda 1.
 """
 
-from .. import ops
 from ..registry import LAMBDA, Param, register
+from . import ops
 
-RATIO = Param("density", 0.1, "fraction of entries KEPT (PCB's ratio)", low=0.0, high=1.0, low_open=True)
+RATIO = Param("density", 0.1, "fraction of entries KEPT (PCB's ratio)", low=0.0, high=1.0, low_open=True, neutral=1.0,
+              grid=(0.1, 0.2, 0.4, 0.7))
 
 
 @register("pcb", paper="https://arxiv.org/abs/2410.02396", params=(LAMBDA, RATIO))

@@ -11,7 +11,7 @@ least-squares solution, 0 a per-input-feature weighted mean). On task vectors W_
 base cancels: dW = sum_i w_i dW_i G_i (sum_j G_j)^-1, linear in the inputs, so LoRA inputs merge exactly in
 factor space, B = [w_i s_i B_i], A = [A_i G_i G^-1] (output rank = the sum of the input ranks).
 
-G_i comes from :func:`peftmerge.grams`: the mean over tokens of x x^T of the layer's inputs while input i's
+G_i comes from :func:`peftmerge.analysis.grams`: the mean over tokens of x x^T of the layer's inputs while input i's
 adapter runs on rows of its own task (a mean, so every task weighs the same whatever its number of rows;
 the paper's sum over equally many examples per task differs only by that per-task count). Tensors without a
 Gram matrix (embeddings, biases): the mean of the weighted task vectors, as the paper averages the weights
@@ -24,7 +24,7 @@ from ...errors import PeftmergeError
 from ..registry import Param, register
 
 OFF_DIAGONAL = Param("off_diagonal", 1.0, "scale of the Gram matrices' off-diagonal entries (1: exact least "
-                     "squares; the paper's alpha)", low=0.0, high=1.0)
+                     "squares; the paper's alpha)", low=0.0, high=1.0, grid=(0.5, 0.7, 0.9, 1.0))
 
 
 def shrink(gram: torch.Tensor, off_diagonal: float) -> torch.Tensor:

@@ -9,9 +9,8 @@ The disjoint mean divides the weighted agreeing entries by their count (PEFT's c
 weights 1 this is the paper's equation. Defaults: density 0.2 (top-20%), lambda 1, sign total.
 """
 
-from .. import ops
-from ..blocked import Sparse
-from ..registry import DENSITY, GRANULARITY, LAMBDA, SIGN, register
+from ..registry import DENSITY, GRANULARITY, LAMBDA, SIGN, Sparse, register
+from . import ops
 
 
 @register("ties", paper="https://arxiv.org/abs/2306.01708", params=(LAMBDA, DENSITY(0.2), SIGN, GRANULARITY),

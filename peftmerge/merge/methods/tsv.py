@@ -22,8 +22,8 @@ output rank sum k_i; never a dense dW. Defaults: lambda 1 (the paper's alpha).
 
 import torch
 
-from ..lowrank import factor_svd
 from ..registry import LAMBDA, register
+from .lowrank import factor_svd
 
 RTOL = 1e-6
 
