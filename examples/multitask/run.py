@@ -2,6 +2,7 @@
 
     python examples/multitask/run.py                 # both model families, about an hour on 2 cores
     python examples/multitask/run.py --quick         # a smoke run of every step in a few minutes
+    python examples/multitask/run.py --families minilm --train-only --export-examples   # examples/adapters
 
 For MiniLM (all-MiniLM-L6-v2, classification heads) and SmolLM2-135M-Instruct (label words):
 1. trains one LoRA adapter per task (MiniLM: sst2, agnews, mrpc, sms_spam; SmolLM2: sst2, agnews, rte,
@@ -66,7 +67,7 @@ FAMILIES = {
                     router_examples={"centroid": 500, "probe": 2000}),
 }
 QUICK = dict(train_rows=64, eval_limit=24, search_limit=16, router_examples={"centroid": 32, "probe": 64})
-ONLY: dict = {}  # --methods / --searches / --no-routers / --no-subsets: a part of the benchmark
+ONLY: dict = {}  # --methods / --searches / --no-routers / --no-subsets / --train-only: a part of the benchmark
 COMMANDS: list[str] = []  # this family's commands, also kept in <work>/<family>/commands.sh for the doc
 THREADS: dict[str, str] = {}  # --threads N sets OMP_NUM_THREADS of every step (1 is far faster on a busy machine)
 
@@ -141,6 +142,8 @@ def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
                 opts += ["--max-steps", "4"]
             run(["train", "--model", base, "--data", d / "train.jsonl", "--validation", d / "validation.jsonl",
                  "--task", t, "--shape", spec["shape"], "--seed", SEED, *opts, "-o", adapters[t]], log)
+    if spec.get("train_only"):
+        return []
     val = {t: work / "data" / t / "search.jsonl" for t in TASKS}
     test = {t: DATA / t / "test.jsonl" for t in TASKS}
     ins = [adapters[t] for t in TASKS]
@@ -299,6 +302,8 @@ def main() -> None:
     p.add_argument("--searches", default=None, help="Comma-separated searches (e.g. task_arithmetic+grid).")
     p.add_argument("--no-routers", action="store_true", help="Skip the routers.")
     p.add_argument("--no-subsets", action="store_true", help="Skip the merges of 2 and 3 tasks.")
+    p.add_argument("--train-only", action="store_true",
+                   help="Train the adapters only (with --export-examples: retrain examples/adapters); no doc.")
     a = p.parse_args()
     if a.methods:
         ONLY["methods"] = tuple(a.methods.split(","))
@@ -308,6 +313,8 @@ def main() -> None:
         ONLY["routers"] = False
     if a.no_subsets:
         ONLY["subsets"] = False
+    if a.train_only:
+        ONLY["train_only"] = True
     if a.threads:
         THREADS["OMP_NUM_THREADS"] = str(a.threads)
     if not DATA.is_dir():
@@ -320,6 +327,9 @@ def main() -> None:
         family_run(fam, a.work, a.quick, log)
     if a.export_examples and "minilm" in families:
         export_examples(a.work)
+    if a.train_only:
+        print(f"trained ({(time.perf_counter() - start) / 60:.1f} min); log: {log}")
+        return
     # the doc covers every family with a report in the work folder (families may run in separate invocations)
     done = [f for f in FAMILIES if (a.work / f / "report" / "report.md").exists()]
     write_doc(a.work, done, time.perf_counter() - start, a.quick)
