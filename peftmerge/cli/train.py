@@ -93,7 +93,7 @@ def train(push_to_hub, **kw) -> None:
     --eval-steps N one every N steps. The last step's weights are kept;
     --keep best (or --early-stopping) evaluates 5 times during the run (or
     each epoch) and keeps the best checkpoint on validation accuracy (loss
-    for text2text). The log says which weights were kept and why.
+    for text2text). The output says which weights were kept and why.
     """
     from ..errors import PeftmergeError
     from ..train import TrainConfig, train as train_fn
