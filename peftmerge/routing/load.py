@@ -10,7 +10,7 @@ from ..errors import PeftmergeError
 from ..io.meta import read_meta
 from ..io.adapter import PREFIX, LoraAdapter, load_adapter
 from ..io.checkpoint import refuse_pickle_weights
-from .embed import Embedder, as_query, read_jsonl, record_query
+from .embed import Embedder, as_query, read_queries, record_query
 from .router import AdapterInfo, Router
 
 
@@ -56,7 +56,7 @@ def examples_of(adapters: list[LoraAdapter], files: dict[str, str] | None, limit
     for a in adapters:
         texts = [as_query(s) for s in adapter_meta(a).get("samples") or []]
         if a.task in files:
-            texts += [record_query(r) for r in read_jsonl(files[a.task])]
+            texts += [record_query(r) for r in read_queries(files[a.task])]
         out[a.task] = texts[:limit]
     return out
 
