@@ -8,8 +8,9 @@ import torch
 
 from ..errors import PeftmergeError
 from ..io.meta import read_meta
-from ..io.adapter import PREFIX, LoraAdapter, load_adapter
+from ..io.adapter import LoraAdapter, load_adapter
 from ..io.checkpoint import refuse_pickle_weights
+from ..io.heads import head_state
 from .embed import Embedder, as_query, read_queries, record_query
 from .router import AdapterInfo, Router
 
@@ -115,14 +116,8 @@ def load_embedder(path: str | None, base=None, base_tokenizer=None, layer: int =
 
 def head_tensors(adapter: LoraAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """{module: (weight, bias)} of an adapter's task head (its modules_to_save, or heads/<task>)."""
-    from safetensors.torch import load_file
-
-    heads = adapter_meta(adapter).get("heads") or {}
-    folder = adapter.path if adapter.path.is_dir() else adapter.path.parent
-    state = load_file(str(folder / heads[adapter.task])) if adapter.task in heads else adapter.heads()
     out: dict[str, dict] = {}
-    for key, value in state.items():
-        key = key.removeprefix(PREFIX).replace(".modules_to_save.default", "").replace(".original_module", "")
+    for key, value in head_state(adapter).items():
         module, _, param = key.rpartition(".")
         out.setdefault(module, {})[param] = value.float()
     return {m: (p["weight"], p.get("bias")) for m, p in out.items() if "weight" in p}
