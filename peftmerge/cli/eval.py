@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import click
 
+from ..errors import PeftmergeError
 from .common import SubGroup, common_options, is_quiet, runtime, show_progress
 
 
@@ -44,6 +45,8 @@ def eval_command(ctx, model, adapter, router, data, reference, reference_results
     """
     if ctx.invoked_subcommand is not None:
         return
+    if model is None:  # before any heavy import: a missing option fails at once (evaluate() checks it too)
+        raise PeftmergeError("--model is required: the base model folder, .gguf file or Hub id")
     with runtime(ctx):
         from ..evaluate import Settings, evaluate
         from ..evaluate.report import markdown, systems_of
