@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.prompts import ALPACA_TEMPLATE as ALPACA_PROMPT, LABEL_TEMPLATE, alpaca_prompt, label_template
+from ..data.prompts import ALPACA_TEMPLATE as ALPACA_PROMPT, LABEL_TEMPLATE, alpaca_prompt, label_template  # noqa: F401
 from ..errors import PeftmergeError
 
 FORMATS = {

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Trainer
 
+from ..data.prompts import alpaca_prompt
 from ..errors import PeftmergeError
 from .data import TaskData, read_rows
 from .examples import IGNORE, Collator
