@@ -34,7 +34,7 @@ def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
         if not p.is_file():
             raise PeftmergeError(f"base model {model}: no such GGUF file; check the path")
         return str(p.parent), p.name
-    if model.startswith(("/", "./", "../", "~", ".")) and not p.expanduser().exists():
+    if model.startswith(("/", "~", ".")) and not p.expanduser().exists():
         raise PeftmergeError(f"base model {model}: no such folder; check the path (or pass a Hub id)")
     if gguf_file and not (p / gguf_file).is_file():
         raise PeftmergeError(f"base model {model}: no GGUF file {gguf_file!r} in it; check --gguf-file")
@@ -84,7 +84,7 @@ def load_tokenizer(src: str, gguf: str | None = None):
         raise _cannot_load(src, e) from None
     if tok.pad_token is None:
         if tok.eos_token is None and tok.unk_token is None:
-            raise PeftmergeError(f"base model {src}: its tokenizer has neither a pad nor an EOS token; add one")
+            raise PeftmergeError(f"base model {src}: its tokenizer has no pad, EOS or unknown token; add a pad token")
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
 
