@@ -19,7 +19,7 @@ steps of 256 rows are 3.4 passes, and route the same test queries as well (SmolL
 300 test rows per task: 0.988 at 256 rows a step, 0.989 at 512 and 1,024).
 
 The defaults come from routing the real test splits of sst2/agnews/rte/cola with MiniLM (2,000 train inputs
-per task; docs/benchmarks.md#routing-accuracy-on-the-real-tasks): the first layer's input (layer 0) routes
+per task; docs/results.md, "Router settings"): the first layer's input (layer 0) routes
 as well as deeper layers (0.957 vs 0.960 at layer 1 and 0.80 at the last) at almost no cost, and the MLP
 adds about a point over logistic regression.
 """

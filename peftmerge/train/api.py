@@ -23,7 +23,8 @@ from ..io.base_model import describe as describe_base
 from ..io.card import write_card
 from ..io.checkpoint import refuse_pickle_weights
 from ..io.meta import read_yaml
-from . import base, methods
+from ..io import model_loader as base
+from . import methods
 from .config import TrainConfig
 from .data import ALPACA_PROMPT, default_task_name, default_template, load_task, sample_inputs, sample_rows
 from .examples import classify_example, pack, text2text_example
