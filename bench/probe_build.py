@@ -5,7 +5,8 @@ examples/adapters/minilm (sst2, agnews, mrpc, sms_spam), example inputs from eac
 ../shared/data (``--max-examples``, default 20,000 per task: sst2 20,000, agnews 9,001, mrpc 3,676, sms_spam
 4,460 rows), SmolLM2-135M-Instruct's token embeddings as ``--embedder`` (the GGUF wheel, given by its Hub id:
 the installed copy stands in), sentence pairs by segments. Each run is a whole ``peftmerge`` process
-(``OMP_NUM_THREADS=--threads``), wall time:
+(``OMP_NUM_THREADS=--threads``), wall time and CPU time (user + system; other processes' load inflates it far
+less than wall time on shared cores):
 
 - ``cold``: a fresh ``$PEFTMERGE_CACHE``, so the GGUF file is converted to a plain folder first (once per machine);
 - ``warm``: the same command again (the plain copy cached).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -41,10 +43,12 @@ def build_cmd(out: Path, n: int) -> list[str]:
             "--max-examples", str(n), "--embedder", EMBEDDER, "--layer", "0", "-o", str(out), "--overwrite"]
 
 
-def timed(cmd: list[str], env: dict) -> float:
-    t0 = time.perf_counter()
+def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the process) of one run of ``cmd``."""
+    t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter() - t0, (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
 
 
 def stages(n: int, threads: int) -> dict:
@@ -90,8 +94,9 @@ def main() -> None:
         from peftmerge.routing.api import route_eval
 
         report = route_eval(str(router), {t: str(DATA / t / "test.jsonl") for t in TASKS}, limit=a.test_rows)
-    result = {"threads": a.threads, "max_examples": a.max_examples, "cold_s": round(cold, 1),
-              "warm_s": round(warm, 1), "stages": {k: round(v, 2) for k, v in parts.items()},
+    result = {"threads": a.threads, "max_examples": a.max_examples, "cold_s": round(cold[0], 1),
+              "cold_cpu_s": round(cold[1], 1), "warm_s": round(warm[0], 1), "warm_cpu_s": round(warm[1], 1),
+              "load_average": [round(x, 2) for x in os.getloadavg()], "stages": {k: round(v, 2) for k, v in parts.items()},
               "routing_accuracy": round(report["accuracy"], 4),
               "per_task": {t: round(r["accuracy"], 4) for t, r in report["tasks"].items()},
               "cpus": os.cpu_count()}
