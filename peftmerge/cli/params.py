@@ -1,4 +1,4 @@
-"""The merge methods' parameters as command-line options, made from the registry.
+"""The merge methods' and the routers' parameters as command-line options, made from their registries.
 
 One option per parameter name (``--density`` serves every method that takes a density), its type and choices
 from the :class:`~peftmerge.registry.Param`; the checks stay in the API (:meth:`Param.check`), so a bad value gets
@@ -30,24 +30,37 @@ class _PerModel(click.ParamType):
         return values[0] if len(values) == 1 else values
 
 
-def options(taken: set[str]) -> list[click.Option]:
-    """A click option for every method parameter whose name is not in ``taken`` (the command's own options)."""
+def methods():
+    """``(parameters, how many entries, what an entry is, where its defaults are)`` of the merge methods."""
     from ..merge.registry import names, parameters
 
-    out, every = [], len(names())
-    for name, (p, users) in parameters().items():
+    return parameters(), len(names()), "method", "the method's, see `peftmerge methods`"
+
+
+def routers():
+    """The same for the routers."""
+    from ..routing.registry import names, parameters
+
+    return parameters(), len(names()), "router", "the router's"
+
+
+def options(taken: set[str], family=methods) -> list[click.Option]:
+    """A click option for every parameter of ``family`` whose name is not in ``taken`` (the command's own
+    options)."""
+    table, every, kind, defaults = family()
+    out = []
+    for name, (p, users) in table.items():
         if name in taken:
             continue
         if p.choices is not None:
-            kind = click.Choice([str(c) for c in p.choices])
+            click_type = click.Choice([str(c) for c in p.choices])
         elif p.per_model:
-            kind = _PerModel()
+            click_type = _PerModel()
         else:
-            kind = int if p.whole else float
-        shared = "any method" if len(users) == every else ", ".join(users)
-        out.append(click.Option([f"--{name.replace('_', '-')}", PREFIX + name], type=kind, default=None,
-                                help=f"{p.help[0].upper()}{p.help[1:]} ({shared}; default: the method's, see "
-                                     "`peftmerge methods`)."))
+            click_type = int if p.whole else float
+        shared = f"any {kind}" if len(users) == every else ", ".join(users)
+        out.append(click.Option([f"--{name.replace('_', '-')}", PREFIX + name], type=click_type, default=None,
+                                help=f"{p.help[0].upper()}{p.help[1:]} ({shared}; default: {defaults})."))
     return out
 
 
@@ -59,10 +72,18 @@ def given(kwargs: dict) -> dict:
 class MethodCommand(Command):
     """A :class:`Command` that also takes every merge method's parameters as options (:func:`options`)."""
 
+    family = staticmethod(methods)
+
     def get_params(self, ctx: click.Context):
         if not getattr(self, "_method_options", False):
             self._method_options = True
             taken = {o.lstrip("-").replace("-", "_") for p in self.params for o in p.opts}
-            generated = options(taken)
+            generated = options(taken, self.family)
             self.params[len(self.params):] = generated
         return super().get_params(ctx)
+
+
+class RouterCommand(MethodCommand):
+    """A :class:`Command` that also takes every router's parameters as options."""
+
+    family = staticmethod(routers)

@@ -8,6 +8,7 @@ import json
 import click
 
 from ..errors import PeftmergeError
+from . import params
 from .common import SubGroup, common_options, debug_option, is_quiet, show_progress
 
 
@@ -30,36 +31,28 @@ def route_command():
     """Route queries to task adapters: build a router, evaluate it (see also `peftmerge predict`)."""
 
 
-@route_command.command("build")
+@route_command.command("build", cls=params.RouterCommand)
 @click.argument("adapters", nargs=-1, metavar="ADAPTER...")
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output router folder.")
 @click.option("--strategy", default="centroid", show_default=True, help="Router: arrow, centroid or probe.")
-@click.option("--top-k", type=int, default=None, help="Adapters combined per query (arrow: per token).")
-@click.option("--temperature", type=float, default=None, help="Softmax temperature of the weights (> 0).")
-@click.option("--abstain", type=float, default=None,
-              help="Confidence (centroid: cosine, probe: probability) under which the base model answers.")
-@click.option("--layer", type=int, default=None, help="Hidden state pooled for query embeddings (-1 = last).")
 @click.option("--examples", multiple=True, metavar="NAME=FILE.jsonl", help="Example inputs of adapter NAME.")
 @click.option("--max-examples", type=int, default=1000, show_default=True,
               help="Example inputs used per adapter (stored samples first, then --examples).")
 @click.option("--general", multiple=True, type=click.Path(), help="Arrow GenKnowSub: a general adapter (repeat).")
 @click.option("--embedder", type=click.Path(), default=None, help="Sentence-embedding model folder (default: base).")
 @click.option("--model", default=None, help="Base model path (default: the adapters' base model).")
-@click.option("--hidden", type=int, default=None, help="Probe: MLP hidden units (0 = logistic regression).")
-@click.option("--steps", type=int, default=None, help="Probe: training steps.")
-@click.option("--pairs", type=click.Choice(["segments", "joint"]), default=None,
-              help="Centroid/probe: embed a sentence pair as [text; text_pair] (segments, the default) or as one "
-                   "sequence (joint).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @common_options
-def build_command(adapters, out, strategy, top_k, temperature, abstain, layer, examples, max_examples, general,
-                  embedder, model, hidden, steps, pairs, overwrite):
-    """Build a router over ADAPTER... (PEFT LoRA adapter folders) into OUT."""
+def build_command(adapters, out, strategy, examples, max_examples, general, embedder, model, overwrite,
+                  **router_params):
+    """Build a router over ADAPTER... (PEFT LoRA adapter folders) into OUT.
+
+    The routers' parameters (--top-k, --temperature, ...) are listed below; each applies to the routers named
+    in its help."""
     from ..routing.api import route_build
 
-    router = route_build(list(adapters), out, strategy, top_k=top_k, temperature=temperature, abstain=abstain,
-                         layer=layer, examples=parse_pairs(examples, "--examples"), general=list(general),
-                         embedder=embedder, model=model, params={"hidden": hidden, "steps": steps, "pairs": pairs},
+    router = route_build(list(adapters), out, strategy, examples=parse_pairs(examples, "--examples"),
+                         general=list(general), embedder=embedder, model=model, params=params.given(router_params),
                          max_examples=max_examples, overwrite=overwrite)
     if not is_quiet():
         click.echo(f"{strategy} router over {len(router.adapters)} adapters ({', '.join(router.tasks)}) "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 import click
@@ -73,19 +72,13 @@ def _echo_result(r) -> None:
 @common_options
 def train(push_to_hub, **kw) -> None:
     """Train one task adapter on a base model (transformers' Trainer underneath)."""
-    from ..errors import PeftmergeError
     from ..train import TrainConfig, train as train_fn
     from ..train.distributed import is_main_process
 
     if kw["labels"]:
         kw["labels"] = [x.strip() for x in kw["labels"].split(",") if x.strip()]
-    try:
-        extra = json.loads(kw["extra"]) if kw["extra"] is not None else {}
-    except json.JSONDecodeError:
-        extra = None
-    if not isinstance(extra, dict):
-        raise PeftmergeError(f"--training-args {kw['extra']!r} is not a JSON object; e.g. '{{\"deepspeed\": \"ds.json\"}}'")
-    kw["extra"] = extra
+    if kw["extra"] is None:
+        kw["extra"] = {}
     result = train_fn(TrainConfig(**kw), progress=show_progress())
     if is_main_process():  # under torchrun / accelerate launch: one report, one push
         _echo_result(result)

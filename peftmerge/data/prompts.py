@@ -8,7 +8,36 @@ prompt and the label word follows it (after a space unless the prompt ends with 
 
 from __future__ import annotations
 
-from .tasks import ALPACA, Task
+from .tasks import Task
+
+#: Alpaca's prompt (Taori et al. 2023), the one ``peftmerge train`` uses for instruction rows; ``{ctx}`` and
+#: ``{input_block}`` come from :func:`alpaca_fields` (empty for a row without ``input``).
+ALPACA = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
+          "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+#: The label-word prompt ``peftmerge train`` uses for labelled rows in text2text (recorded in ``peftmerge.json``).
+LABEL_TEMPLATE = "Task: {task}. Answer with one of: {labels}.\nText: {text}\nAnswer:"
+LABEL_TEMPLATE_PAIR = "Task: {task}. Answer with one of: {labels}.\nText: {text}\nText 2: {text_pair}\nAnswer:"
+
+
+def alpaca_fields(input: str) -> dict[str, str]:
+    """The parts of :data:`ALPACA` that depend on whether the row has an ``input``."""
+    if not input:
+        return {"ctx": "", "input_block": ""}
+    return {"ctx": ", paired with an input that provides further context", "input_block": f"### Input:\n{input}\n\n"}
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """Alpaca's prompt for one instruction row (the "### Input" block only when ``input`` is given)."""
+    return ALPACA.format(instruction=instruction, **alpaca_fields(input))
+
+
+#: Alpaca's prompt with an input, as a template over ``{instruction}`` and ``{input}``.
+ALPACA_TEMPLATE = ALPACA.format(instruction="{instruction}", **alpaca_fields("{input}"))
+
+
+def label_template(pair: bool) -> str:
+    """The label-word template of ``peftmerge train`` for single texts or sentence pairs."""
+    return LABEL_TEMPLATE_PAIR if pair else LABEL_TEMPLATE
 
 
 class _Fields(dict):
@@ -26,9 +55,7 @@ def _fields(task: Task, row: dict) -> _Fields:
     f["choices"] = f["labels"] = ", ".join(task.labels or [])
     f["task"] = task.meta.get("task", task.name)
     if task.kind == "generate":
-        inp = f.get("input", "")
-        f["ctx"] = ", paired with an input that provides further context" if inp else ""
-        f["input_block"] = f"### Input:\n{inp}\n\n" if inp else ""
+        f.update(alpaca_fields(f.get("input", "")))
     return f
 
 

@@ -23,11 +23,6 @@ from ..io.meta import read_jsonl, read_meta  # noqa: F401  (read_meta re-exporte
 
 log = logging.getLogger(__name__)
 
-#: Alpaca's prompt (the format ``peftmerge train`` uses for instruction rows).
-ALPACA = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
-          "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
-
-
 @dataclass
 class Task:
     """One task's evaluation data."""

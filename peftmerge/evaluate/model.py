@@ -1,5 +1,6 @@
-"""Load what is evaluated: a base model (folder, Hub id from the local cache, or GGUF file), optionally with
-a LoRA adapter or a merged adapter (whose per-task heads are swapped in with ``load_head``).
+"""Load what is evaluated: a base model (folder, Hub id from the local cache, or GGUF file; loaded by
+:mod:`peftmerge.io.model_loader`), optionally with a LoRA adapter or a merged adapter (whose per-task heads are
+swapped in with ``load_head``).
 
 Models are cached by (adapter, kind, number of labels) so that each is loaded once per run.
 """
@@ -10,33 +11,11 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from ..errors import PeftmergeError
-from ..io.checkpoint import refuse_pickle_weights
+from ..io import model_loader
 from ..io.heads import head_tasks, load_head, load_merged
 
 log = logging.getLogger(__name__)
-
-
-def _gguf(base: str) -> tuple[str, dict]:
-    """``(path for from_pretrained, extra kwargs)``: a ``.gguf`` file, or a folder holding one and no config."""
-    p = Path(base)
-    if p.suffix == ".gguf" and p.is_file():
-        return str(p.parent), {"gguf_file": p.name}
-    if p.is_dir() and not (p / "config.json").exists():
-        found = sorted(p.glob("*.gguf"))
-        if len(found) == 1:
-            return str(p), {"gguf_file": found[0].name}
-    return base, {}
-
-
-def _check_base(base: str) -> None:
-    p = Path(base)
-    looks_local = base.startswith((".", "/", "~")) or p.suffix == ".gguf"
-    if looks_local and not p.exists():
-        raise PeftmergeError(f"{base}: no such model file or folder; pass a model folder, a .gguf file or a Hub id")
-    refuse_pickle_weights(p)
 
 
 def check_adapter(adapter: str | Path) -> None:
@@ -79,17 +58,7 @@ def is_classifier(base: str) -> bool:
 
 
 def load_tokenizer(base: str):
-    from transformers import AutoTokenizer
-
-    _check_base(base)
-    path, kw = _gguf(base)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **kw)
-    except OSError as e:
-        raise PeftmergeError(f"{base}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
-    if tok.pad_token_id is None and tok.eos_token_id is not None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return model_loader.load_tokenizer(*model_loader.resolve(base))
 
 
 def load_model(base: str, kind: str, num_labels: int | None = None, adapter: str | Path | None = None,
@@ -98,17 +67,10 @@ def load_model(base: str, kind: str, num_labels: int | None = None, adapter: str
 
     ``head_task``: for a merged adapter with per-task heads, the task whose head is put on the model.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    _check_base(base)
-    path, kw = _gguf(base)
-    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
-    if kind == "seqcls" and num_labels is not None and (adapter is not None or not is_classifier(base)):
-        kw.update(num_labels=num_labels, ignore_mismatched_sizes=True)  # the adapter brings the head
-    try:
-        model = cls.from_pretrained(path, dtype=torch.float32, **kw)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise PeftmergeError(f"{base}: cannot load it as a {kind} model ({str(e).splitlines()[0]})") from None
+    src, gguf = model_loader.resolve(base)
+    if kind == "seqcls" and num_labels is not None and adapter is None and is_classifier(base):
+        num_labels = None  # a merged classifier brings its own head
+    model = model_loader.load_model(src, gguf, "classify" if kind == "seqcls" else "text2text", num_labels=num_labels)
     if adapter is None:
         return model.eval()
     check_adapter(adapter)

@@ -228,6 +228,8 @@ def evaluate(model: str, data, *, adapter=None, router=None, name: str | None = 
     ``data``, ``reference`` and ``train`` map task names to paths (dicts, or ``NAME=PATH`` strings).
     ``reference_results``: a results.json whose "individual" row is reused instead of evaluating ``reference``.
     """
+    if not model:
+        raise PeftmergeError("--model is required: the base model folder, .gguf file or Hub id")
     s = (settings or Settings()).check()
     if adapter and router:
         raise PeftmergeError("give --adapter or --router, not both")

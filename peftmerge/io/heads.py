@@ -6,7 +6,8 @@ task is evaluated with its own head (the protocol of the TIES and PCB papers)::
     model = load_merged(base, "merged/", "agnews")   # the merged LoRA with agnews' classifier
 
 ``PeftModel.from_pretrained(base, "merged/")`` also works: it carries the first input's head.
-``load_head`` switches a loaded model to another task's head of the same shape.
+``load_head`` switches a loaded model to another task's head of the same shape; ``head_state`` and
+``load_plain_head`` serve a plain model (no PEFT wrapper) patched with merged weights, as search and routing use.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from peft import PeftConfig, PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ..errors import PeftmergeError
+from .adapter import PREFIX
+from .meta import read_meta
 
 
 def head_tasks(folder: str | Path) -> dict[str, str]:
@@ -62,3 +65,25 @@ def load_merged(base_model, folder: str | Path, task: str | None = None, adapter
         raise PeftmergeError(f"{folder}: tensors {result.unexpected_keys[:3]} do not fit this model; load it on the "
                              "base model the adapters were trained on")
     return model
+
+
+def head_state(adapter) -> dict:
+    """An adapter's task head (its ``modules_to_save``, or ``heads/<task>`` of a merged adapter) under the plain
+    model's names (``classifier.weight``, ...)."""
+    heads = read_meta(adapter.path).get("heads") or {}
+    folder = adapter.path if adapter.path.is_dir() else adapter.path.parent
+    state = load_file(str(folder / heads[adapter.task])) if adapter.task in heads else adapter.heads()
+    return {k.removeprefix(PREFIX).replace(".modules_to_save.default", "").replace(".original_module", ""): v
+            for k, v in state.items()}
+
+
+def load_plain_head(model, adapter) -> None:
+    """Put an input adapter's saved head (:func:`head_state`) on a plain model."""
+    try:
+        result = model.load_state_dict(head_state(adapter), strict=False)
+    except RuntimeError:  # shape mismatch
+        raise PeftmergeError(f"{adapter.path}: its head does not fit a model with the task's label count; check "
+                             "the adapter's peftmerge.json labels") from None
+    if result.unexpected_keys:
+        raise PeftmergeError(f"{adapter.path}: head tensors {result.unexpected_keys[:3]} do not fit the model; "
+                             "search on the base model the adapters were trained on")

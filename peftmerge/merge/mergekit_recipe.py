@@ -262,7 +262,7 @@ def warn_ignored(file: Path, label: str, params: dict) -> None:
 
 
 # Where a YAML recipe (mergekit's conventions) and peftmerge's own flags (the papers') differ:
-# (what, `peftmerge combine` flags, a YAML recipe). Rendered into the README by :func:`differences_table`.
+# (what, `peftmerge combine` flags, a YAML recipe). Rendered into docs/merging.md by :func:`differences_table`.
 CONVENTIONS = [
     ('`linear`',
      'an alias of `task_arithmetic`: λ Σ w_i dW_i',
@@ -332,7 +332,7 @@ CONVENTIONS = [
 
 
 def differences_table() -> str:
-    """The README's "Differences from mergekit" table: conventions, then what is refused."""
+    """docs/merging.md's "Differences from mergekit" table: conventions, then what is refused."""
     rows = ["| | `peftmerge combine` flags (the papers' conventions) | a YAML recipe (`--config`, mergekit's) |",
             "|---|---|---|"]
     rows += [f"| {what} | {flags} | {recipe} |" for what, flags, recipe in CONVENTIONS]

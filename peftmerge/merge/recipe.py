@@ -92,7 +92,7 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     data = read_yaml(path, "a merge recipe (--config)")
     if not isinstance(data, dict):
-        raise PeftmergeError(f"{path}: a recipe is a mapping with merge_method and models; see the README")
+        raise PeftmergeError(f"{path}: a recipe is a mapping with merge_method and models; see docs/merging.md")
     for key, (what, fix) in mk.REFUSED_KEYS.items():
         if key in data:
             raise PeftmergeError(f"{path}: {key} ({what}) is not supported; {fix}")

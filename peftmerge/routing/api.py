@@ -12,7 +12,7 @@ from ..errors import PeftmergeError
 from ..io.atomic import atomic_file, check_output
 from . import registry, serving
 from .decide import Decision, decide
-from .embed import encode, query_text, read_jsonl, record_query
+from .embed import encode, query_text, read_queries, record_query
 from .load import (adapter_info, base_model_of, examples_of, load_base, load_embedder, open_adapters,
                    open_routed)
 from .registry import BuildContext
@@ -203,7 +203,7 @@ def predict(router, input, out, *, model: str | None = None, mode: str | None = 
     router = _as_router(router)
     if emit != "answers":
         serving.check(router, per_query)
-    records = read_jsonl(input)
+    records = read_queries(input)
     if emit != "answers":
         rows = _engine_rows(router, records, model, batch_size, progress)
         if emit == "names":
@@ -345,7 +345,7 @@ def route_eval(router, data: dict[str, str], *, model: str | None = None, limit:
     if unknown:
         raise PeftmergeError(f"--data {unknown[0]}=...: the router has no adapter for task {unknown[0]!r}; "
                              f"its tasks are: {', '.join(router.tasks)}")
-    queries = {t: [record_query(r) for r in read_jsonl(f)][:limit] for t, f in data.items()}
+    queries = {t: [record_query(r) for r in read_queries(f)][:limit] for t, f in data.items()}
     routed, tokenizer, embed = _routing_inputs(router, model)
     report = {"strategy": router.strategy, "tasks": {}, "confusion": {}}
     correct = total = 0

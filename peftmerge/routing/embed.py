@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import PeftmergeError
-from ..io.meta import read_jsonl as _read_jsonl
+from ..io.meta import read_jsonl
 
 TEXT_FIELDS = ("text", "instruction", "input", "query", "prompt")
 
@@ -66,9 +66,10 @@ def encode(tokenizer, queries: list, max_length: int | None = None):
     return tokenizer.pad(rows, return_tensors="pt")
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Records of a JSONL file, each with a query text (one-line error naming the bad line)."""
-    rows = _read_jsonl(path)
+def read_queries(path: str | Path) -> list[dict]:
+    """Records of a JSONL file (:func:`peftmerge.io.meta.read_jsonl`), each checked to hold a query text
+    (one-line error naming the bad line)."""
+    rows = read_jsonl(path)
     for n, rec in enumerate(rows, 1):
         record_text(rec, f"{path}:{n}")
     return rows

@@ -8,9 +8,11 @@ import torch
 
 from ..errors import PeftmergeError
 from ..io.meta import read_meta
-from ..io.adapter import PREFIX, LoraAdapter, load_adapter
+from ..io.adapter import LoraAdapter, load_adapter
 from ..io.checkpoint import refuse_pickle_weights
-from .embed import Embedder, as_query, read_jsonl, record_query
+from ..io import model_loader
+from ..io.heads import head_state
+from .embed import Embedder, as_query, read_queries, record_query
 from .router import AdapterInfo, Router
 
 
@@ -56,7 +58,7 @@ def examples_of(adapters: list[LoraAdapter], files: dict[str, str] | None, limit
     for a in adapters:
         texts = [as_query(s) for s in adapter_meta(a).get("samples") or []]
         if a.task in files:
-            texts += [record_query(r) for r in read_jsonl(files[a.task])]
+            texts += [record_query(r) for r in read_queries(files[a.task])]
         out[a.task] = texts[:limit]
     return out
 
@@ -75,27 +77,13 @@ def open_adapters(paths: list, alpha: float | None = None) -> list[LoraAdapter]:
 
 
 def load_base(path: str, classify: bool = False, num_labels: int = 2):
-    """(model, tokenizer) from a local folder or a ``.gguf`` file, float32, eval mode."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    src, kw = str(path), {}
-    refuse_pickle_weights(src)
-    if src.endswith(".gguf"):
-        src, kw = str(Path(path).parent), {"gguf_file": Path(path).name}
-    cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
-    extra = {"num_labels": num_labels} if classify else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(src, **kw)
-        model = cls.from_pretrained(src, dtype=torch.float32, **kw, **extra).eval()
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PeftmergeError(f"{path}: cannot load the base model ({first}); pass --model PATH to a local model "
-                             "folder") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    """(model, tokenizer) from a local folder, a ``.gguf`` file or a Hub id (:mod:`peftmerge.io.model_loader`),
+    float32, eval mode."""
+    src, gguf = model_loader.resolve(path)
+    tokenizer = model_loader.load_tokenizer(src, gguf)
+    model = model_loader.load_model(src, gguf, "classify" if classify else "text2text",
+                                    num_labels=num_labels if classify else None, pad_token_id=tokenizer.pad_token_id)
+    return model.eval(), tokenizer
 
 
 def load_embedder(path: str | None, base=None, base_tokenizer=None, layer: int = -1, pairs: str = "joint") -> Embedder:
@@ -115,14 +103,8 @@ def load_embedder(path: str | None, base=None, base_tokenizer=None, layer: int =
 
 def head_tensors(adapter: LoraAdapter) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """{module: (weight, bias)} of an adapter's task head (its modules_to_save, or heads/<task>)."""
-    from safetensors.torch import load_file
-
-    heads = adapter_meta(adapter).get("heads") or {}
-    folder = adapter.path if adapter.path.is_dir() else adapter.path.parent
-    state = load_file(str(folder / heads[adapter.task])) if adapter.task in heads else adapter.heads()
     out: dict[str, dict] = {}
-    for key, value in state.items():
-        key = key.removeprefix(PREFIX).replace(".modules_to_save.default", "").replace(".original_module", "")
+    for key, value in head_state(adapter).items():
         module, _, param = key.rpartition(".")
         out.setdefault(module, {})[param] = value.float()
     return {m: (p["weight"], p.get("bias")) for m, p in out.items() if "weight" in p}

@@ -13,7 +13,7 @@ Routing: top-k of the logits, p = softmax(logits_topk / T); abstain where the to
 ``weight_decay`` (1e-2), ``seed`` (0), plus ``top_k`` (1), ``temperature`` (1), ``abstain``, ``layer`` (0).
 
 The defaults come from routing the real test splits of sst2/agnews/rte/cola with MiniLM (2,000 train inputs
-per task; docs/benchmarks.md#routing-accuracy-on-the-real-tasks): the first layer's input (layer 0) routes
+per task; docs/results.md, "Router settings"): the first layer's input (layer 0) routes
 as well as deeper layers (0.957 vs 0.960 at layer 1 and 0.80 at the last) at almost no cost, and the MLP
 adds about a point over logistic regression.
 """

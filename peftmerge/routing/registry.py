@@ -88,3 +88,13 @@ def names() -> list[str]:
 def get(name: str) -> Strategy:
     """The router called ``name``; an unknown name lists the valid ones."""
     return REGISTRY.get(name)
+
+
+def parameters() -> dict[str, tuple[Param, list[str]]]:
+    """Every router parameter once, by name: ``{name: (Param, [routers that take it])}`` (the first router's
+    definition). What ``peftmerge route build`` makes its options from."""
+    out: dict[str, tuple[Param, list[str]]] = {}
+    for strategy in REGISTRY:
+        for p in strategy.params:
+            out.setdefault(p.name, (p, []))[1].append(strategy.name)
+    return out

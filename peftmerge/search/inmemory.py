@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PeftmergeError
-from ..io.adapter import PREFIX, LoraAdapter
+from ..io.adapter import LoraAdapter
 from ..merge import execute, registry
 from ..merge.plan import ModulePlan, stacked_deltas
 
@@ -113,16 +113,3 @@ def _has(model, name: str) -> bool:
     except AttributeError:
         return False
     return True
-
-
-def load_head(model, adapter: LoraAdapter) -> None:
-    """Put an input adapter's saved head (``modules_to_save``) on a plain model."""
-    state = {k.removeprefix(PREFIX): v for k, v in adapter.heads().items()}
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError:  # shape mismatch
-        raise PeftmergeError(f"{adapter.path}: its head does not fit a model with the task's label count; check "
-                             "the adapter's peftmerge.json labels") from None
-    if result.unexpected_keys:
-        raise PeftmergeError(f"{adapter.path}: head tensors {result.unexpected_keys[:3]} do not fit the model; "
-                             "search on the base model the adapters were trained on")

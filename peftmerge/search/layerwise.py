@@ -27,7 +27,7 @@ from torch.func import functional_call
 
 from ..data.predict import encode_rows, pad_id, prompt_and_answer, right_pad
 from ..data.prompts import prompt_of
-from .inmemory import load_head
+from ..io.heads import load_plain_head
 
 _BLOCK = re.compile(r"\.(\d+)\.")
 
@@ -131,7 +131,7 @@ def epoch(evaluator, coefficients: torch.Tensor, deltas, group_index, optimizer,
             key, head = evaluator.plan[task.name]
             model, patcher = evaluator.models[key]
             if head is not None:
-                load_head(model, head)
+                load_plain_head(model, head)
             params = patched_params(patcher.targets, merged_deltas(coefficients, deltas, group_index))
             loss = (head_loss if head is not None else answer_loss)(model, evaluator.tokenizer, task, rows, params,
                                                                    max_length) / len(step)

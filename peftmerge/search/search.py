@@ -38,11 +38,12 @@ from ..evaluate import metrics as M
 from ..evaluate.model import load_model, load_tokenizer
 from ..io import atomic
 from ..io.card import write_card
+from ..io.heads import load_plain_head
 from ..merge import registry
 from ..merge.combine import combine, open_grams
 from ..merge.plan import open_inputs, plan_modules
 from . import layerwise, optim
-from .inmemory import InMemoryMerge, Patcher, load_head
+from .inmemory import InMemoryMerge, Patcher
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Evaluator:
             key, head = self.plan[t.name]
             model = self.models[key][0]
             if head is not None:
-                load_head(model, head)
+                load_plain_head(model, head)
                 preds = predict_head(model, self.tokenizer, t, **self.kw)
             elif t.kind == "classify":
                 preds = predict_label_words(model, self.tokenizer, t, **self.kw)

@@ -22,7 +22,8 @@ from ..io.atomic import as_disk_error, atomic_dir, check_output
 from ..io.card import write_card
 from ..io.checkpoint import refuse_pickle_weights
 from ..io.meta import read_yaml
-from . import base, methods
+from ..io import model_loader as base
+from . import methods
 from .config import TrainConfig
 from .data import ALPACA_PROMPT, default_template, load_task, sample_inputs
 from .examples import classify_example, pack, text2text_example

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -111,7 +112,8 @@ class TrainConfig:
     overwrite: bool = False
     """Replace an existing output folder."""
     extra: dict = field(default_factory=dict)
-    """Extra ``transformers.TrainingArguments`` (e.g. ``{"deepspeed": "ds.json"}``)."""
+    """Extra ``transformers.TrainingArguments`` (e.g. ``{"deepspeed": "ds.json"}``), or that dict as JSON text
+    (``--training-args``)."""
 
     def check(self) -> "TrainConfig":
         """Refuse missing, mistyped or impossible values with one line naming the field."""
@@ -119,6 +121,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, Path):
                 setattr(self, name, str(value))
+        if isinstance(self.extra, str):
+            self.extra = _json_object(self.extra)
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
@@ -164,6 +168,16 @@ class TrainConfig:
             return Path(self.checkpoint_dir)
         out = Path(self.out)
         return out.parent / f".{out.name}.checkpoints"
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise PeftmergeError(f"--training-args {text!r} is not a JSON object; e.g. '{{\"deepspeed\": \"ds.json\"}}'")
+    return value
 
 
 _TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,)}

@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.prompts import ALPACA_TEMPLATE as ALPACA_PROMPT, LABEL_TEMPLATE, alpaca_prompt, label_template  # noqa: F401
 from ..errors import PeftmergeError
 
 FORMATS = {
@@ -25,18 +26,6 @@ FORMATS = {
     "labelled": ("text", "label"),
 }
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-LABEL_TEMPLATE = "Task: {task}. Answer with one of: {labels}.\nText: {text}\nAnswer:"
-LABEL_TEMPLATE_PAIR = "Task: {task}. Answer with one of: {labels}.\nText: {text}\nText 2: {text_pair}\nAnswer:"
 
 
 @dataclass
@@ -233,15 +222,14 @@ def sample_inputs(rows: list[dict], fmt: str, n: int = 32, seed: int = 0) -> lis
 
 def default_template(rows: list[dict]) -> str:
     """The label-word prompt template for labelled rows (pair template when rows carry ``text_pair``)."""
-    return LABEL_TEMPLATE_PAIR if any(r.get("text_pair") for r in rows) else LABEL_TEMPLATE
+    return label_template(any(r.get("text_pair") for r in rows))
 
 
 def prompt_and_completion(row: dict, fmt: str, template: str | None = None, task: str = "",
                           labels: list[str] | None = None) -> tuple[str, str]:
     """``(prompt, completion)`` strings for an alpaca, prompt or labelled row (chat goes through the template)."""
     if fmt == "alpaca":
-        tpl = ALPACA_PROMPT if row.get("input") else ALPACA_PROMPT_NO_INPUT
-        return tpl.format(instruction=row["instruction"], input=row.get("input") or ""), str(row["output"])
+        return alpaca_prompt(row["instruction"], row.get("input") or ""), str(row["output"])
     if fmt == "prompt":
         return str(row["prompt"]), str(row["completion"])
     if fmt == "labelled":

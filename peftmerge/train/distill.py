@@ -25,8 +25,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Trainer
 
+from ..data.prompts import alpaca_prompt
 from ..errors import PeftmergeError
-from .data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, TaskData, read_rows
+from .data import TaskData, read_rows
 from .examples import IGNORE, Collator
 
 GENERATE_TOKENS = 64
@@ -94,8 +95,7 @@ def _prompt(row: dict, fmt: str, template: str | None, task: str, labels: list[s
         return template.format(task=task, labels=", ".join(labels), text=row["text"],
                                text_pair=row.get("text_pair") or ""), None
     if fmt == "alpaca":
-        tpl = ALPACA_PROMPT if row.get("input") else ALPACA_PROMPT_NO_INPUT
-        return tpl.format(instruction=row["instruction"], input=row.get("input") or ""), row.get("output")
+        return alpaca_prompt(row["instruction"], row.get("input") or ""), row.get("output")
     return str(row["prompt"]), row.get("completion")
 
 

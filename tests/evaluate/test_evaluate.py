@@ -231,6 +231,16 @@ def test_cli_eval_bad_input_exit_2(tmp_path, args, message):
     assert message in res.output and "Traceback" not in res.output
 
 
+def test_no_model_same_error_from_cli_and_python(tmp_path):
+    from peftmerge.cli.main import main
+
+    data = write_task(tmp_path / "d", SENTIMENT[:2], labels=["negative", "positive"])
+    res = CliRunner().invoke(main, ["eval", "--data", f"sent={data}", "--quiet"])
+    assert res.exit_code == 2 and "--model is required" in res.output and "Traceback" not in res.output
+    with pytest.raises(PeftmergeError, match="^--model is required: the base model folder"):
+        evaluate(None, [f"sent={data}"])
+
+
 def test_cli_report_bad_file_exit_2(tmp_path):
     from peftmerge.cli.main import main
 

@@ -442,10 +442,10 @@ def test_refused_methods_are_exactly_mergekits_others():
 
 
 def test_readme_lists_the_differences():
-    """The README's "Differences from mergekit" table is :func:`differences_table` (refused methods and keys
+    """docs/merging.md's "Differences from mergekit" table is :func:`differences_table` (refused methods and keys
     and every convention that differs); regenerate it with
     ``python -c "from peftmerge.merge.mergekit_recipe import differences_table; print(differences_table())"``."""
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "docs" / "merging.md").read_text()
     table = differences_table()
     assert table in readme
     for name in mk.REFUSED_METHODS:

@@ -59,6 +59,19 @@ def test_arrow_cli_records_weights(setup, tmp_path):
     assert all(len(r["adapters"]) == 3 and abs(sum(r["weights"]) - 1) < 1e-5 and "output" not in r for r in rows)
 
 
+def test_build_takes_every_router_parameter_as_an_option(setup, tmp_path):
+    from peftmerge.routing.registry import parameters
+
+    d, ads, _ = setup
+    shown = run("route", "build", "--help").output
+    assert all(f"--{name.replace('_', '-')}" in shown for name in parameters())
+    r = run("route", "build", *ads, "--strategy", "probe", "--lr", "0.01", "--seed", "3", "--steps", "20",
+            "-o", tmp_path / "r")
+    assert r.exit_code == 0, r.output
+    assert {k: v for k, v in json.loads((tmp_path / "r" / "router.json").read_text())["params"].items()
+            if k in ("lr", "seed", "steps")} == {"lr": 0.01, "seed": 3, "steps": 20}
+
+
 @pytest.mark.parametrize("args,message", [
     (["--strategy", "nope"], "unknown router 'nope'; choose one of: arrow, centroid, probe"),
     (["--strategy", "centroid", "--examples", "animals"], "is not NAME=FILE.jsonl"),

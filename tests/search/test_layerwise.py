@@ -88,7 +88,7 @@ def test_head_loss_is_the_merged_models_loss_and_its_gradient(bert_pair):
     task = tasks[1]
     key, head = ev.plan[task.name]
     model, patcher = ev.models[key]
-    layerwise.load_head(model, head)
+    layerwise.load_plain_head(model, head)
     model.requires_grad_(False)
     params = layerwise.patched_params(patcher.targets, layerwise.merged_deltas(coef, deltas, index))
     got = layerwise.head_loss(model, ev.tokenizer, task, task.rows, params, 32)

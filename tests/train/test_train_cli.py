@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -84,6 +85,21 @@ def test_cli_errors_exit_2_with_one_line(content, args, message, llama, tmp_path
     r = _run("train", "--model", llama, "--data", data, "--task", "t", "-o", tmp_path / "out", "--max-steps", 1, *args)
     assert r.exit_code == 2, r.output
     assert message in r.output and r.output.startswith("Error: ") and r.output.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["[1]", "{deepspeed", "3"])
+def test_training_args_not_a_json_object_same_error_from_cli_and_python(value, llama, tmp_path):
+    from peftmerge.errors import PeftmergeError
+    from peftmerge.train import TrainConfig, train
+
+    data = write_jsonl(tmp_path / "d.jsonl", sentiment_rows(2))
+    r = _run("train", "--model", llama, "--data", data, "--task", "t", "-o", tmp_path / "out", "--training-args", value)
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    message = f"--training-args {value!r} is not a JSON object"
+    assert message in r.output
+    with pytest.raises(PeftmergeError, match="^" + re.escape(message)):
+        train(TrainConfig(model=str(llama), data=str(data), task="t", out=str(tmp_path / "out"), extra=value))
     assert not (tmp_path / "out").exists()
 
 

@@ -113,6 +113,19 @@ def test_completion_only_mask_covers_exactly_the_prompt(fmt, row, tok):
     assert everything["labels"] == everything["input_ids"]
 
 
+@pytest.mark.parametrize("row", [{"instruction": "name a {colour}", "output": "red"},
+                                 {"instruction": "translate", "input": "chat", "output": "cat"}])
+def test_train_and_eval_give_an_instruction_row_one_alpaca_prompt(row, tmp_path):
+    from peftmerge.data.prompts import prompt_of
+    from peftmerge.data.tasks import load_task as load_eval_task
+
+    write_jsonl(tmp_path / "test.jsonl", [row])
+    prompt, completion = prompt_and_completion(row, "alpaca")
+    assert prompt == prompt_of(load_eval_task("t", tmp_path / "test.jsonl"), row)
+    assert prompt.startswith("Below is an instruction") and prompt.endswith("### Response:\n")
+    assert ("### Input:\nchat\n\n" in prompt) == ("input" in row) and completion == row["output"]
+
+
 def test_chat_mask_is_the_generation_prompt(tok):
     msgs = [{"role": "user", "content": "say hello"}, {"role": "assistant", "content": "hello world"}]
     ex = text2text_example({"messages": msgs}, "chat", tok, 512)

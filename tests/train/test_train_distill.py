@@ -65,6 +65,15 @@ def test_registered_and_mergeable():
     assert m.mergeable and m.distill and m.causal_only and "2209.15189" in m.paper
 
 
+@pytest.mark.parametrize("row", [{"instruction": "say hello", "output": "hello world"},
+                                 {"instruction": "repeat", "input": "the movie", "output": "the movie"}])
+def test_instruction_rows_get_the_training_prompt(row):
+    from peftmerge.train.data import prompt_and_completion
+    from peftmerge.train.distill import _prompt
+
+    assert _prompt(row, "alpaca", None, "t", None) == prompt_and_completion(row, "alpaca")
+
+
 def test_label_word_kl_to_the_prompted_teacher_falls(llama, tmp_path):
     rows = [{"text": r["text"]} for r in sentiment_rows(16, seed=1)]  # no labels
     val = write_jsonl(tmp_path / "v.jsonl", [{"text": r["text"]} for r in sentiment_rows(8, seed=9)])

@@ -122,7 +122,7 @@ def test_accelerate_resumes_the_torchrun_checkpoint(setup, torchrun_run):
 
 def test_qlora_places_each_process_on_its_local_gpu(monkeypatch):
     """QLoRA loads its 4-bit base onto the process's own GPU (``LOCAL_RANK``); on CPUs it lets bitsandbytes place it."""
-    from peftmerge.train import base
+    from peftmerge.io import model_loader as base
 
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

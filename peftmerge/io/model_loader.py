@@ -1,4 +1,7 @@
-"""Load the base model and tokenizer: local folders, Hub ids (through the cache) and GGUF files.
+"""Load a base model and its tokenizer: local folders, Hub ids (through the cache) and GGUF files.
+
+The one loader of the package: training, evaluation, search and routing all load their base through
+:func:`resolve`, :func:`load_tokenizer` and :func:`load_model` (and put adapters on top themselves).
 
 GGUF files go through transformers' GGUF loading, which dequantizes them to float weights. transformers
 refuses to combine GGUF loading with a ``quantization_config``, so QLoRA on a GGUF base first writes a
@@ -15,22 +18,31 @@ from pathlib import Path
 import torch
 
 from ..errors import PeftmergeError
-from ..io.atomic import atomic_dir
+from .atomic import atomic_dir
+from .checkpoint import refuse_pickle_weights
 
 log = logging.getLogger(__name__)
 
 
 def resolve(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """``(source, gguf_file)``: a ``.gguf`` path is split into its folder and file name."""
+    """``(source, gguf_file)`` for ``from_pretrained``: a ``.gguf`` path is split into its folder and file name, and
+    a folder holding one ``.gguf`` file and no config.json loads that file. A folder whose weights are only pickles
+    is refused."""
+    model = str(model)
     p = Path(model)
     if p.suffix == ".gguf":
         if not p.is_file():
             raise PeftmergeError(f"base model {model}: no such GGUF file; check the path")
         return str(p.parent), p.name
-    if model.startswith(("/", "./", "../", "~")) and not p.expanduser().exists():
+    if model.startswith(("/", "~", ".")) and not p.expanduser().exists():
         raise PeftmergeError(f"base model {model}: no such folder; check the path (or pass a Hub id)")
     if gguf_file and not (p / gguf_file).is_file():
         raise PeftmergeError(f"base model {model}: no GGUF file {gguf_file!r} in it; check --gguf-file")
+    refuse_pickle_weights(p)
+    if not gguf_file and p.is_dir() and not (p / "config.json").exists():
+        found = sorted(p.glob("*.gguf"))
+        if len(found) == 1:
+            return model, found[0].name
     return model, gguf_file
 
 
@@ -63,7 +75,7 @@ def can_generate(config) -> bool:
 
 
 def load_tokenizer(src: str, gguf: str | None = None):
-    """The base's tokenizer, with a pad token (the EOS token when the base has none)."""
+    """The base's tokenizer, with a pad token (the EOS token when the base has none, else the unknown token)."""
     from transformers import AutoTokenizer
 
     try:
@@ -71,9 +83,9 @@ def load_tokenizer(src: str, gguf: str | None = None):
     except (OSError, ValueError, KeyError) as e:
         raise _cannot_load(src, e) from None
     if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise PeftmergeError(f"base model {src}: its tokenizer has neither a pad nor an EOS token; add one")
-        tok.pad_token = tok.eos_token
+        if tok.eos_token is None and tok.unk_token is None:
+            raise PeftmergeError(f"base model {src}: its tokenizer has no pad, EOS or unknown token; add a pad token")
+        tok.pad_token = tok.eos_token or tok.unk_token
     return tok
 
 
@@ -115,9 +127,10 @@ def gguf_as_folder(src: str, gguf: str) -> Path:
     return target
 
 
-def load_model(src: str, gguf: str | None, shape: str, labels: list[str] | None, quantize_4bit: bool = False,
-               dtype: str = "auto", pad_token_id: int | None = None):
-    """The base as a causal LM (text2text) or with a fresh classification head for ``labels`` (classify)."""
+def load_model(src: str, gguf: str | None, shape: str, labels: list[str] | None = None, quantize_4bit: bool = False,
+               dtype: str = "auto", pad_token_id: int | None = None, num_labels: int | None = None):
+    """The base as a causal LM (text2text) or as a sequence classifier (classify): with a fresh head for ``labels``
+    (or ``num_labels`` unnamed ones), else with the base's own head. ``dtype`` "auto" is float32."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     kwargs: dict = {"dtype": torch.float32 if dtype == "auto" else getattr(torch, dtype)}
@@ -133,13 +146,16 @@ def load_model(src: str, gguf: str | None, shape: str, labels: list[str] | None,
         )
         kwargs["device_map"] = _device_map()
     if shape == "classify":
-        kwargs.update(ignore_mismatched_sizes=True, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+        if labels:
+            kwargs.update(ignore_mismatched_sizes=True, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+        elif num_labels is not None:
+            kwargs.update(ignore_mismatched_sizes=True, num_labels=num_labels)
         auto = AutoModelForSequenceClassification
     else:
         auto = AutoModelForCausalLM
     try:
         model = auto.from_pretrained(src, gguf_file=gguf, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise _cannot_load(src, e) from None
     if gguf:
         model = plain_copy(model)
