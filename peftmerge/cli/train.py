@@ -29,7 +29,7 @@ def _echo_result(r) -> None:
               help="Task name (stored in peftmerge.json). Default: the data folder's name (printed).")
 @click.option("-o", "--out", required=True, help="Output adapter folder.")
 @click.option("--method", default="lora", show_default=True,
-              help="lora, qlora, dora, prompt_tuning, ia3, bitfit, llama_adapter, context_distillation.")
+              help="lora, qlora, dora, prompt_tuning, ia3, bitfit, llama_adapter, full, context_distillation.")
 @click.option("--shape", type=click.Choice(["text2text", "classify"]), default=None,
               help="Default: classify for labelled rows on an encoder, else text2text.")
 @click.option("--labels", default=None, help="Label names in order, comma-separated (default: task.json or sorted).")

@@ -80,11 +80,16 @@ def label_scores(model, tokenizer, task: Task, demos=(), *, batch_size=16, max_l
                  progress=True) -> torch.Tensor:
     """(rows, labels) summed log-likelihoods of each label word after each row's prompt."""
     pad = pad_id(tokenizer)
-    seqs, spans = [], []  # one sequence per (row, label); span = (start, end) of the label's tokens
+    pairs = []  # per row, per label: (prompt ids, label word ids)
     for row in task.rows:
         prompt = with_demos(task, row, list(demos))
-        for label in task.labels:
-            pp, c = prompt_and_answer(tokenizer, prompt, label, max_length)
+        pairs.append([prompt_and_answer(tokenizer, prompt, label, max_length) for label in task.labels])
+    if all(len(c) == 1 for row in pairs for _, c in row):
+        return _one_token_scores(model, pairs, pad, batch_size * len(task.labels), f"{task.name} (label words)",
+                                 progress)
+    seqs, spans = [], []  # one sequence per (row, label); span = (start, end) of the label's tokens
+    for row in pairs:
+        for pp, c in row:
             seqs.append(pp + c)
             spans.append((len(pp), len(pp) + len(c)))
     scores = torch.empty(len(seqs))
@@ -92,13 +97,35 @@ def label_scores(model, tokenizer, task: Task, demos=(), *, batch_size=16, max_l
     with _bar(len(task.rows), f"{task.name} (label words)", progress) as bar:
         for idx in _batches(order, batch_size * len(task.labels)):
             ids, mask = right_pad([seqs[i] for i in idx], pad)
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            off = logits.shape[1] - ids.shape[1]  # soft-prompt positions PEFT's prompt tuning puts first
+            logp = torch.log_softmax(logits.float(), dim=-1)
             for j, i in enumerate(idx):
                 s, e = spans[i]
                 targets = ids[j, s:e]
-                scores[i] = logp[j, s - 1:e - 1].gather(-1, targets[:, None]).sum()
+                scores[i] = logp[j, off + s - 1:off + e - 1].gather(-1, targets[:, None]).sum()
             bar.update(len(idx) / len(task.labels))
     return scores.reshape(len(task.rows), len(task.labels))
+
+
+def _one_token_scores(model, pairs, pad: int, batch: int, desc: str, progress: bool) -> torch.Tensor:
+    """:func:`label_scores` when every label word is one token: one forward pass per row instead of one per
+    (row, label), reading each label's log-probability at the prompt's last position (the same numbers)."""
+    prompts = [row[0][0] for row in pairs]  # one token each: the prompt is cut the same way for every label
+    words = [[c[0] for _, c in row] for row in pairs]
+    scores = torch.empty(len(pairs), len(words[0]))
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    with _bar(len(pairs), desc, progress) as bar:
+        for idx in _batches(order, batch):
+            ids, mask = right_pad([prompts[i] for i in idx], pad)
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+            off = logits.shape[1] - ids.shape[1]  # soft-prompt positions PEFT's prompt tuning puts first
+            last = torch.tensor([off + len(prompts[i]) - 1 for i in idx])
+            logp = torch.log_softmax(logits[torch.arange(len(idx)), last].float(), dim=-1)  # (B, V)
+            for j, i in enumerate(idx):
+                scores[i] = logp[j, words[i]]
+            bar.update(len(idx))
+    return scores
 
 
 def predict_label_words(model, tokenizer, task: Task, demos=(), **kw) -> list[str]:

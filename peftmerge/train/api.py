@@ -1,8 +1,8 @@
 """``train(config)``: one task adapter; ``train_many(yaml)``: a set of them; ``load_trained(folder)``: reload one.
 
 The output folder holds what was trained (a PEFT adapter via ``save_pretrained``; for BitFit the biases
-and head in ``bitfit_model.safetensors``), ``peftmerge.json`` (task metadata that merge and routing
-read) and a model card.
+and head in ``bitfit_model.safetensors``; for a full fine-tune the whole model and its tokenizer),
+``peftmerge.json`` (task metadata that merge and routing read) and a model card.
 """
 
 from __future__ import annotations
@@ -309,7 +309,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         trainer.accelerator.wait_for_everyone()
         return TrainResult(out=out, meta=meta, model=model, tokenizer=tokenizer, history=trainer.state.log_history)
     with atomic_dir(out, config.overwrite) as tmp:
-        methods.save_trained(model, method, tmp)
+        methods.save_trained(model, method, tmp, tokenizer)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         results = {config.task: {k: v for k, v in meta["metrics"].items() if k.startswith(("eval_", "train_loss"))}}
         write_card(tmp, kind="adapter", base_model=based_on["base_model"], recipe=recipe, results=results,
@@ -399,6 +399,8 @@ def load_trained(folder: str | Path, model: str | None = None):
     meta = json.loads(meta_path.read_text())
     src, gguf = base.resolve(model or meta["base_model"], None if model else meta.get("gguf_file"))
     method = methods.get(meta["method"])
+    if method.name == "full":  # the folder is the whole fine-tuned model
+        src, gguf = str(folder), None
     tokenizer = base.load_tokenizer(src, gguf)
     net = base.load_model(src, gguf, meta["shape"], meta["labels"], method.quantize_4bit,
                           meta.get("config", {}).get("dtype", "auto"), tokenizer.pad_token_id)
@@ -409,7 +411,7 @@ def load_trained(folder: str | Path, model: str | None = None):
         if missing:
             raise PeftmergeError(f"{folder}: tensors {sorted(missing)[:3]} are not in the base model; wrong base?")
         net.load_state_dict(load_file(str(folder / methods.BITFIT_FILE)), strict=False)
-    else:
+    elif method.name != "full":
         from peft import PeftModel
 
         if method.quantize_4bit:

@@ -12,6 +12,10 @@ merge methods can combine; the others train, evaluate and save for comparison.
 - bitfit: Ben Zaken et al. 2021 (arXiv:2106.10199): train only the bias terms (and the classification head).
 - llama_adapter: LLaMA-Adapter, Zhang et al. 2023 (arXiv:2303.16199): zero-gated adaption prompts in the top
   ``adapter_layers`` layers (PEFT's adaption prompt; Llama/Mistral causal LMs only).
+- full: full fine-tuning, every weight trained (no adapter): with ``--shape classify`` vanilla fine-tuning
+  with a head (Devlin et al. 2019, arXiv:1810.04805); in text2text pattern-based fine-tuning, a prompt
+  pattern and the label words as the answer (PET, Schick & Schuetze 2021, arXiv:2001.07676). Saves a whole
+  model (``save_pretrained``, with the tokenizer), so it suits small bases.
 - context_distillation: Snell et al. 2022 (arXiv:2209.15189), Askell et al. 2021 (arXiv:2112.00861): a LoRA
   adapter trained without labels so that base + LoRA *without* a prompt matches the base *with* it,
   min KL(p_base(y | prompt, x) || p_lora(y | x)) (:mod:`peftmerge.train.distill`); merges like ``lora``.
@@ -162,6 +166,13 @@ def build_bitfit(model, config, task_type: str):
     return model
 
 
+@register("full", "https://arxiv.org/abs/2001.07676")
+def build_full(model, config, task_type: str):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
 @register("context_distillation", "https://arxiv.org/abs/2209.15189", mergeable=True, causal_only=True, distill=True)
 def build_context_distillation(model, config, task_type: str):
     return build_lora(model, config, task_type)  # the student: base + LoRA; the teacher: the same, adapter off
@@ -172,11 +183,14 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_trained(model, method: Method, out: Path) -> None:
-    """Save what was trained: a PEFT adapter (``save_pretrained``), or for BitFit the biases + head."""
+def save_trained(model, method: Method, out: Path, tokenizer=None) -> None:
+    """Save what was trained: a PEFT adapter (``save_pretrained``), for BitFit the biases + head, for a full
+    fine-tune the whole model and ``tokenizer`` (a folder any transformers code loads)."""
     if method.name == "bitfit":
         from safetensors.torch import save_file
 
         save_file(trainable_state(model), str(out / BITFIT_FILE), metadata={"format": "pt", "method": "bitfit"})
     else:
         model.save_pretrained(str(out))
+        if method.name == "full" and tokenizer is not None:
+            tokenizer.save_pretrained(str(out))

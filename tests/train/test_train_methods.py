@@ -15,7 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from peftmerge.train import TrainConfig, load_trained, methods, train  # noqa: E402
 
 # Learning rates that move each method clearly within a few steps on the tiny random model.
-LR = {"lora": 2e-2, "qlora": 2e-2, "dora": 2e-2, "prompt_tuning": 0.3, "ia3": 0.3, "bitfit": 2e-2, "llama_adapter": 0.1}
+LR = {"lora": 2e-2, "qlora": 2e-2, "dora": 2e-2, "prompt_tuning": 0.3, "ia3": 0.3, "bitfit": 2e-2, "llama_adapter": 0.1,
+      "full": 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def _losses(result):
 
 
 def test_registry_names_and_unknown():
-    assert methods.names() == ["lora", "qlora", "dora", "prompt_tuning", "ia3", "llama_adapter", "bitfit",
+    assert methods.names() == ["lora", "qlora", "dora", "prompt_tuning", "ia3", "llama_adapter", "bitfit", "full",
                                "context_distillation"]
     assert [m for m in methods.names() if methods.get(m).mergeable] == ["lora", "qlora", "dora", "context_distillation"]
     with pytest.raises(Exception, match="unknown method 'lorax'; choose one of: lora, qlora"):
@@ -116,6 +117,28 @@ def test_classification_head_and_labels_round_trip(which, bert, llama, tmp_path)
         torch.testing.assert_close(plain(**ids).logits, r.model(**ids).logits, rtol=0, atol=1e-5)
     reloaded, _, _ = load_trained(tmp_path / "out")
     assert reloaded.config.id2label[2] == "business"
+
+
+def test_full_fine_tuning_with_a_head_trains_every_weight(bert, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(8, seed=5))
+    r = train(_config(bert, data, tmp_path / "out", "full", shape="classify", max_steps=3))
+    assert all(p.requires_grad for p in r.model.parameters())
+    before = AutoModelForSequenceClassification.from_pretrained(bert, num_labels=2, ignore_mismatched_sizes=True)
+    changed = {n for n, p in r.model.named_parameters()
+               if n in dict(before.named_parameters()) and not torch.equal(p, dict(before.named_parameters())[n])}
+    assert {n for n in changed if n.startswith("bert.encoder.layer.0.")} >= {
+        "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.output.dense.weight"}
+    # the output is a whole model any transformers code loads, tokenizer included
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    reloaded, _, meta = load_trained(tmp_path / "out")
+    assert meta["method"] == "full" and meta["mergeable"] is False
+    ids = tok(["the movie was good", "bad film"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**ids).logits, r.model(**ids).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(reloaded(**ids).logits, r.model(**ids).logits, rtol=0, atol=1e-5)
 
 
 def test_qlora_base_is_4bit_nf4_on_cpu(llama, tmp_path):
