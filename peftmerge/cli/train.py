@@ -16,6 +16,7 @@ def _echo_result(r) -> None:
     m = r.meta["metrics"]
     shown = ", ".join(f"{k}={m[k]:.4f}" for k in ("train_loss", "eval_loss", "eval_accuracy") if k in m)
     click.echo(f"{r.meta['task']}: wrote {r.out} ({r.meta['method']}, {r.meta['shape']}; {shown})")
+    click.echo(f"{r.meta['evaluation']}\nkept {r.meta['kept']['why']}")
 
 
 @click.command("train", cls=Command, log_level=logging.INFO)
@@ -24,7 +25,8 @@ def _echo_result(r) -> None:
 @click.option("--data", required=True, help="Training rows: .jsonl/.json/.csv/.parquet, a datasets folder, or a task folder.")
 @click.option("--validation", default=None, help="Validation rows (same formats).")
 @click.option("--val-fraction", type=float, default=0.0, show_default=True, help="Hold out this fraction when no validation file.")
-@click.option("--task", required=True, help="Task name (stored in peftmerge.json).")
+@click.option("--task", default=None,
+              help="Task name (stored in peftmerge.json). Default: the data folder's name (printed).")
 @click.option("-o", "--out", required=True, help="Output adapter folder.")
 @click.option("--method", default="lora", show_default=True,
               help="lora, qlora, dora, prompt_tuning, ia3, bitfit, llama_adapter, full, context_distillation.")
@@ -49,17 +51,26 @@ def _echo_result(r) -> None:
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Gradient accumulation steps.")
 @click.option("--max-length", type=int, default=512, show_default=True, help="Longest example in tokens.")
 @click.option("--max-samples", type=int, default=None, help="Train on at most N rows (random subset).")
-@click.option("--max-eval-samples", type=int, default=500, show_default=True, help="Evaluate on at most N rows.")
-@click.option("--eval-before/--no-eval-before", default=True, show_default=True,
+@click.option("--max-eval-samples", type=int, default=None,
+              help="Evaluate on at most N rows. Default: a quarter of the rows trained on, 32 to 500.")
+@click.option("--eval-before/--no-eval-before", default=False, show_default=True,
               help="Also evaluate before training (eval_loss_before).")
-@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed for shuffling and sampling.")
+@click.option("--init-seed", type=int, default=None,
+              help="Seed for the initial LoRA factors and head. Default: from --seed and the task name, so that "
+                   "each task's adapter starts from different random factors (they merge with less interference).")
 @click.option("--scheduler", default="linear", show_default=True, help="LR schedule: linear, cosine, constant, ...")
 @click.option("--warmup-ratio", type=float, default=0.0, show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--train-on-inputs", is_flag=True, help="Loss on the prompt too (default: completion only).")
 @click.option("--packing", is_flag=True, help="Pack short examples into max-length sequences.")
-@click.option("--eval-steps", type=int, default=None, help="Evaluate and checkpoint every N steps.")
-@click.option("--early-stopping", type=int, default=None, help="Stop after N evaluations without improvement.")
+@click.option("--eval-steps", type=int, default=None,
+              help="Also evaluate (and checkpoint) every N steps during training. Default: no evaluation during "
+                   "training unless --keep best or --early-stopping needs it.")
+@click.option("--keep", type=click.Choice(["last", "best"]), default="last", show_default=True,
+              help="Save the last step's weights, or the best checkpoint on validation (evaluates during training).")
+@click.option("--early-stopping", type=int, default=None,
+              help="Stop after N evaluations without improvement (keeps the best checkpoint).")
 @click.option("--logging-steps", type=int, default=10, show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for memory.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
@@ -71,7 +82,18 @@ def _echo_result(r) -> None:
 @push_to_hub_option
 @common_options
 def train(push_to_hub, **kw) -> None:
-    """Train one task adapter on a base model (transformers' Trainer underneath)."""
+    """Train one task adapter on a base model (transformers' Trainer underneath).
+
+    \b
+    Evaluation: once after training, on up to a quarter as many validation
+    rows as the run trains on (steps x batch; 32 to 500 rows; divided by
+    1 + the number of labels when labels are scored as words), so that it
+    costs under a tenth of the run. --eval-before adds one before training,
+    --eval-steps N one every N steps. The last step's weights are kept;
+    --keep best (or --early-stopping) evaluates 5 times during the run (or
+    each epoch) and keeps the best checkpoint on validation accuracy (loss
+    for text2text). The output says which weights were kept and why.
+    """
     from ..train import TrainConfig, train as train_fn
     from ..train.distributed import is_main_process
 
@@ -79,6 +101,7 @@ def train(push_to_hub, **kw) -> None:
         kw["labels"] = [x.strip() for x in kw["labels"].split(",") if x.strip()]
     if kw["extra"] is None:
         kw["extra"] = {}
+    kw["task"] = kw["task"] or ""
     result = train_fn(TrainConfig(**kw), progress=show_progress())
     if is_main_process():  # under torchrun / accelerate launch: one report, one push
         _echo_result(result)

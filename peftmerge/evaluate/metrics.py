@@ -3,6 +3,8 @@
 - accuracy: fraction of exact label matches;
 - macro-F1: the unweighted mean over labels of F1 = 2PR / (P + R) (a label never predicted nor present
   is left out; a label with P + R = 0 counts 0), as scikit-learn's ``f1_score(average="macro")``;
+- majority-class rate: the accuracy of always answering the most frequent reference label (a classifier
+  scoring below it does worse than a constant answer);
 - exact match: string equality after stripping surrounding whitespace;
 - ROUGE-L: the F-measure of the longest common subsequence (Lin, 2004), via Google's ``rouge-score``.
 """
@@ -35,6 +37,16 @@ def macro_f1(preds: Sequence[str], refs: Sequence[str], labels: Sequence[str] | 
             continue
         scores.append(2 * tp / (2 * tp + fp + fn))  # = 2PR / (P + R)
     return sum(scores) / len(scores) if scores else 0.0
+
+
+def majority_rate(refs: Sequence[str]) -> float:
+    """The share of the most frequent label among ``refs``: what a constant answer scores."""
+    if not refs:
+        return 0.0
+    counts: dict = {}
+    for r in refs:
+        counts[r] = counts.get(r, 0) + 1
+    return max(counts.values()) / len(refs)
 
 
 def exact_match(preds: Sequence[str], refs: Sequence[str]) -> float:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import PeftmergeError
 from ..io import model_loader
+from ..io.base_model import local_path
 from ..io.heads import head_tasks, load_head, load_merged
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def check_adapter(adapter: str | Path) -> None:
 
 def base_config(base: str) -> dict:
     """The base model's config.json ({} for GGUF files and Hub ids not on disk)."""
-    p = Path(base) / "config.json"
+    p = Path(local_path(base)) / "config.json"
     return json.loads(p.read_text()) if p.is_file() else {}
 
 

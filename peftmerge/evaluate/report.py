@@ -1,7 +1,9 @@
 """Results tables and plots: one run's results.json + .md + .png, and ``peftmerge eval report`` over many.
 
 Table rows are systems (the evaluated merge, baselines, individual adapters), columns the tasks' primary
-metric (accuracy, or ROUGE-L for free text), the mean, and the mean normalized accuracy.
+metric (accuracy, or ROUGE-L for free text), the mean, and the mean normalized accuracy. A classification
+cell below the task's majority-class rate (what always answering the most frequent label scores) is flagged
+with :data:`BELOW_MAJORITY`: that system is no better than a constant answer there (e.g. a broken merge).
 """
 
 from __future__ import annotations
@@ -14,6 +16,14 @@ from pathlib import Path
 from ..errors import PeftmergeError
 from ..io import atomic
 from . import metrics as M
+
+
+BELOW_MAJORITY = "(!)"
+
+
+def majority_of(results: dict) -> dict[str, float]:
+    """{task: majority-class rate of its evaluated rows} of one results.json (classification tasks)."""
+    return {t: d["majority"] for t, d in (results.get("data") or {}).items() if d.get("majority") is not None}
 
 
 def systems_of(results: dict) -> dict[str, dict]:
@@ -29,16 +39,31 @@ def _fmt(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-def markdown(systems: dict[str, dict]) -> str:
+def markdown(systems: dict[str, dict], majority: dict[str, float] | None = None) -> str:
+    """The results table; cells under the task's ``majority``-class rate are flagged."""
+    majority = majority or {}
     tasks = list(dict.fromkeys(t for s in systems.values() for t in s["tasks"]))
     head = "| system | " + " | ".join(tasks) + " | mean | normalized |"
     rows = [head, "|---" * (len(tasks) + 3) + "|"]
+    flagged = set()
     for name, s in systems.items():
-        cells = [_fmt(M.primary(s["tasks"][t])) if t in s["tasks"] else "-" for t in tasks]
+        cells = []
+        for t in tasks:
+            if t not in s["tasks"]:
+                cells.append("-")
+                continue
+            score, metrics = M.primary(s["tasks"][t]), s["tasks"][t]
+            below = t in majority and "accuracy" in metrics and score < majority[t] - 1e-12
+            flagged |= {t} if below else set()
+            cells.append(_fmt(score) + (f" {BELOW_MAJORITY}" if below else ""))
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(s['average'].get('score'))} | "
                     f"{_fmt(s['average'].get('normalized'))} |")
     note = ("\nCells: accuracy (classification) or ROUGE-L (free text); normalized = system / individual adapter "
             "on the same task, averaged.\n")
+    if flagged:
+        rates = ", ".join(f"{t} {majority[t]:.4f}" for t in tasks if t in flagged)
+        note += (f"{BELOW_MAJORITY} below the task's majority-class rate ({rates}): always answering the most "
+                 "frequent label would score more.\n")
     return "\n".join(rows) + "\n" + note
 
 
@@ -131,7 +156,8 @@ def write_results(results: dict, out: str | Path, overwrite: bool = False) -> li
     systems = systems_of(results)
     files = {
         out: lambda p: p.write_text(json.dumps(_finite(results), indent=2, allow_nan=False)),
-        out.with_suffix(".md"): lambda p: p.write_text(f"# Results: {results['name']}\n\n" + markdown(systems)),
+        out.with_suffix(".md"): lambda p: p.write_text(f"# Results: {results['name']}\n\n"
+                                                     + markdown(systems, majority_of(results))),
         out.with_suffix(".png"): lambda p: plot_bars(systems, p),
     }
     _write_files(files, overwrite)
@@ -203,11 +229,14 @@ def report(files, out: str | Path, *, title: str = "Results", overwrite: bool = 
         raise PeftmergeError("no results files; pass one or more results.json written by `peftmerge eval -o`")
     results = load_results(files)
     systems: dict[str, dict] = {}
+    majority: dict[str, float] = {}
     for r in results:
         for name, s in systems_of(r).items():
             systems.setdefault(name, s)  # a baseline shared by several files is shown once
+        for t, rate in majority_of(r).items():
+            majority.setdefault(t, rate)
     out = atomic.check_output(out, [Path(f) for f in files], overwrite)
-    md = [f"# {title}", "", markdown(systems), "![per-task scores](bars.png)", ""]
+    md = [f"# {title}", "", markdown(systems, majority), "![per-task scores](bars.png)", ""]
     if any(r["average"].get("normalized") is not None for r in results):
         md += ["![normalized accuracy vs number of merged tasks](normalized_vs_tasks.png)", ""]
     with atomic.atomic_dir(out, overwrite=overwrite) as tmp:

@@ -284,7 +284,9 @@ def evaluate(model: str, data, *, adapter=None, router=None, name: str | None = 
         "router": str(router) if router else None, "method": method, "n_tasks": n_tasks,
         "tasks": table[main.name], "average": average(table[main.name]),
         "baselines": {k: {"tasks": v, "average": average(v)} for k, v in table.items() if k != main.name},
-        "data": {t.name: {"path": str(t.path), "rows": len(t.rows), "kind": t.kind} for t in tasks},
+        "data": {t.name: {"path": str(t.path), "rows": len(t.rows), "kind": t.kind,
+                          **({"majority": M.majority_rate(t.references())} if t.kind == "classify" else {})}
+                 for t in tasks},
         "settings": {"batch_size": s.batch_size, "max_length": s.max_length, "max_new_tokens": s.max_new_tokens,
                      "limit": s.limit, "seed": s.seed, "icl_shots": icl_shots},
     }

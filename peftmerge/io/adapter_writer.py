@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from .adapter import PREFIX, LoraAdapter
+from .base_model import common_base
 from .card import write_card
 
 HEADS_DIR = "heads"
@@ -66,7 +67,7 @@ def adapter_config(ranks: dict[str, int], adapters: list[LoraAdapter], bias: str
     """The merged adapter's config (:func:`lora_config`): task type, base model and ``fan_in_fan_out`` where the
     inputs agree, every input's head module under ``modules_to_save``."""
     heads = sorted({m for a in adapters if a.head_keys for m in (a.config.get("modules_to_save") or [])})
-    return lora_config(ranks, base_model=next((a.base_model for a in adapters if a.base_model), None),
+    return lora_config(ranks, base_model=common_base([(a.path, a.base_model) for a in adapters]),
                        task_type=_common([a.config.get("task_type") for a in adapters]),
                        fan_in_fan_out=bool(_common([a.config.get("fan_in_fan_out") for a in adapters])),
                        bias=bias, lora_bias=lora_bias, modules_to_save=heads)
@@ -107,7 +108,7 @@ def write_adapter(folder: Path, tensors: dict[str, tuple[str, torch.Tensor, torc
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
     meta = {"kind": "merged-adapter", "task": "+".join(a.task for a in adapters),
             "tasks": [a.task for a in adapters], "heads": heads, "default_head": default_head,
-            "base_model": _common([a.base_model for a in adapters])}
+            "base_model": common_base([(a.path, a.base_model) for a in adapters])}
     (folder / "peftmerge.json").write_text(json.dumps(meta, indent=2))
     (folder / "merge_report.json").write_text(json.dumps(report, indent=2))
     recipe = {k: report[k] for k in ("method", "params", "weights", "rank", "dtype")}

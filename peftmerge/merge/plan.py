@@ -12,6 +12,7 @@ import torch
 
 from ..errors import PeftmergeError
 from ..io.adapter import LoraAdapter, load_adapter
+from ..io.base_model import check_same_base
 from ..io.hub import resolve
 
 
@@ -52,11 +53,7 @@ def open_inputs(paths: list[str | Path], alpha: float | None = None, force: bool
     if alpha is not None and all(a.has_config for a in adapters):
         raise PeftmergeError(f"--alpha {alpha} is for inputs without an adapter_config.json, and every input has one "
                              "(its own lora_alpha is used); drop --alpha")
-    bases = {a.base_model for a in adapters if a.base_model}
-    if len(bases) > 1 and not force:
-        listing = "; ".join(f"{a.path}: {a.base_model}" for a in adapters if a.base_model)
-        raise PeftmergeError(f"adapters of different base models ({listing}); "
-                             "merge adapters of one base model, or pass --force if they really share one")
+    check_same_base([(a.path, a.base_model) for a in adapters], force)
     _dedupe_tasks(adapters)
     return adapters
 

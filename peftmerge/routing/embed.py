@@ -6,7 +6,8 @@ the tokenizer's separator and token types; a tokenizer without a separator token
 newline), else ``instruction`` (+ ``input``), else ``input`` / ``query`` / ``prompt``. Its embedding is
 the mean over non-padding tokens of one hidden state (``layer``: 0 = the first layer's input, i.e. token +
 position + token-type embeddings; -1 = last) of the base model or of a sentence-embedding model. Layers
-above ``layer`` are not run.
+above ``layer`` are not run. Where the first layer's input is a plain token-embedding lookup (Llama-like
+models: checked on the first batch), layer 0 is computed as one ``embedding_bag`` per batch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PeftmergeError
@@ -121,18 +123,21 @@ def pooled_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     finally:
         if handle is not None:
             handle.remove()
-    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-    return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
+    mask = attention_mask.to(hidden.dtype).unsqueeze(1)  # (n, 1, T)
+    return (torch.bmm(mask, hidden).squeeze(1) / mask.sum(2).clamp(min=1)).float()  # (n, d)
 
 
 class Embedder:
     """``embed(queries) -> (n, d)``: pooled hidden states of ``model`` at ``layer``, in batches; a query is a
     string or a ``(text, text_pair)`` pair."""
 
-    def __init__(self, model, tokenizer, layer: int = -1, batch_size: int = 16, max_length: int = 256,
+    def __init__(self, model, tokenizer, layer: int = -1, batch_size: int | None = None, max_length: int = 256,
                  pairs: str = "joint"):
         self.model, self.tokenizer, self.layer = model, tokenizer, int(layer)
-        self.batch_size, self.max_length, self.pairs = batch_size, max_length, pairs
+        # layer 0 is an embedding lookup: large batches cost no attention, and fewer calls cost less overhead
+        self.batch_size = batch_size or (256 if self.layer == 0 else 16)
+        self.max_length, self.pairs = max_length, pairs
+        self._lookup: bool | None = None  # layer 0 is a plain embedding lookup (see :meth:`_bag`)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
 
@@ -155,6 +160,23 @@ class Embedder:
         out = []
         for i in range(0, len(queries), self.batch_size):
             enc = encode(self.tokenizer, list(queries[i:i + self.batch_size]), self.max_length)
-            out.append(pooled_hidden(self.model, enc["input_ids"], enc["attention_mask"], self.layer,
-                                     enc.get("token_type_ids")))
+            if self.layer == 0 and self._lookup is None:  # decided once, on the first batch
+                out.append(self._pooled(enc))
+                self._lookup = bool(torch.allclose(out[-1], self._bag(enc), rtol=1e-4, atol=1e-5))
+            elif self._lookup:
+                out.append(self._bag(enc))
+            else:
+                out.append(self._pooled(enc))
         return torch.cat(out)
+
+    def _pooled(self, enc) -> torch.Tensor:
+        return pooled_hidden(self.model, enc["input_ids"], enc["attention_mask"], self.layer, enc.get("token_type_ids"))
+
+    @torch.no_grad()
+    def _bag(self, enc) -> torch.Tensor:
+        """Mean of the input token embeddings, as one ``embedding_bag`` (no (n, T, d) tensor): the first layer's
+        input of a model whose embeddings are a plain lookup (Llama-like; BERT adds positions and a LayerNorm)."""
+        weight = backbone_of(self.model).get_input_embeddings().weight
+        mask = enc["attention_mask"]
+        summed = F.embedding_bag(enc["input_ids"], weight, per_sample_weights=mask.to(weight.dtype), mode="sum")
+        return (summed / mask.sum(1, keepdim=True).clamp(min=1)).float()  # (n, d)

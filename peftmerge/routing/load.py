@@ -9,8 +9,10 @@ import torch
 from ..errors import PeftmergeError
 from ..io.meta import read_meta
 from ..io.adapter import LoraAdapter, load_adapter
-from ..io.checkpoint import refuse_pickle_weights
 from ..io import model_loader
+from ..io.base_model import check_same_base
+from ..io.checkpoint import refuse_pickle_weights
+from ..io.gguf import loadable
 from ..io.heads import head_state
 from .embed import Embedder, as_query, read_queries, record_query
 from .router import AdapterInfo, Router
@@ -31,18 +33,15 @@ def adapter_info(adapter: LoraAdapter) -> AdapterInfo:
 
 
 def base_model_of(adapters: list[LoraAdapter], override: str | None) -> str:
-    """The base model all adapters were trained on (``--model`` wins)."""
+    """The base model all adapters were trained on (``--model`` wins): its Hub repo id where known."""
     if override:
         return str(override)
-    found = {a.task: adapter_meta(a).get("base_model") or a.base_model for a in adapters}
-    names = {v for v in found.values() if v}
-    if not names:
+    found = [(a.path, adapter_meta(a).get("base_model") or a.base_model) for a in adapters]
+    base = check_same_base(found)
+    if not base:
         raise PeftmergeError("no adapter records its base model (peftmerge.json base_model or adapter_config "
                              "base_model_name_or_path); pass --model PATH")
-    if len(names) > 1:
-        raise PeftmergeError(f"the adapters have different base models ({', '.join(sorted(names))}); route adapters "
-                             "of one base model, or pass --model PATH to choose one")
-    return names.pop()
+    return base
 
 
 def examples_of(adapters: list[LoraAdapter], files: dict[str, str] | None, limit: int = 1000) -> dict[str, list]:
@@ -76,6 +75,12 @@ def open_adapters(paths: list, alpha: float | None = None) -> list[LoraAdapter]:
     return adapters
 
 
+def _cannot_load(path, what: str, e: Exception) -> PeftmergeError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return PeftmergeError(f"{path}: cannot load the {what} ({first[:200]}); pass a local model folder, a .gguf file "
+                          "or a Hub id in the local cache")
+
+
 def load_base(path: str, classify: bool = False, num_labels: int = 2):
     """(model, tokenizer) from a local folder, a ``.gguf`` file or a Hub id (:mod:`peftmerge.io.model_loader`),
     float32, eval mode."""
@@ -87,17 +92,33 @@ def load_base(path: str, classify: bool = False, num_labels: int = 2):
 
 
 def load_embedder(path: str | None, base=None, base_tokenizer=None, layer: int = -1, pairs: str = "joint") -> Embedder:
-    """The query embedder: a sentence-embedding model folder, or the base model."""
+    """The query embedder: a sentence-embedding or language model (a local folder, a ``.gguf`` file or a folder
+    holding one, a Hub id in the local cache), or the base model."""
     if path is None:
         return Embedder(base, base_tokenizer, layer, pairs=pairs)
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     refuse_pickle_weights(path)
     try:
-        model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError):
-        raise PeftmergeError(f"{path}: cannot load the embedding model; pass a local model folder") from None
+        src = loadable(path)
+        config = AutoConfig.from_pretrained(src)
+        n_layers = config.num_hidden_layers
+        if layer < -1 or layer > n_layers:
+            raise PeftmergeError(f"layer {layer} is out of range for the {n_layers}-layer embedder {path}; pick "
+                                 f"0..{n_layers} or -1")
+        # layers above ``layer`` are never run, so they are not loaded either (layer 0: the embeddings and
+        # one layer, whose input is the pooled state)
+        kw = {"num_hidden_layers": layer + 1} if 0 <= layer < n_layers - 1 else {}
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the weights of the layers left out are reported as unused
+        try:
+            model = AutoModel.from_pretrained(src, dtype=torch.float32, **kw).eval()
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise _cannot_load(path, "embedding model", e) from None
     return Embedder(model, tokenizer, layer, pairs=pairs)
 
 

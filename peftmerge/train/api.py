@@ -19,15 +19,16 @@ from typing import Any
 from ..version import __version__
 from ..errors import PeftmergeError
 from ..io.atomic import as_disk_error, atomic_dir, check_output
+from ..io.base_model import describe as describe_base
 from ..io.card import write_card
 from ..io.checkpoint import refuse_pickle_weights
 from ..io.meta import read_yaml
 from ..io import model_loader as base
 from . import methods
 from .config import TrainConfig
-from .data import ALPACA_PROMPT, default_template, load_task, sample_inputs
+from .data import ALPACA_PROMPT, default_task_name, default_template, load_task, sample_inputs, sample_rows
 from .examples import classify_example, pack, text2text_example
-from .trainer import COMPLETE, label_word_accuracy, make_trainer
+from .trainer import COMPLETE, describe_schedule, eval_rows, kept_weights, label_word_accuracy, make_trainer
 
 log = logging.getLogger(__name__)
 META_FILE = "peftmerge.json"
@@ -215,7 +216,10 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
 
     from . import distill  # imports transformers' Trainer
 
+    named = bool(config.task)
     config.check()
+    if not named:
+        log.debug("task name %r: the data folder's name (pass --task to choose another)", config.task)
     method = methods.get(config.method)
     inputs = [Path(p) for p in (config.data, config.validation) if p]
     if Path(config.model).exists():
@@ -228,6 +232,11 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     causal = base.can_generate(base.load_config(src, gguf))
     shape = _shape(config, task, causal, method)
     template = _template(config, task)
+    label_words = len(task.labels) if shape == "text2text" and task.format == "labelled" else 0
+    n_val = len(task.validation)
+    task.validation = sample_rows(task.validation, eval_rows(config, len(task.train), label_words), config.seed)
+    schedule = describe_schedule(config, len(task.validation), n_val)
+    log.debug(schedule)
     tokenizer = base.load_tokenizer(src, gguf)
     if task.format == "chat" and not tokenizer.chat_template:
         raise PeftmergeError(f"base model {config.model}: its tokenizer has no chat template for 'messages' rows")
@@ -237,11 +246,14 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     if config.packing and shape == "text2text":
         train_ex = pack(train_ex, config.max_length)
 
-    transformers.set_seed(config.seed)
+    transformers.set_seed(config.resolved_init_seed())  # the head's and the LoRA factors' initial values
     model = base.load_model(src, gguf, shape, task.labels if shape == "classify" else None, method.quantize_4bit,
                             config.dtype, tokenizer.pad_token_id)
     task_type = "SEQ_CLS" if shape == "classify" else "CAUSAL_LM"
     model = method.build(model, config, task_type)
+    based_on = describe_base(config.model, str(Path(src) / gguf) if gguf else src)
+    for peft_config in (getattr(model, "peft_config", None) or {}).values():  # adapter_config.json's base
+        peft_config.base_model_name_or_path = based_on["base_model"]
     made = not config.checkpoints.exists()  # transformers makes the folder when the Trainer is built
     try:
         trainer = (distill.make_trainer if method.distill else make_trainer)(
@@ -261,6 +273,8 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     metrics.update({k: v for k, v in out_train.metrics.items() if k in ("train_loss", "train_runtime",
                                                                         "train_samples_per_second", "epoch")})
     metrics["train_steps"] = trainer.state.global_step
+    kept = kept_weights(trainer, config)
+    log.debug("kept %s", kept["why"])
     if val_ex:
         metrics.update({k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy", "eval_macro_f1")})
         if shape == "text2text" and task.format == "labelled" and all("label" in r for r in task.validation):
@@ -270,6 +284,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     model.eval()
 
     recipe = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "overwrite", "extra")}
+    recipe["model"] = based_on["base_model"]
     meta = {
         "task": config.task,
         "shape": shape,
@@ -277,12 +292,16 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         "labels": task.labels,
         "label_words": {l: " " + l for l in task.labels} if shape == "text2text" and task.labels else None,
         "template": template if shape == "text2text" else None,
-        "base_model": config.model,
+        "base_model": based_on["base_model"],
+        "base_fingerprint": based_on["base_fingerprint"],
         "gguf_file": gguf,
         "method": method.name,
         "mergeable": method.mergeable,
         "samples": sample_inputs(task.train, task.format, 256, config.seed),
         "metrics": {k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()},
+        "evaluation": schedule,
+        "kept": kept,
+        "init_seed": config.resolved_init_seed(),
         "config": recipe,
         "peftmerge_version": __version__,
     }
@@ -293,7 +312,7 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
         methods.save_trained(model, method, tmp, tokenizer)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         results = {config.task: {k: v for k, v in meta["metrics"].items() if k.startswith(("eval_", "train_loss"))}}
-        write_card(tmp, kind="adapter", base_model=config.model, recipe=recipe, results=results,
+        write_card(tmp, kind="adapter", base_model=based_on["base_model"], recipe=recipe, results=results,
                    tags=[shape, method.name], title=f"{config.task} adapter ({method.name})")
     if not config.keep_checkpoints:
         _release_checkpoints(config.checkpoints, everything=True)
@@ -341,6 +360,8 @@ def read_tasks(yaml_path: str | Path) -> list[TrainConfig]:
                       if d.get(k) is not None and not isinstance(d[k], str)), None)
         if wrong:
             raise PeftmergeError(f"{path} task {i}: {wrong} {d[wrong]!r} is not a string; fix the YAML value")
+        if not d.get("task") and d.get("data"):
+            d["task"] = default_task_name(rel(d["data"]))
         if "out" not in d and doc.get("output_dir") and d.get("task"):
             d["out"] = str(Path(doc["output_dir"]) / d["task"])
         for k in ("data", "validation", "out", "checkpoint_dir"):

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import PeftmergeError
 
 SHAPES = ("text2text", "classify")
+KEEP = ("last", "best")
+EVAL_ROWS = (32, 500)  # bounds of the default evaluation sample
+EVAL_SHARE = 0.25  # evaluated rows per trained row: a forward pass is ~1/3 of a training step, so ~8% of the run
 
 
 @dataclass
@@ -24,7 +28,8 @@ class TrainConfig:
     """Training rows: a ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a ``datasets`` folder
     (``save_to_disk``), or a task folder holding ``train.jsonl`` (+ ``validation.jsonl``, ``task.json``)."""
     task: str = ""
-    """Task name, stored in ``peftmerge.json`` and used by merge and routing."""
+    """Task name, stored in ``peftmerge.json`` and used by merge and routing. Default: the name of the task folder
+    given as ``data`` (or holding the data file), else the data file's name without its suffix."""
     out: str = ""
     """Output folder for the adapter; written atomically."""
     validation: str | None = None
@@ -42,9 +47,11 @@ class TrainConfig:
     """Prompt template for labelled rows in text2text, with ``{text}``, ``{text_pair}``, ``{labels}``, ``{task}``."""
     max_samples: int | None = None
     """Use at most this many training rows (a random subset, by ``seed``)."""
-    max_eval_samples: int | None = 500
-    """Evaluate on at most this many validation rows."""
-    eval_before: bool = True
+    max_eval_samples: int | None = None
+    """Evaluate on at most this many validation rows. Default: a quarter of the rows the run trains on (steps x
+    batch x grad_accum; divided by 1 + the number of labels when labels are scored as words), between 32 and 500,
+    so that evaluation costs under a tenth of the run (an evaluated row costs about a third of a trained one)."""
+    eval_before: bool = False
     """Also evaluate before training (``eval_loss_before`` in the metrics)."""
 
     # --- method -------------------------------------------------------------------------------
@@ -82,7 +89,12 @@ class TrainConfig:
     max_length: int = 512
     """Longest tokenized example; longer prompts are cut in the middle, completions at the end."""
     seed: int = 42
-    """Seed for initialisation, shuffling and sampling."""
+    """Seed for shuffling and sampling (and the initialisation, unless ``init_seed`` is given)."""
+    init_seed: int | None = None
+    """Seed for the initial LoRA factors and classification head. Default: derived from ``seed`` and ``task``, so
+    that adapters of different tasks trained with one ``seed`` start from different random factors A. Adapters
+    that start from the same A keep nearly the same row space (A moves little in training), so their task
+    vectors overlap and interfere when merged."""
     scheduler: str = "linear"
     """Learning-rate schedule (transformers' ``lr_scheduler_type``: linear, cosine, constant, ...)."""
     warmup_ratio: float = 0.0
@@ -94,9 +106,13 @@ class TrainConfig:
     packing: bool = False
     """Pack several short examples into one ``max_length`` sequence (text2text only)."""
     eval_steps: int | None = None
-    """Evaluate (and checkpoint) every N steps. Default: each epoch, or 5 times over ``max_steps``."""
+    """Evaluate (and checkpoint) every N steps during training. Default: no evaluation during training (one after
+    it), unless ``keep="best"`` or ``early_stopping`` needs them: then each epoch, or 5 times over ``max_steps``."""
+    keep: str = "last"
+    """Which weights are saved: ``last`` (the final step) or ``best`` (the checkpoint with the best validation
+    accuracy, or loss for text2text, among the evaluations during training)."""
     early_stopping: int | None = None
-    """Stop after this many evaluations without improvement (needs validation)."""
+    """Stop after this many evaluations without improvement (needs validation; keeps the best checkpoint)."""
     logging_steps: int = 10
     """Log the training loss every N steps."""
     resume: bool = False
@@ -128,11 +144,17 @@ class TrainConfig:
             if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
                 setattr(self, f.name, [str(v) for v in value])  # YAML labels may be numbers: 0, 1
             _check_type(f.name, getattr(self, f.name), str(f.type))
+        if not self.task and self.data:
+            from .data import default_task_name
+
+            self.task = default_task_name(self.data)
         for name in ("model", "data", "task", "out"):
             if not getattr(self, name):
                 raise PeftmergeError(f"missing {name!r}: pass --{name.replace('_', '-')} (or set it in the YAML task)")
         if self.shape is not None and self.shape not in SHAPES:
             raise PeftmergeError(f"shape {self.shape!r} is unknown; use one of {', '.join(SHAPES)}")
+        if self.keep not in KEEP:
+            raise PeftmergeError(f"keep {self.keep!r} is unknown; use one of {', '.join(KEEP)}")
         _in_range("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
         _in_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
         _in_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
@@ -161,6 +183,17 @@ class TrainConfig:
         if bad:
             raise PeftmergeError(f"{where}: unknown key(s) {', '.join(bad)}; valid keys: {', '.join(sorted(known))}")
         return cls(**d)
+
+    @property
+    def keeps_best(self) -> bool:
+        """Whether the best checkpoint is kept (``keep="best"``, or early stopping, which needs it)."""
+        return self.keep == "best" or bool(self.early_stopping)
+
+    def resolved_init_seed(self) -> int:
+        """``init_seed``, or ``seed`` mixed with the task name (crc32) when it is not given."""
+        if self.init_seed is not None:
+            return int(self.init_seed)
+        return (int(self.seed) * 1_000_003 + zlib.crc32(self.task.encode())) % 2**31
 
     @property
     def checkpoints(self) -> Path:

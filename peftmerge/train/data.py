@@ -180,11 +180,29 @@ def load_task(config) -> TaskData:
         val, train = train[:n_val], train[n_val:]
     else:
         val = []
-    if config.max_eval_samples and len(val) > config.max_eval_samples:
-        val = random.Random(config.seed).sample(val, config.max_eval_samples)
+    val = sample_rows(val, config.max_eval_samples, config.seed)
     if fmt == "labelled":
         labels = _check_labels(train + val, labels, str(data))
     return TaskData(train=train, validation=val, format=fmt, labels=labels, source=str(data))
+
+
+def default_task_name(data: str | Path) -> str:
+    """The task name a data path implies: a task folder's name (also for a split file such as ``train.jsonl``
+    inside one), else the data file's name without its suffix. A ``task.json``'s ``task`` field is the task's
+    kind (e.g. "topic"), not its name, and is not used."""
+    p = Path(data)
+    if p.is_dir():
+        return p.resolve().name
+    if p.stem in ("train", "validation", "valid", "dev", "test", "data"):
+        return p.resolve().parent.name
+    return p.stem
+
+
+def sample_rows(rows: list[dict], n: int | None, seed: int) -> list[dict]:
+    """At most ``n`` of ``rows``, drawn at random by ``seed`` (all of them when ``n`` is None or larger)."""
+    if n is None or len(rows) <= n:
+        return rows
+    return random.Random(seed).sample(rows, n)
 
 
 def _check_labels(rows: list[dict], labels: list[str] | None, where: str) -> list[str]:

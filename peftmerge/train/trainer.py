@@ -3,6 +3,11 @@
 We only choose the arguments (evaluation and checkpoint cadence, best-checkpoint selection, early
 stopping, mixed precision on GPUs) and add two metrics: classification accuracy / macro-F1, and for
 labelled rows trained as text2text, label-word accuracy by scoring each label's completion.
+
+The evaluation schedule (shown by ``peftmerge train --help``) keeps evaluation under a tenth of a default
+run: one evaluation after training on a sample of the validation rows sized to the run (:func:`eval_rows`),
+none before or during training unless asked for (``eval_before``, ``eval_steps``) or needed to keep the best
+checkpoint (``keep="best"``, early stopping).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import PeftmergeError
+from .config import EVAL_ROWS, EVAL_SHARE
 from .distributed import cpu_launch
 from .examples import IGNORE, Collator, text2text_example
 
@@ -41,6 +47,41 @@ def classify_metrics(eval_pred) -> dict[str, float]:
     return {"accuracy": float(np.mean(pred == labels)), "macro_f1": float(np.mean(f1s))}
 
 
+def eval_rows(config, n_train: int, label_words: int = 0) -> int | None:
+    """How many validation rows the run evaluates on: ``max_eval_samples``, else :data:`EVAL_SHARE` of the rows it
+    trains on (divided by ``1 + label_words`` when each row is scored once per label word), within
+    :data:`EVAL_ROWS`."""
+    if config.max_eval_samples:
+        return config.max_eval_samples
+    per_step = config.batch_size * config.grad_accum
+    seen = config.max_steps * per_step if config.max_steps else config.epochs * n_train
+    lo, hi = EVAL_ROWS
+    return int(min(hi, max(lo, EVAL_SHARE * seen / (1 + label_words))))
+
+
+def periodic_eval(config, has_eval: bool) -> bool:
+    """Whether the run evaluates during training (asked for, or needed to keep the best checkpoint)."""
+    return has_eval and bool(config.eval_steps or config.keeps_best)
+
+
+def describe_schedule(config, n_val: int, n_total: int) -> str:
+    """One line for the log: when the run evaluates, on how many rows, and which weights it keeps."""
+    if not n_val:
+        return "evaluation: none (no validation rows); keeping the last step's weights"
+    when = ["after training"]
+    if config.eval_before:
+        when.insert(0, "before training")
+    if periodic_eval(config, True):
+        every = (f"every {config.eval_steps} steps" if config.eval_steps else
+                 f"every {max(1, config.max_steps // 5)} steps" if config.max_steps else "each epoch")
+        when.insert(-1, every)
+    rows = f"{n_val} of {n_total} validation rows" + (" (--max-eval-samples to change)"
+                                                      if not config.max_eval_samples and n_val < n_total else "")
+    keep = ("the best checkpoint on validation" + (" (early stopping needs it)" if config.keep != "best" else "")
+            if config.keeps_best else "the last step's weights (--keep best for the best checkpoint on validation)")
+    return f"evaluation: {', '.join(when)} on {rows}; keeping {keep}"
+
+
 def training_args(config, has_eval: bool, shape: str, progress: bool = True):
     """``TrainingArguments`` for ``config``: cadence, best checkpoint, precision, reproducibility."""
     from transformers import TrainingArguments
@@ -62,7 +103,7 @@ def training_args(config, has_eval: bool, shape: str, progress: bool = True):
         lr_scheduler_type=config.scheduler,
         weight_decay=config.weight_decay,
         logging_steps=config.logging_steps,
-        eval_strategy=strategy if has_eval else "no",
+        eval_strategy=strategy if periodic_eval(config, has_eval) else "no",
         save_strategy=strategy,
         save_total_limit=2,
         seed=config.seed,
@@ -83,7 +124,7 @@ def training_args(config, has_eval: bool, shape: str, progress: bool = True):
         kwargs.update(eval_steps=every, save_steps=every)
     if config.gradient_checkpointing:  # only when asked: transformers 5 renames it (with a warning)
         kwargs["gradient_checkpointing"] = True
-    if has_eval:
+    if config.keeps_best and has_eval:
         best = "accuracy" if shape == "classify" else "loss"
         kwargs.update(load_best_model_at_end=True, metric_for_best_model=best, greater_is_better=best != "loss")
     kwargs.update(disable_tqdm=not progress)
@@ -105,6 +146,22 @@ def training_args(config, has_eval: bool, shape: str, progress: bool = True):
     except (ValueError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PeftmergeError(f"--training-args / training options refused by transformers: {first[:300]}") from None
+
+
+def kept_weights(trainer, config) -> dict:
+    """Which weights the run ends with: ``{"checkpoint": "last" | "best", "step", "why"}``."""
+    state = trainer.state
+    last = state.global_step
+    best = state.best_model_checkpoint
+    if config.keeps_best and best:
+        step = int(best.rstrip("/").rsplit("-", 1)[-1])
+        metric = trainer.args.metric_for_best_model
+        return {"checkpoint": "best", "step": step, "why": (
+            f"the best checkpoint on validation {metric}: step {step} of {last} ({metric} {state.best_metric:.4g})")}
+    why = f"the last step's weights (step {last})"
+    if config.keeps_best:
+        why += "; no evaluation ran during training to pick a best checkpoint"
+    return {"checkpoint": "last", "step": last, "why": why}
 
 
 def mark_complete():

@@ -213,6 +213,27 @@ def test_cli_eval_writes_table_and_report(tmp_path):
     assert res.exit_code == 2 and "already exists" in res.output
 
 
+def test_cli_eval_flags_a_cell_below_the_majority_class_rate(tmp_path):
+    from peftmerge.cli.main import main
+
+    # classifier weight 0, bias (5, 0): every row is predicted "negative"; 3 of the 5 rows are positive, so the
+    # accuracy (0.4) is below always answering "positive" (0.6)
+    base = save_bert(tmp_path / "bert", head=(torch.zeros(2, 32), torch.tensor([5.0, 0.0])))
+    data = write_task(tmp_path / "sent", SENTIMENT[:5], labels=["negative", "positive"])
+    good = write_task(tmp_path / "neg", [r for r in SENTIMENT if r["label"] == "negative"][:3],
+                      labels=["negative", "positive"])
+    out = tmp_path / "results.json"
+    res = CliRunner().invoke(main, ["eval", "--model", str(base), "--data", f"sent={data}", "--data", f"neg={good}",
+                                    "-o", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "| base | 0.4000 (!) | 1.0000 |" in res.output
+    assert "(!) below the task's majority-class rate (sent 0.6000)" in res.output
+    assert json.loads(out.read_text())["data"]["sent"]["majority"] == pytest.approx(0.6)
+    assert "0.4000 (!)" in out.with_suffix(".md").read_text()
+    res = CliRunner().invoke(main, ["eval", "report", str(out), "-o", str(tmp_path / "rep")])
+    assert "0.4000 (!)" in (tmp_path / "rep" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "sst2"], "is not NAME=PATH"),
     (["--data", "x=missing.jsonl"], "no such data file"),

@@ -44,7 +44,7 @@ def _config(llama, tmp_path, data, **kw):
     (tmp_path / "prompt.txt").write_text(PROMPT)
     base = dict(model=str(llama), data=str(data), task="sst", out=str(tmp_path / "out"), method="context_distillation",
                 teacher_prompt=str(tmp_path / "prompt.txt"), lr=1e-2, max_steps=10, batch_size=16, dropout=0.0,
-                logging_steps=1, r=4, alpha=8, scheduler="constant")
+                logging_steps=1, r=4, alpha=8, scheduler="constant", eval_before=True)
     return TrainConfig(**{**base, **kw})
 
 

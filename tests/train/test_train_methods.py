@@ -100,7 +100,7 @@ def test_classification_head_and_labels_round_trip(which, bert, llama, tmp_path)
     rows = [{"text": r["text"], "label": labels[i % 3]} for i, r in enumerate(sentiment_rows(9, seed=3))]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     r = train(_config(model, data, tmp_path / "out", "lora", shape="classify", labels=labels, validation=str(data),
-                      max_steps=4, eval_steps=2))
+                      max_steps=4, eval_steps=2, eval_before=True))
     meta = json.loads((tmp_path / "out" / "peftmerge.json").read_text())
     assert meta["shape"] == "classify" and meta["labels"] == labels and meta["template"] is None
     assert {"eval_loss", "eval_accuracy", "eval_macro_f1", "eval_loss_before", "train_loss"} <= set(meta["metrics"])
@@ -188,6 +188,7 @@ def test_training_args_select_best_checkpoint_and_early_stopping(tmp_path):
     args = training_args(cfg, has_eval=True, shape="classify")
     assert args.eval_strategy == "steps" and args.eval_steps == 10 and args.save_steps == 10
     assert args.load_best_model_at_end and args.metric_for_best_model == "accuracy" and args.greater_is_better
-    args = training_args(TrainConfig(model="m", data="d", task="t", out="o", epochs=2), has_eval=True, shape="text2text")
+    args = training_args(TrainConfig(model="m", data="d", task="t", out="o", epochs=2, keep="best"), has_eval=True,
+                         shape="text2text")
     assert args.eval_strategy == "epoch" and args.metric_for_best_model == "loss" and not args.greater_is_better
     assert training_args(cfg, has_eval=False, shape="classify").eval_strategy == "no"
