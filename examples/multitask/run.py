@@ -268,13 +268,13 @@ def routing_table(res: Path) -> list[str]:
 def write_doc(work: Path, families: list[str], seconds: float, quick: bool) -> None:
     docs = ROOT / "docs"
     (docs / "results").mkdir(parents=True, exist_ok=True)
-    lines = ["# Results: merging, searching and routing LoRA adapters on four tasks", "",
-             "Written by `python examples/multitask/run.py`" + (" --quick (smoke run: numbers not meaningful)"
+    header = ["Written by `python examples/multitask/run.py`" + (" --quick (smoke run: numbers not meaningful)"
                                                                  if quick else "") +
              f" in {seconds / 60:.1f} min on {os.cpu_count()} CPU cores; seed {SEED} everywhere. "
              "Test splits from ../shared/data (first --limit rows per task); coefficients searched on the "
              "validation splits only. Normalized = merged score / the individual adapter's score on the same "
-             "task, averaged over tasks.", ""]
+             "task, averaged over tasks."]
+    lines = []
     for fam in families:
         rep = work / fam / "report"
         body = (rep / "report.md").read_text().split("\n", 1)[1]
@@ -285,10 +285,42 @@ def write_doc(work: Path, families: list[str], seconds: float, quick: bool) -> N
                                         f"{' '.join(FAMILIES[fam]['train'])}.", "", body, ""]
         TASKS[:] = FAMILIES[fam]["tasks"]
         lines += routing_table(work / fam / "results")
-    lines += ["## Commands", ""]
+    commands = []
     for fam in families:
-        lines += [f"### {fam}", "", "```bash", (work / fam / "commands.sh").read_text().strip(), "```", ""]
-    (docs / "results.md").write_text("\n".join(lines))
+        commands += [f"### {fam}", "", "```bash", (work / fam / "commands.sh").read_text().strip(), "```", ""]
+    doc = docs / "results.md"
+    text = doc.read_text() if doc.exists() else TEMPLATE
+    for name, block in (("header", header), ("tables", lines), ("commands", commands)):
+        text = splice(text, name, "\n".join(block).strip())
+    doc.write_text(text)
+
+
+TEMPLATE = """# Results: merging, searching and routing LoRA adapters on four tasks
+
+<!-- run.py:header -->
+<!-- /run.py:header -->
+
+<!-- run.py:tables -->
+<!-- /run.py:tables -->
+
+## Commands
+
+<!-- run.py:commands -->
+<!-- /run.py:commands -->
+"""
+
+
+def splice(text: str, name: str, block: str) -> str:
+    """``text`` with what lies between its ``<!-- run.py:name -->`` markers replaced by ``block``; the rest of
+    docs/results.md (the sections written by hand and by the other scripts) is kept as it is."""
+    start, end = f"<!-- run.py:{name} -->", f"<!-- /run.py:{name} -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"docs/results.md has no {start} ... {end} markers; put them where run.py's {name} goes")
+    head, rest = text.split(start, 1)
+    return head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1]
+
+
+
 
 
 def main() -> None:
