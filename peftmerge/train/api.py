@@ -216,6 +216,10 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
 
     config.check()
     method = methods.get(config.method)
+    masked = method.masked and config.density < 1
+    if masked and config.resume:
+        raise PeftmergeError(f"--resume: {method.name} with density {config.density} calibrates its mask in a first "
+                             "phase that is not checkpointed; run again without --resume (or with --density 1)")
     inputs = [Path(p) for p in (config.data, config.validation) if p]
     if Path(config.model).exists():
         inputs.append(Path(config.model))
@@ -241,6 +245,11 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
                             config.dtype, tokenizer.pad_token_id)
     task_type = "SEQ_CLS" if shape == "classify" else "CAUSAL_LM"
     model = method.build(model, config, task_type)
+    if masked:  # LoRI-S: a dense first phase calibrates the mask of B, then B restarts from zero under it
+        from . import lori
+
+        lori.apply_masks(model, lori.calibrate(model, config, lambda c: make_trainer(
+            model, tokenizer, train_ex, [], c, shape, left_pad=shape == "classify" and causal, progress=progress)))
     made = not config.checkpoints.exists()  # transformers makes the folder when the Trainer is built
     try:
         trainer = (distill.make_trainer if method.distill else make_trainer)(
@@ -260,6 +269,10 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     metrics.update({k: v for k, v in out_train.metrics.items() if k in ("train_loss", "train_runtime",
                                                                         "train_samples_per_second", "epoch")})
     metrics["train_steps"] = trainer.state.global_step
+    if method.masked:
+        from .lori import density_of
+
+        metrics["b_density"] = density_of(trainer.model)  # fraction of B's entries that are nonzero
     if val_ex:
         metrics.update({k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy", "eval_macro_f1")})
         if shape == "text2text" and task.format == "labelled" and all("label" in r for r in task.validation):
