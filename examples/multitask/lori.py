@@ -6,7 +6,8 @@
 
 For each of sst2, agnews, mrpc, sms_spam (the seeded 8000-row train subsets that ``run.py`` trains the example
 adapters on) one adapter per variant, with the example adapters' recipe (r 16, alpha 32, query/key/value/dense,
-lr 1e-3, batch 32, max length 128, best checkpoint on 200 validation rows) and the same number of steps:
+lr 1e-3, batch 32, max length 128, best checkpoint on 200 validation rows; ``--batch-size`` and ``--max-length``
+change the last two for all variants alike) and the same number of steps:
 
 - ``lora``: LoRA;
 - ``lori``: LoRI-S, ``peftmerge train --method lori`` (A frozen, B at ``--density``, mask calibrated by a
@@ -52,7 +53,8 @@ def subset(work: Path, task: str) -> Path:
     return out
 
 
-def train_one(base: str, work: Path, variant: str, task: str, steps: int, density: float) -> Path:
+def train_one(base: str, work: Path, variant: str, task: str, steps: int, density: float, batch_size: int,
+              max_length: int) -> Path:
     from peftmerge.train import TrainConfig, train
 
     out = work / "adapters" / variant / task
@@ -63,13 +65,14 @@ def train_one(base: str, work: Path, variant: str, task: str, steps: int, densit
     start = time.perf_counter()
     train(TrainConfig(model=base, data=str(d / "train.jsonl"), validation=str(d / "validation.jsonl"), task=task,
                       out=str(out), shape="classify", r=16, alpha=32.0, target_modules="query,key,value,dense",
-                      lr=1e-3, max_steps=steps, batch_size=32, max_length=128, eval_before=False,
+                      lr=1e-3, max_steps=steps, batch_size=batch_size, max_length=max_length, eval_before=False,
                       max_eval_samples=200, seed=SEED, **opts), progress=False)
     print(f"trained {variant}/{task} in {time.perf_counter() - start:.0f} s", flush=True)
     return out
 
 
-def run(work: Path, steps: int, limit: int, density: float, variants: list[str]) -> dict:
+def run(work: Path, steps: int, limit: int, density: float, variants: list[str], batch_size: int = 32,
+        max_length: int = 128) -> dict:
     import torch
 
     from peftmerge.evaluate import Settings, evaluate
@@ -79,13 +82,14 @@ def run(work: Path, steps: int, limit: int, density: float, variants: list[str])
     base = minilm()
     work.mkdir(parents=True, exist_ok=True)
     store = work / "lori.json"
-    settings = {"steps": steps, "limit": limit, "density": density}
+    settings = {"steps": steps, "limit": limit, "density": density, "batch_size": batch_size,
+                "max_length": max_length}
     results = json.loads(store.read_text()) if store.exists() else {}
     if results.get("settings") != settings:
         results = {"settings": settings, "variants": {}}
     test = {t: DATA / t / "test.jsonl" for t in TASKS}
     for v in variants:
-        ins = {t: train_one(base, work, v, t, steps, density) for t in TASKS}
+        ins = {t: train_one(base, work, v, t, steps, density, batch_size, max_length) for t in TASKS}
         row = results["variants"].setdefault(v, {})
         for m in MERGES:
             if m in row:
@@ -121,9 +125,10 @@ def table(results: dict) -> str:
             cells += [f"{sum(acc.values()) / len(acc):.3f}", f"{row[m]['normalized']:.3f}"]
         lines.append(f"| {v} | {row['b_density']:.2f} | " + " | ".join(cells) + " |")
     s = results["settings"]
-    return "\n".join(lines) + (f"\n\n{s['steps']} training steps per adapter (batch 32), first {s['limit']} test "
-                               "rows per task; mean = accuracy averaged over the four tasks; normalized = merged / "
-                               "the same adapters' individual accuracy, averaged over tasks.\n")
+    return "\n".join(lines) + (f"\n\n{s['steps']} training steps per adapter (batch {s['batch_size']}, max length "
+                               f"{s['max_length']} tokens), first {s['limit']} test rows per task; mean = accuracy "
+                               "averaged over the four tasks; normalized = merged / the same adapters' individual "
+                               "accuracy, averaged over tasks.\n")
 
 
 def write_doc(results: dict, command: str, seconds: float) -> None:
@@ -145,12 +150,14 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / ".cache" / "lori", help="Work folder (not committed).")
     p.add_argument("--steps", type=int, default=150, help="Optimizer steps per adapter (LoRI: per phase).")
     p.add_argument("--limit", type=int, default=200, help="Test rows per task.")
+    p.add_argument("--batch-size", type=int, default=32, help="Training batch size (the example adapters': 32).")
+    p.add_argument("--max-length", type=int, default=128, help="Longest training example in tokens.")
     p.add_argument("--density", type=float, default=0.1, help="LoRI-S: fraction of B kept (the paper's 0.1).")
     p.add_argument("--variants", default="lora,lori", help=f"Comma-separated, of {', '.join(VARIANTS)}.")
     p.add_argument("--doc", action="store_true", help="Write the table into docs/results.md.")
     a = p.parse_args()
     start = time.perf_counter()
-    results = run(a.work, a.steps, a.limit, a.density, a.variants.split(","))
+    results = run(a.work, a.steps, a.limit, a.density, a.variants.split(","), a.batch_size, a.max_length)
     print((a.work / "lori.md").read_text())
     if a.doc:
         import shlex

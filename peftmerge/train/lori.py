@@ -54,7 +54,7 @@ def magnitude_masks(bs: dict[str, torch.Tensor], density: float) -> dict[str, to
     Exactly ``round(density * total)`` entries are kept (ties broken by position), so the sparsity of the
     output is the configured one."""
     flat = torch.cat([b.detach().abs().flatten().float() for b in bs.values()])  # (total,)
-    keep = int(round(density * flat.numel()))
+    keep = round(density * flat.numel())
     chosen = torch.zeros(flat.numel(), dtype=torch.bool)
     chosen[torch.topk(flat, keep, sorted=False).indices] = True
     masks, start = {}, 0

@@ -29,9 +29,9 @@ def bert(tmp_path_factory):
 
 
 def _config(model, data, out, **kw):
-    base = dict(model=str(model), data=str(data), task="sst", out=str(out), method="lori", lr=2e-2, max_steps=4, calibration_steps=3,
-                batch_size=8, dropout=0.0, logging_steps=1, eval_steps=100, r=4, alpha=8, scheduler="constant",
-                density=0.25)
+    base = dict(model=str(model), data=str(data), task="sst", out=str(out), method="lori", lr=2e-2, max_steps=4,
+                calibration_steps=3, batch_size=8, dropout=0.0, logging_steps=1, eval_steps=100, r=4, alpha=8,
+                scheduler="constant", density=0.25)
     base.update(kw)
     return TrainConfig(**base)
 
