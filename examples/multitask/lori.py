@@ -12,7 +12,9 @@ change the last two for all variants alike) and the same number of steps:
 - ``lora``: LoRA;
 - ``lori``: LoRI-S, ``peftmerge train --method lori`` (A frozen, B at ``--density``, mask calibrated by a
   dense phase of the same length);
-- ``lori_d`` (with ``--variants lora,lori,lori_d``): LoRI-D, density 1.
+- ``lori_d`` (with ``--variants lora,lori,lori_d``): LoRI-D, density 1;
+- ``lori_lr10``: LoRI-S at 10x the learning rate (1e-2, both phases; the official scripts train the sparse phase at
+  10x the dense phase's).
 
 Each variant's four adapters are merged with task_arithmetic and ties (both at the papers' defaults and each
 method's default space) and evaluated on the first ``--limit`` rows of every test split; normalized = merged
@@ -35,7 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from spaces import DATA, ROOT, TASKS, minilm  # noqa: E402
 
-VARIANTS = {"lora": dict(method="lora"), "lori": dict(method="lori"), "lori_d": dict(method="lori", density=1.0)}
+VARIANTS = {"lora": {"method": "lora"}, "lori": {"method": "lori"}, "lori_d": {"method": "lori", "density": 1.0},
+            "lori_lr10": {"method": "lori", "lr": 1e-2}}
 MERGES = ("task_arithmetic", "ties")
 TRAIN_ROWS, SEED = 8000, 0
 MARK = "<!-- lori table (examples/multitask/lori.py) -->"
@@ -61,11 +64,11 @@ def train_one(base: str, work: Path, variant: str, task: str, steps: int, densit
     if (out / "adapter_config.json").exists():
         return out
     d = subset(work, task)
-    opts = {"density": density, **VARIANTS[variant]}
+    opts = {"density": density, "lr": 1e-3, **VARIANTS[variant]}
     start = time.perf_counter()
     train(TrainConfig(model=base, data=str(d / "train.jsonl"), validation=str(d / "validation.jsonl"), task=task,
                       out=str(out), shape="classify", r=16, alpha=32.0, target_modules="query,key,value,dense",
-                      lr=1e-3, max_steps=steps, batch_size=batch_size, max_length=max_length, eval_before=False,
+                      max_steps=steps, batch_size=batch_size, max_length=max_length, eval_before=False,
                       max_eval_samples=200, seed=SEED, **opts), progress=False)
     print(f"trained {variant}/{task} in {time.perf_counter() - start:.0f} s", flush=True)
     return out
