@@ -29,7 +29,7 @@ def _echo_result(r) -> None:
               help="Task name (stored in peftmerge.json). Default: the data folder's name (printed).")
 @click.option("-o", "--out", required=True, help="Output adapter folder.")
 @click.option("--method", default="lora", show_default=True,
-              help="lora, qlora, dora, prompt_tuning, ia3, bitfit, llama_adapter, full, context_distillation.")
+              help="lora, qlora, dora, lori, prompt_tuning, ia3, bitfit, llama_adapter, full, context_distillation.")
 @click.option("--shape", type=click.Choice(["text2text", "classify"]), default=None,
               help="Default: classify for labelled rows on an encoder, else text2text.")
 @click.option("--labels", default=None, help="Label names in order, comma-separated (default: task.json or sorted).")
@@ -40,6 +40,10 @@ def _echo_result(r) -> None:
 @click.option("--dropout", type=float, default=0.05, show_default=True, help="LoRA dropout.")
 @click.option("--target-modules", default=None, help="Comma-separated module names, or all-linear.")
 @click.option("--rslora", is_flag=True, help="Rank-stabilised LoRA scaling alpha/sqrt(r).")
+@click.option("--density", type=float, default=0.1, show_default=True,
+              help="lori: fraction of B's entries the task mask keeps (1: LoRI-D, B dense).")
+@click.option("--calibration-steps", type=int, default=None,
+              help="lori: steps of the dense phase that calibrates the mask (default: the same schedule).")
 @click.option("--num-virtual-tokens", type=int, default=20, show_default=True, help="Prompt tuning / LLaMA-Adapter length.")
 @click.option("--adapter-layers", type=int, default=8, show_default=True, help="LLaMA-Adapter: number of top layers.")
 @click.option("--teacher-prompt", default=None,

@@ -221,6 +221,10 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     if not named:
         log.debug("task name %r: the data folder's name (pass --task to choose another)", config.task)
     method = methods.get(config.method)
+    masked = method.masked and config.density < 1
+    if masked and config.resume:
+        raise PeftmergeError(f"--resume: {method.name} with density {config.density} calibrates its mask in a first "
+                             "phase that is not checkpointed; run again without --resume (or with --density 1)")
     inputs = [Path(p) for p in (config.data, config.validation) if p]
     if Path(config.model).exists():
         inputs.append(Path(config.model))
@@ -254,6 +258,11 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     based_on = describe_base(config.model, str(Path(src) / gguf) if gguf else src)
     for peft_config in (getattr(model, "peft_config", None) or {}).values():  # adapter_config.json's base
         peft_config.base_model_name_or_path = based_on["base_model"]
+    if masked:  # LoRI-S: a dense first phase calibrates the mask of B, then B restarts from zero under it
+        from . import lori
+
+        lori.apply_masks(model, lori.calibrate(model, config, lambda c: make_trainer(
+            model, tokenizer, train_ex, [], c, shape, left_pad=shape == "classify" and causal, progress=progress)))
     made = not config.checkpoints.exists()  # transformers makes the folder when the Trainer is built
     try:
         trainer = (distill.make_trainer if method.distill else make_trainer)(
@@ -275,6 +284,10 @@ def train(config: TrainConfig, progress: bool = True) -> TrainResult:
     metrics["train_steps"] = trainer.state.global_step
     kept = kept_weights(trainer, config)
     log.debug("kept %s", kept["why"])
+    if method.masked:
+        from .lori import density_of
+
+        metrics["b_density"] = density_of(trainer.model)  # fraction of B's entries that are nonzero
     if val_ex:
         metrics.update({k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy", "eval_macro_f1")})
         if shape == "text2text" and task.format == "labelled" and all("label" in r for r in task.validation):

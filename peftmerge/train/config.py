@@ -71,6 +71,12 @@ class TrainConfig:
     """Prompt tuning: number of soft-prompt tokens; LLaMA-Adapter: adapter length."""
     adapter_layers: int = 8
     """LLaMA-Adapter: number of top layers that get an adaption prompt."""
+    density: float = 0.1
+    """LoRI: fraction of B's entries its task mask keeps (the paper's sparsity 0.9 = density 0.1); 1.0 trains
+    LoRI-D (A frozen, B dense)."""
+    calibration_steps: int | None = None
+    """LoRI: optimizer steps of the dense phase that calibrates the mask. Default: the same schedule as the
+    sparse phase (``max_steps`` or ``epochs``)."""
     teacher_prompt: str | None = None
     """Context distillation: a text file with the prompt (instructions, demonstrations) the teacher sees
     before every input and the student learns to do without."""
@@ -159,11 +165,15 @@ class TrainConfig:
         _in_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
         _in_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
         _in_range("weight_decay", self.weight_decay, 0.0)
+        if not 0.0 < self.density <= 1.0:
+            raise PeftmergeError(f"density {self.density} is out of range: must be in (0, 1] (LoRI keeps this "
+                                 "fraction of B; 0.1 is the paper's)")
         for name in ("r", "batch_size", "grad_accum", "max_length", "num_virtual_tokens", "adapter_layers",
                      "logging_steps"):
             if getattr(self, name) < 1:
                 raise PeftmergeError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_samples", "max_eval_samples", "eval_steps", "early_stopping"):
+        for name in ("max_steps", "max_samples", "max_eval_samples", "eval_steps", "early_stopping",
+                     "calibration_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PeftmergeError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seed < 0:

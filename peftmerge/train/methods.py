@@ -1,12 +1,15 @@
 """The one registry of training methods: a name -> a function that makes a base model trainable.
 
-Each entry names its paper. Only the LoRA family (``lora``, ``qlora``, ``dora``) writes adapters that the
+Each entry names its paper. Only the LoRA family (``lora``, ``qlora``, ``dora``, ``lori``) writes adapters that the
 merge methods can combine; the others train, evaluate and save for comparison.
 
 - lora: LoRA, Hu et al. 2021 (arXiv:2106.09685), W' = W + (alpha/r) B A; defaults r=16, alpha=32, dropout 0.05.
   ``rslora`` scales by alpha/sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732).
 - qlora: QLoRA, Dettmers et al. 2023 (arXiv:2305.14314): LoRA over a frozen 4-bit NF4 base (bitsandbytes).
 - dora: DoRA, Liu et al. 2024 (arXiv:2402.09353): W' = m (W + B A) / ||W + B A||_c.
+- lori: LoRI, Zhang et al. 2025 (arXiv:2504.07448): dW = (alpha/r) (B ⊙ M) A with A a frozen random projection
+  and B sparse under a task mask M calibrated by a first dense phase (:mod:`peftmerge.train.lori`); merges
+  like ``lora``.
 - prompt_tuning: Lester et al. 2021 (arXiv:2104.08691): ``num_virtual_tokens`` trained soft-prompt embeddings.
 - ia3: (IA)^3, Liu et al. 2022 (arXiv:2205.05638): learned vectors rescaling keys, values and FFN activations.
 - bitfit: Ben Zaken et al. 2021 (arXiv:2106.10199): train only the bias terms (and the classification head).
@@ -51,6 +54,9 @@ class Method:
     """Only for text2text on a causal LM."""
     distill: bool = False
     """Trained by context distillation (:mod:`peftmerge.train.distill` builds its rows, examples and Trainer)."""
+    masked: bool = False
+    """B is trained under a task mask that a first dense phase calibrates (:func:`peftmerge.train.lori.calibrate`)
+    when ``density`` < 1."""
 
 
 REGISTRY: Registry[Method] = Registry("method", "peftmerge.train.methods", ordered=True)
@@ -125,6 +131,15 @@ def keep_trainable_layout(model) -> None:
 @register("dora", "https://arxiv.org/abs/2402.09353", mergeable=True)
 def build_dora(model, config, task_type: str):
     return _peft(model, _lora_config(config, task_type, use_dora=True))
+
+
+@register("lori", "https://arxiv.org/abs/2504.07448", mergeable=True, masked=True)
+def build_lori(model, config, task_type: str):
+    from .lori import freeze_a
+
+    model = _peft(model, _lora_config(config, task_type))
+    freeze_a(model)  # A stays the random projection it was initialised to
+    return model
 
 
 @register("prompt_tuning", "https://arxiv.org/abs/2104.08691")

@@ -43,9 +43,10 @@ def _losses(result):
 
 
 def test_registry_names_and_unknown():
-    assert methods.names() == ["lora", "qlora", "dora", "prompt_tuning", "ia3", "llama_adapter", "bitfit", "full",
+    assert methods.names() == ["lora", "qlora", "dora", "lori", "prompt_tuning", "ia3", "llama_adapter", "bitfit", "full",
                                "context_distillation"]
-    assert [m for m in methods.names() if methods.get(m).mergeable] == ["lora", "qlora", "dora", "context_distillation"]
+    assert [m for m in methods.names() if methods.get(m).mergeable] == ["lora", "qlora", "dora", "lori",
+                                                                             "context_distillation"]
     with pytest.raises(Exception, match="unknown method 'lorax'; choose one of: lora, qlora"):
         methods.get("lorax")
 
