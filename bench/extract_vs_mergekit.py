@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from full_vs_mergekit import run_child  # wall seconds and the child's peak RSS
+
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -72,19 +75,6 @@ def make_finetune(base: Path, work: Path, data: Path, steps: int, lr: float) -> 
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
-
-
-def run_child(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd``; wall seconds and the child's peak RSS (GB) from wait4."""
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd[0]} failed; see {log}")
-    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-            "peak_rss_gb": usage.ru_maxrss / 1024**2, "load_1min": os.getloadavg()[0]}
 
 
 def mergekit_cmd(ft: Path, base: Path, out: Path, rank: int) -> list[str]:

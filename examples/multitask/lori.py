@@ -35,7 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from spaces import DATA, ROOT, TASKS, minilm  # noqa: E402
+from spaces import DATA, ROOT, TASKS, minilm, write_section
 
 VARIANTS = {"lora": {"method": "lora"}, "lori": {"method": "lori"}, "lori_d": {"method": "lori", "density": 1.0},
             "lori_lr10": {"method": "lori", "lr": 1e-2}}
@@ -139,13 +139,7 @@ def write_doc(results: dict, command: str, seconds: float) -> None:
     body = (f"{MARK}\n## minilm: LoRI adapters against LoRA adapters\n\nWritten by `{command}` "
             f"({seconds / 60:.0f} min on {os.cpu_count()} CPU cores, one thread). Training: "
             "docs/training.md#lori.\n\n" + table(results) + MARK)
-    text = doc.read_text()
-    if MARK in text:
-        pre, _, rest = text.partition(MARK)
-        text = pre + body + rest.partition(MARK)[2]
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    doc.write_text(text)
+    write_section(doc, MARK, body)
 
 
 def main() -> None:

@@ -197,10 +197,16 @@ def write_doc(results: dict, work: Path, command: str, seconds: float) -> None:
             f"{os.cpu_count()} CPU cores, one thread); adapters: `{results['settings']['adapters']}`. Spaces: "
             "docs/spaces.md.\n\n" + table(results) + "\n![normalized accuracy by method and space]"
             "(results/minilm-spaces.png)\n" + MARK)
+    write_section(doc, MARK, body)
+
+
+def write_section(doc: Path, mark: str, body: str) -> None:
+    """Put ``body`` (which starts and ends with ``mark``) in place of the section between two ``mark`` lines of
+    ``doc``, or at its end the first time; the rest of the page is kept."""
     text = doc.read_text()
-    if MARK in text:
-        pre, _, rest = text.partition(MARK)
-        text = pre + body + rest.partition(MARK)[2]
+    if mark in text:
+        pre, _, rest = text.partition(mark)
+        text = pre + body + rest.partition(mark)[2]
     else:
         text = text.rstrip("\n") + "\n\n" + body + "\n"
     doc.write_text(text)
