@@ -46,8 +46,9 @@ class _Fields(dict):
 
 
 def default_template(task: Task) -> str:
-    pair = any("text_pair" in r for r in task.rows[:5])
-    return "Text: {text}\n" + ("Text 2: {text_pair}\n" if pair else "") + "Answer ({choices}):"
+    """The prompt of a labelled task that records none (a base model's zero-shot and in-context rows): the same
+    label-word template ``peftmerge train`` writes adapters with (:func:`label_template`)."""
+    return label_template(any(r.get("text_pair") for r in task.rows[:5]))
 
 
 def _fields(task: Task, row: dict) -> _Fields:

@@ -49,14 +49,15 @@ def test_grid_search_recovers_the_lambda_that_made_the_labels(tmp_path):
     from peftmerge.merge.combine import combine
 
     base = save_llama(tmp_path / "llama", seed=5)
-    kw = dict(targets=("q_proj", "v_proj", "o_proj"), scale=0.5, labels=["good", "bad"])
+    template = "Text: {text}\nAnswer ({choices}):"  # the adapters' recorded prompt (the tiny model varies under it)
+    kw = dict(targets=("q_proj", "v_proj", "o_proj"), scale=0.5, labels=["good", "bad"], template=template)
     a = lora_adapter(base, tmp_path / "a", seed=11, task="lw", **kw)
     b = lora_adapter(base, tmp_path / "b", seed=12, task="other", **kw)
     # labels: what the exact task-arithmetic merge at lambda 0.5 predicts (through PEFT, not the search code)
     combine([a, b], tmp_path / "oracle", "task_arithmetic", lam=0.5, progress=False)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "oracle")).eval()
     rows = [{"text": t, "label": "good"} for t in LW]
-    task = load_task("lw", write_task(tmp_path / "tmp", rows, labels=["good", "bad"]))
+    task = load_task("lw", write_task(tmp_path / "tmp", rows, labels=["good", "bad"]), meta={"template": template})
     preds = predict_label_words(model, tokenizer("llama"), task, progress=False)
     assert 0 < preds.count("good") < len(preds)
     val = write_task(tmp_path / "lw", [{"text": t, "label": p} for t, p in zip(LW, preds)],

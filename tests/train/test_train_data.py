@@ -155,3 +155,20 @@ def test_pack_and_collator_padding():
     left = Collator(pad_id=0, left=True)([{"input_ids": [5], "attention_mask": [1], "labels": 1},
                                           {"input_ids": [6, 7], "attention_mask": [1, 1], "labels": 0}])
     assert left["input_ids"].tolist() == [[0, 5], [6, 7]] and torch.equal(left["labels"], torch.tensor([1, 0]))
+
+
+@pytest.mark.parametrize("row", [{"text": "a fine film", "label": "positive"},
+                                 {"text": "a fine film", "text_pair": "it was good", "label": "positive"}])
+def test_train_and_eval_give_a_labelled_row_one_label_word_prompt(row, tmp_path):
+    """A base model's zero-shot row is prompted as `peftmerge train` prompts its adapters (one label template)."""
+    from peftmerge.data.prompts import prompt_of
+    from peftmerge.data.tasks import load_task as load_eval_task
+
+    (tmp_path / "task.json").write_text('{"labels": ["negative", "positive"]}')
+    write_jsonl(tmp_path / "test.jsonl", [row])
+    from peftmerge.train.data import default_template
+
+    prompt, completion = prompt_and_completion(row, "labelled", default_template([row]), task="t",
+                                               labels=["negative", "positive"])  # as train() calls it
+    assert prompt == prompt_of(load_eval_task("t", tmp_path / "test.jsonl"), row)
+    assert prompt.startswith("Task: t. Answer with one of: negative, positive.") and completion.strip() == "positive"
