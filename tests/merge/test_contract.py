@@ -126,6 +126,19 @@ def test_input_order_does_not_matter(llama, tmp_path, method, space):
         torch.testing.assert_close(x.delta(k), y.delta(k), atol=1e-5, rtol=1e-4)
 
 
+def check_full_model(m, method, inputs, tmp_path, root, weights, given, expected):
+    """The same merge with --base: W - W0 equals ``expected`` per module (LoRA-only methods are refused)."""
+    if m.exact_concat or m.needs_grams:  # LoRA outputs only: refused with --base
+        with pytest.raises(PeftmergeError, match="--base|full-model form"):
+            run(method, inputs, tmp_path / "full", weights=weights, base=root / "base", **given)
+        return
+    run(method, inputs, tmp_path / "full", weights=weights, base=root / "base", **given)
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    w0 = load_file(str(root / "base" / "model.safetensors"))
+    for name, e in expected.items():
+        torch.testing.assert_close(full[f"{name}.weight"] - w0[f"{name}.weight"], e, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("method", METHODS)
 def test_full_rank_lora_output_is_the_method_in_the_weights_layout_and_the_base_path(request, tmp_path, arch,
@@ -150,15 +163,7 @@ def test_full_rank_lora_output_is_the_method_in_the_weights_layout_and_the_base_
         expected[name] = merged.T if transpose != mod.transposed else merged  # the weight's layout
         got = out.delta(name).T if mod.transposed else out.delta(name)
         torch.testing.assert_close(got, expected[name], atol=2e-5, rtol=1e-4)
-    if m.exact_concat or m.needs_grams:  # LoRA outputs only: refused with --base
-        with pytest.raises(PeftmergeError, match="--base|full-model form"):
-            run(method, inputs, tmp_path / "full", weights=weights, base=root / "base", **given)
-        return
-    run(method, inputs, tmp_path / "full", weights=weights, base=root / "base", **given)
-    full = load_file(str(tmp_path / "full" / "model.safetensors"))
-    w0 = load_file(str(root / "base" / "model.safetensors"))
-    for name, e in expected.items():
-        torch.testing.assert_close(full[f"{name}.weight"] - w0[f"{name}.weight"], e, atol=2e-5, rtol=1e-4)
+    check_full_model(m, method, inputs, tmp_path, root, weights, given, expected)
 
 
 def representation(space: str, factors: list):
@@ -214,15 +219,7 @@ def test_in_space_lora_output_is_the_method_on_the_official_representation_and_t
         torch.testing.assert_close(got, expected[name], atol=2e-5, rtol=1e-4)
         assert mod.rank <= sum(x.modules[name].rank for x in ins if name in x.modules)
     assert report["params"]["space"] == space
-    if m.exact_concat or m.needs_grams:  # LoRA outputs only: refused with --base
-        with pytest.raises(PeftmergeError, match="--base|full-model form"):
-            run(method, inputs, tmp_path / "full", weights=weights, base=root / "base", **given)
-        return
-    run(method, inputs, tmp_path / "full", weights=weights, base=root / "base", **given)
-    full = load_file(str(tmp_path / "full" / "model.safetensors"))
-    w0 = load_file(str(root / "base" / "model.safetensors"))
-    for name, e in expected.items():
-        torch.testing.assert_close(full[f"{name}.weight"] - w0[f"{name}.weight"], e, atol=2e-5, rtol=1e-4)
+    check_full_model(m, method, inputs, tmp_path, root, weights, given, expected)
 
 
 @pytest.mark.parametrize("method", METHODS)
