@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -103,6 +104,23 @@ def _device_map() -> dict | None:
     return None
 
 
+@contextmanager
+def quiet_report(fresh_head: bool = True):
+    """transformers' load report at error level while loading a base into a fresh head: that the head is missing from
+    the checkpoint (and newly initialised) is what was asked for, not a warning; other loads report as usual."""
+    from transformers.utils import logging as hf_logging
+
+    if not fresh_head:
+        yield
+        return
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def gguf_as_folder(src: str, gguf: str) -> Path:
     """A cached plain (safetensors) copy of a GGUF model, made once, so that it can be quantized."""
     return plain_folder(src, gguf)
@@ -135,7 +153,8 @@ def load_model(src: str, gguf: str | None, shape: str, labels: list[str] | None 
     else:
         auto = AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(src, gguf_file=gguf, **kwargs)
+        with quiet_report(fresh_head=shape == "classify" and (bool(labels) or num_labels is not None)):
+            model = auto.from_pretrained(src, gguf_file=gguf, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise _cannot_load(src, e) from None
     if gguf:

@@ -97,7 +97,7 @@ def load_embedder(path: str | None, base=None, base_tokenizer=None, layer: int =
     if path is None:
         return Embedder(base, base_tokenizer, layer, pairs=pairs)
     from transformers import AutoConfig, AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from ..io.model_loader import quiet_report
 
     refuse_pickle_weights(path)
     try:
@@ -110,12 +110,8 @@ def load_embedder(path: str | None, base=None, base_tokenizer=None, layer: int =
         # layers above ``layer`` are never run, so they are not loaded either (layer 0: the embeddings and
         # one layer, whose input is the pooled state)
         kw = {"num_hidden_layers": layer + 1} if 0 <= layer < n_layers - 1 else {}
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the weights of the layers left out are reported as unused
-        try:
+        with quiet_report():  # the weights of the layers left out are reported as unused
             model = AutoModel.from_pretrained(src, dtype=torch.float32, **kw).eval()
-        finally:
-            hf_logging.set_verbosity(verbosity)
         tokenizer = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
         raise _cannot_load(path, "embedding model", e) from None

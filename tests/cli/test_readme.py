@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from peftmerge.cli.methods import README_MARK, readme_table
 

@@ -48,3 +48,20 @@ def test_a_missing_base_is_one_line_naming_it(bad, message, tmp_path, monkeypatc
     for load in (model_loader.resolve, eval_model.load_tokenizer, load_base):
         with pytest.raises(PeftmergeError, match=f"^base model {bad}: {message}"):
             load(bad)
+
+
+def test_a_fresh_head_loads_without_a_load_report_and_other_reports_stay(tmp_path, capfd):
+    """The library is as quiet as the CLI where the missing head is what was asked for (a fresh classifier); the
+    caller's transformers verbosity is left as it was."""
+    from transformers.utils import logging as hf_logging
+
+    base = make_bert(tmp_path / "bert")
+    before = hf_logging.get_verbosity()
+    capfd.readouterr()
+    model = model_loader.load_model(str(base), None, "classify", labels=["negative", "positive"])
+    assert model.config.num_labels == 2
+    assert "MISSING" not in capfd.readouterr().err
+    assert hf_logging.get_verbosity() == before
+    with pytest.raises(RuntimeError), model_loader.quiet_report():
+        raise RuntimeError("restored on error too")
+    assert hf_logging.get_verbosity() == before

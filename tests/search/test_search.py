@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from eval_fixtures import SENTIMENT, TOPIC, lora_adapter, save_bert, save_llama, tokenizer, write_task

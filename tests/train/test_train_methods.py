@@ -183,7 +183,7 @@ def test_resume_continues_from_the_last_checkpoint(llama, tmp_path):
 
 
 def test_training_args_select_best_checkpoint_and_early_stopping(tmp_path):
-    from peftmerge.train.trainer import make_trainer, training_args
+    from peftmerge.train.trainer import training_args
 
     cfg = TrainConfig(model="m", data="d", task="t", out=str(tmp_path / "o"), max_steps=50, early_stopping=2)
     args = training_args(cfg, has_eval=True, shape="classify")
