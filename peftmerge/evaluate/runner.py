@@ -108,7 +108,11 @@ def _merged_input_metas(adapter: str | Path) -> list[dict]:
 
 
 def task_meta(name: str, adapter=None, reference: dict | None = None) -> dict:
-    """The ``peftmerge.json`` of an adapter trained on task ``name`` (labels, template), if one is known."""
+    """The ``peftmerge.json`` of an adapter trained on task ``name`` (labels, template), if one is known.
+
+    Data under another name (out-of-domain evaluation) is prompted as the adapter was trained: the one template of the
+    adapter (or of every input of a merge), with the data's own labels. Inputs trained with different templates
+    leave it ambiguous: refused, naming the fix."""
     candidates = []
     if reference and name in reference:
         candidates.append(read_meta(reference[name]))
@@ -118,6 +122,15 @@ def task_meta(name: str, adapter=None, reference: dict | None = None) -> dict:
     for meta in candidates:
         if meta.get("task") == name and (meta.get("labels") or meta.get("template")):
             return meta
+    templates = {m["template"]: m.get("task") or "?" for m in candidates if m.get("template")}
+    if len(templates) > 1:
+        raise PeftmergeError(f"--data {name}: {adapter} holds adapters trained with different prompt templates (tasks "
+                             f"{', '.join(sorted(set(templates.values())))}) and none is named {name}; name the data "
+                             "after the task whose prompt it should get (--data TASK=FILE)")
+    if templates:
+        template, trained = next(iter(templates.items()))
+        log.info("task %s: prompted with the template of task %s (the adapter's)", name, trained)
+        return {"template": template}
     return {}
 
 

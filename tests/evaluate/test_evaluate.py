@@ -277,3 +277,29 @@ def test_normalized_vs_tasks_lines_join_a_systems_k_task_merges_only():
     names = ["ties", "ties (2 tasks)", "ties (3 tasks)", "ties+grid", "regmean+layerwise", "regmean (1 task)"]
     assert [series_name({"name": n}) for n in names] == ["ties", "ties", "ties", "ties+grid", "regmean+layerwise",
                                                         "regmean"]
+
+
+def test_data_under_another_name_is_prompted_with_the_adapters_template(tmp_path):
+    """Out-of-domain evaluation: the adapter's template (not the default prompt) on the data's own labels; a merge
+    of adapters with different templates and no task of that name is refused."""
+    from peftmerge.evaluate.runner import task_meta
+
+    base = save_llama(tmp_path / "llama", seed=3)
+    data = write_task(tmp_path / "d", LW_ROWS, labels=["good", "very bad"])
+    adapter = lora_adapter(base, tmp_path / "lw", task="lw", labels=["good", "very bad"],
+                           targets=("q_proj", "v_proj"), template="Review: {text}\nVerdict:")
+    own = evaluate(str(base), {"lw": data}, adapter=str(adapter), settings=QUIET)
+    other = evaluate(str(base), {"ood": data}, adapter=str(adapter), settings=QUIET)
+    assert other["tasks"]["ood"]["accuracy"] == own["tasks"]["lw"]["accuracy"]
+    assert task_meta("ood", adapter) == {"template": "Review: {text}\nVerdict:"}
+    assert task_meta("ood", tmp_path / "d") == {}  # no adapter metadata: the default prompt
+
+    second = lora_adapter(base, tmp_path / "lw2", task="lw2", labels=["good", "very bad"],
+                          targets=("q_proj", "v_proj"), template="Text: {text}\nLabel:")
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    report = {"method": "ties", "inputs": [{"path": str(adapter)}, {"path": str(second)}]}
+    (merged / "merge_report.json").write_text(json.dumps(report))
+    with pytest.raises(PeftmergeError, match=r"different prompt templates \(tasks lw, lw2\).*--data TASK=FILE"):
+        task_meta("ood", merged)
+    assert task_meta("lw2", merged)["template"] == "Text: {text}\nLabel:"
