@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from peft import PeftConfig, PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ..errors import PeftmergeError
@@ -36,6 +35,8 @@ def load_head(model, folder: str | Path, task: str, adapter_name: str = "default
     heads = head_tasks(folder)
     if task not in heads:
         raise PeftmergeError(f"{folder}: no head for task {task!r}; it has heads for: {', '.join(heads) or 'none'}")
+    from peft import set_peft_model_state_dict  # (peft loads in seconds: only where a model is built)
+
     state = load_file(str(Path(folder) / heads[task]))
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     missing = [k for k in state if any(k.endswith(u) for u in getattr(result, "unexpected_keys", []))]
@@ -50,6 +51,8 @@ def load_merged(base_model, folder: str | Path, task: str | None = None, adapter
     Works when the tasks' heads differ in shape (e.g. 2 vs 4 labels): the LoRA tensors and that task's
     head are loaded together, so the first input's default head is never forced onto the model.
     """
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+
     heads = head_tasks(folder)
     if task is None or not heads:
         return PeftModel.from_pretrained(base_model, str(folder), adapter_name=adapter_name)
