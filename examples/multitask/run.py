@@ -265,6 +265,19 @@ def routing_table(res: Path) -> list[str]:
     return lines + [""]
 
 
+def spaces_table(family: str, work: Path, quick: bool) -> None:
+    """Every method in every space on ``family``'s adapters (examples/multitask/spaces.py), into its own section
+    of docs/results.md."""
+    import spaces
+
+    spec = {**FAMILIES[family], **(QUICK if quick else {}), **ONLY}
+    w = work / family
+    results = spaces.run(w / "adapters", base_model(family, work), w / "spaces", list(spec.get("methods") or []) or None,
+                         limit=spec["eval_limit"], tasks=FAMILIES[family]["tasks"], label=family)
+    spaces.write_doc(results, w / "spaces", f"python examples/multitask/run.py --families {family} --spaces", family,
+                     f"The adapters of the `{family}` benchmark above, trained with: {' '.join(spec['train'])}.")
+
+
 def write_doc(work: Path, families: list[str], seconds: float, quick: bool) -> None:
     docs = ROOT / "docs"
     (docs / "results").mkdir(parents=True, exist_ok=True)
@@ -334,6 +347,8 @@ def main() -> None:
     p.add_argument("--searches", default=None, help="Comma-separated searches (e.g. task_arithmetic+grid).")
     p.add_argument("--no-routers", action="store_true", help="Skip the routers.")
     p.add_argument("--no-subsets", action="store_true", help="Skip the merges of 2 and 3 tasks.")
+    p.add_argument("--spaces", action="store_true",
+                   help="Also the method x space table on each family's adapters (spaces.py; its own doc section).")
     p.add_argument("--train-only", action="store_true",
                    help="Train the adapters only (with --export-examples: retrain examples/adapters); no doc.")
     a = p.parse_args()
@@ -365,6 +380,9 @@ def main() -> None:
     # the doc covers every family with a report in the work folder (families may run in separate invocations)
     done = [f for f in FAMILIES if (a.work / f / "report" / "report.md").exists()]
     write_doc(a.work, done, time.perf_counter() - start, a.quick)
+    if a.spaces:
+        for fam in families:
+            spaces_table(fam, a.work, a.quick)
     print(f"wrote docs/results.md ({(time.perf_counter() - start) / 60:.1f} min); log: {log}")
 
 

@@ -4,6 +4,8 @@ dW against the full-space merge, merge time and output rank.
     python examples/multitask/spaces.py                                     # the MiniLM adapters in examples/adapters
     python examples/multitask/spaces.py --adapters .cache/multitask/minilm/adapters
     python examples/multitask/spaces.py --methods ties,dare_ties --limit 100 # a subset, fewer test rows
+    python examples/multitask/spaces.py --adapters .cache/smol/adapters --base HuggingFaceTB/SmolLM2-135M-Instruct \
+        --label smollm2 --limit 100 --doc                                 # another base; its own doc section
 
 For each method (``peftmerge methods``, at the papers' defaults) four merges of the four task adapters:
 
@@ -16,8 +18,8 @@ For each method (``peftmerge methods``, at the papers' defaults) four merges of 
 Each is evaluated on the first ``--limit`` rows of every task's test split (normalized = merged accuracy / the
 individual adapter's, averaged over tasks, as ``run.py`` does). RegMean reads Gram matrices of the adapters' layer
 inputs on their validation rows (no labels; ``peftmerge grams``). Writes ``<work>/spaces.json``, ``spaces.md`` and
-``spaces.png``; ``--doc`` also writes the tables into docs/results.md between the spaces markers. From ``run.py``:
-``spaces.run(work / family / "adapters", base, work / family / "spaces")`` after training.
+``spaces.png``; ``--doc`` also writes the tables into docs/results.md between the markers of ``--label``'s section
+(one section per label). ``run.py --spaces`` runs it on each family's adapters after the benchmark.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -34,7 +37,11 @@ DATA = next((p / "shared" / "data" for p in ROOT.parents if (p / "shared" / "dat
 TASKS = ["sst2", "agnews", "mrpc", "sms_spam"]
 COLUMNS = ("full", "full model", "core", "knots")
 SEARCH_MIN_WORDS = {"sst2": 12}  # as run.py: sst2's validation phrases are shorter than its test sentences
-MARK = "<!-- spaces table (examples/multitask/spaces.py) -->"
+
+
+def mark(label: str) -> str:
+    """The two lines around ``label``'s section of docs/results.md."""
+    return f"<!-- spaces table: {label} (examples/multitask/spaces.py) -->"
 
 
 def minilm() -> str:
@@ -68,7 +75,7 @@ def dw_error(folder: Path, exact: Path) -> float:
 
 
 def run(adapters: Path, base: str, work: Path, methods: list[str] | None = None, limit: int = 300,
-        tasks: list[str] | None = None) -> dict:
+        tasks: list[str] | None = None, gram_rows: int = 400, label: str = "minilm") -> dict:
     """The method x space table on ``adapters/<task>``; results in ``work/spaces.json`` (reused where present)."""
     from peftmerge.analysis.grams import grams
     from peftmerge.evaluate import Settings, evaluate
@@ -84,14 +91,15 @@ def run(adapters: Path, base: str, work: Path, methods: list[str] | None = None,
     results = json.loads(store.read_text()) if store.exists() else {}
     if results.get("settings") != {"adapters": str(adapters), "limit": limit, "tasks": tasks}:
         results = {"settings": {"adapters": str(adapters), "limit": limit, "tasks": tasks}, "rows": {}}
+    methods = methods or registry.names()
     g = work / "grams.safetensors"
-    if not g.exists():
-        grams(ins, g, data={t: validation_rows(work, t) for t in tasks}, model=base, limit=400, max_length=128,
+    if not g.exists() and any(registry.get(n).needs_grams for n in methods):
+        grams(ins, g, data={t: validation_rows(work, t) for t in tasks}, model=base, limit=gram_rows, max_length=128,
               progress=False)
     from peftmerge.io.adapter import load_adapter
 
     full_rank = max(min(mod.shape) for mod in load_adapter(ins[0]).modules.values())  # every module at full rank
-    for name in methods or registry.names():
+    for name in methods:
         m = registry.get(name)
         for column in COLUMNS:
             key = f"{name}/{column}"
@@ -124,7 +132,7 @@ def run(adapters: Path, base: str, work: Path, methods: list[str] | None = None,
         row["dw_error"] = dw_error(folder, exact)
     store.write_text(json.dumps(results, indent=1))
     (work / "spaces.md").write_text(table(results))
-    plot(results, work / "spaces.png")
+    plot(results, work / "spaces.png", label)
     return results
 
 
@@ -162,7 +170,7 @@ def table(results: dict) -> str:
     return "\n\n".join(out) + "\n"
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, label: str = "minilm") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,23 +189,30 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylim(0.4, 1.0)
     ax.axhline(0.95, color="k", lw=0.6, ls="--")
     ax.legend(ncols=4, fontsize=8)
-    ax.set_title("merge methods by space (MiniLM, four tasks)")
+    ax.set_title(f"merge methods by space ({label}, {len(results['settings']['tasks'])} tasks)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_doc(results: dict, work: Path, command: str, seconds: float) -> None:
-    """The tables into docs/results.md between two markers (appended once), the plot beside it."""
+def write_doc(results: dict, work: Path, command: str, label: str = "minilm",
+              note: str = "", title: str | None = None) -> None:
+    """The tables into ``label``'s section of docs/results.md (between two :func:`mark` lines, appended the first
+    time), the plot beside it as ``results/<label>-spaces.png``; ``title`` heads the section (default "<label>: merge
+    methods by space") and ``note`` (e.g. how the adapters were trained) goes under it."""
     import shutil
 
     doc = ROOT / "docs" / "results.md"
-    shutil.copy(work / "spaces.png", ROOT / "docs" / "results" / "minilm-spaces.png")
-    body = (f"{MARK}\n## minilm: merge methods by space\n\nWritten by `{command}` ({seconds / 60:.0f} min on "
-            f"{os.cpu_count()} CPU cores, one thread); adapters: `{results['settings']['adapters']}`. Spaces: "
-            "docs/spaces.md.\n\n" + table(results) + "\n![normalized accuracy by method and space]"
-            "(results/minilm-spaces.png)\n" + MARK)
-    write_section(doc, MARK, body)
+    png = f"{label}-spaces.png"
+    shutil.copy(work / "spaces.png", ROOT / "docs" / "results" / png)
+    threads = os.environ.get("OMP_NUM_THREADS", "all")
+    title = title or f"{label}: merge methods by space"
+    body = (f"{mark(label)}\n## {title}\n\n{note.strip() + chr(10) + chr(10) if note else ''}"
+            f"Written by `{command}` on {os.cpu_count()} CPU cores ({platform.machine()}, OMP_NUM_THREADS {threads}; "
+            f"merge times are wall times on that machine); adapters: `{results['settings']['adapters']}`. Spaces: "
+            "docs/spaces.md.\n\n" + table(results)
+            + f"\n![normalized accuracy by method and space](results/{png})\n" + mark(label))
+    write_section(doc, mark(label), body)
 
 
 def write_section(doc: Path, mark: str, body: str) -> None:
@@ -220,17 +235,22 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / ".cache" / "spaces", help="Work folder (not committed).")
     p.add_argument("--methods", default=None, help="Comma-separated methods (default: every registered one).")
     p.add_argument("--limit", type=int, default=300, help="Test rows per task.")
-    p.add_argument("--doc", action="store_true", help="Write the tables into docs/results.md.")
+    p.add_argument("--tasks", default=",".join(TASKS), help="Comma-separated tasks (adapters/<task>, data/<task>).")
+    p.add_argument("--gram-rows", type=int, default=400, help="Validation rows per task for RegMean's Gram matrices.")
+    p.add_argument("--label", default="minilm", help="Names the doc section and the plot (e.g. smollm2).")
+    p.add_argument("--title", default=None, help="The doc section's heading (default: LABEL: merge methods by space).")
+    p.add_argument("--note-file", type=Path, default=None,
+                   help="Markdown put under the doc section's heading (e.g. how the adapters were trained).")
+    p.add_argument("--doc", action="store_true", help="Write the tables into docs/results.md (--label's section).")
     a = p.parse_args()
-    start = time.perf_counter()
-    results = run(a.adapters, a.base or minilm(), a.work, a.methods.split(",") if a.methods else None, a.limit)
+    results = run(a.adapters, a.base or minilm(), a.work, a.methods.split(",") if a.methods else None, a.limit,
+                  a.tasks.split(","), a.gram_rows, a.label)
     print((a.work / "spaces.md").read_text())
     if a.doc:
         import shlex
         import sys
 
-        write_doc(results, a.work, "python examples/multitask/spaces.py " + shlex.join(sys.argv[1:]),
-                  time.perf_counter() - start)
+        write_doc(results, a.work, "python examples/multitask/spaces.py " + shlex.join(sys.argv[1:]), a.label, a.note_file.read_text() if a.note_file else "", a.title)
 
 
 if __name__ == "__main__":

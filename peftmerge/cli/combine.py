@@ -29,7 +29,8 @@ def error_hint(report: dict) -> str:
     if mean > 0.05:
         rank = f"rank-{report['rank']}" if report.get("rank") else "default-rank (sum of the input ranks)"
         text += (f": the {rank} output is {mean:.0%} off the exact merge on average (Frobenius norm; trimmed and "
-                 "sign-elected merges are not low rank); a larger --rank brings it closer")
+                 "sign-elected merges are not low rank); a larger --rank brings it closer, and --space core writes "
+                 "the Core Space merge exactly")
     return text
 
 

@@ -78,9 +78,9 @@ def test_in_space_adapter_loads_in_peft_with_the_logits_of_the_official_merge_ap
 def test_the_default_space_is_the_method_familys_for_adapters_and_full_for_full_models(three, tmp_path):
     root, inputs = three
     spaces = {m: combine(inputs, tmp_path / m, m, progress=False)["params"]["space"]
-              for m in ("task_arithmetic", "tsv", "ties", "dare_ties", "pcb", "wudi")}
-    assert spaces == {"task_arithmetic": "full", "tsv": "full", "ties": "core", "dare_ties": "full", "pcb": "core",
-                      "wudi": "core"}
+              for m in ("task_arithmetic", "tsv", "ties", "magnitude_prune", "dare_ties", "pcb", "wudi")}
+    assert spaces == {"task_arithmetic": "full", "tsv": "full", "ties": "full", "magnitude_prune": "full",
+                      "dare_ties": "full", "pcb": "core", "wudi": "core"}
     assert combine(inputs, tmp_path / "g", "ties", granularity="global", progress=False)["params"]["space"] == "full"
     tiny_llama(0).save_pretrained(str(root / "base"))
     assert combine(inputs, tmp_path / "model", "ties", base=root / "base", progress=False)["params"]["space"] == "full"
