@@ -53,19 +53,14 @@ def context(params: dict, module: str, thresholds: Tensor | None = None, grams: 
     return Context(module, module_generator(params.get("seed", 0), module), thresholds, grams=grams)
 
 
-# The space of an adapter output when none is given, by route (docs/spaces.md gives the measurements). Linear and
-# factored methods are exact in factor space already. Entrywise (sparse) methods run in full space: on adapters
-# trained from their own initialisations their rank-R LoRA output keeps the full-model merge's accuracy (MiniLM, four
-# tasks, two training seeds: within 0.003 for ties, magnitude_prune, breadcrumbs, della), while trimming the cores
-# instead costs up to 0.05 (della 0.915 vs 0.966, ties 0.933 vs 0.959); DARE's drop-and-rescale over a core's few
-# entries is noise (0.61 vs 0.91). Dense methods (pcb, wudi) run in Core Space: pcb keeps its full-model accuracy
-# there, and WUDI's full-space objective is a dense d_out x d_in optimisation per module (50x slower on MiniLM).
-LORA_SPACE = {"linear": "full", "factored": "full", "sparse": "full", "dense": "core", "recipe": "full"}
-
-
 def lora_default(m) -> str:
-    """The space of ``m``'s adapter output when none is given (:data:`LORA_SPACE`)."""
-    return LORA_SPACE[m.route]
+    """The space of ``m``'s adapter output when none is given: the method's own ``lora_space`` (WUDI: core), else
+    full. Measured (docs/spaces.md; MiniLM, four tasks, adapters trained from their own initialisations, two training
+    seeds): linear and factored methods are exact in factor space; the full-space LoRA output of an entrywise or dense
+    method keeps its full-model merge's accuracy, while the same method on the cores loses up to 0.05 (della 0.915 vs
+    0.966, pcb 0.947 vs 0.986) and DARE's drop-and-rescale over a core's few entries is noise (0.59-0.64 vs
+    0.90-0.93)."""
+    return getattr(m, "lora_space", None) or "full"
 
 
 def space(m, params: dict, adapter_output: bool = True) -> str:
@@ -95,7 +90,7 @@ def describe(m) -> str:
         return ("exact, factor space" if m.components is not None else "factor space (SVDs of the factors)") + grams
     if route == "sparse":
         return "full space: per module from the factors, then rank-r SVD (space core/knots: exact, rank <= sum r_i)"
-    return "dense per module, then rank-r SVD"
+    return "full space: dense per module, then rank-r SVD (space core/knots: exact, rank <= sum r_i)"
 
 
 def modules_in_parallel(m, params: dict | None = None) -> bool:

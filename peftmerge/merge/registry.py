@@ -92,6 +92,7 @@ class Method:
     needs_grams: bool = False  # reads per-input Gram matrices (``peftmerge grams``) from ctx.grams
     components: Callable | None = None  # (deltas, params, ctx) -> (n, *shape) shares c_i, merged = sum_i w_i c_i
     check: Callable | None = None  # (resolved params) -> None: a check across parameters (one-line errors)
+    lora_space: str | None = None  # the space of an adapter output when none is given (None: full)
 
     @property
     def linear(self) -> bool:
@@ -137,7 +138,7 @@ REGISTRY: Registry[Method] = Registry("merge method", "peftmerge.merge.methods")
 def register(name: str, *, paper: str, params: tuple[Param, ...] = (), linear: bool = False,
              aliases: tuple[str, ...] = (), exact_concat: bool = False, sparse: Sparse | None = None,
              factored: Callable | None = None, needs_grams: bool = False, components: Callable | None = None,
-             check: Callable | None = None):
+             check: Callable | None = None, lora_space: str | None = None):
     """Decorator: register ``fn`` (or, with ``linear=True``, a coefficient function) under ``name``.
 
     With ``sparse``, merges run on the blocked engine and ``fn`` is the reference it must equal. With
@@ -147,7 +148,9 @@ def register(name: str, *, paper: str, params: tuple[Param, ...] = (), linear: b
     approximation of its full one truncates to ``ctx.rank`` itself and returns ``(B, A, relative error against
     the full-rank result)``. ``needs_grams``: the method reads ``ctx.grams``.
     ``components``: the merge is linear in per-input shares, ``sum_i w_i c_i`` (a layer-wise search learns the
-    w_i per module). ``check(params)``: a check that spans several parameters, raising a one-line error."""
+    w_i per module). ``check(params)``: a check that spans several parameters, raising a one-line error.
+    ``lora_space``: the space (full, core, knots) an adapter output runs in when none is given, where it is not
+    full (:func:`peftmerge.merge.execute.lora_default`)."""
 
     def wrap(fn: Callable) -> Callable:
         import sys
@@ -156,7 +159,8 @@ def register(name: str, *, paper: str, params: tuple[Param, ...] = (), linear: b
         REGISTRY.add(name, Method(name=name, paper=paper, doc=doc, params=tuple(params),
                                   fn=None if linear else fn, coefficients=fn if linear else None,
                                   aliases=tuple(aliases), exact_concat=exact_concat, sparse=sparse,
-                                  factored=factored, needs_grams=needs_grams, components=components, check=check),
+                                  factored=factored, needs_grams=needs_grams, components=components, check=check,
+                                  lora_space=lora_space),
                      aliases)
         return fn
 

@@ -68,7 +68,7 @@ def test_methods_lists_every_method_with_defaults():
     lines = {line.split(":")[0].split(" ")[0]: line for line in r.output.splitlines()}
     assert "[exact, factor space]" in lines["task_arithmetic"] and "factor space (SVDs" in lines["tsv"]
     assert "[exact, factor space; needs --grams]" in lines["regmean"] and "from the factors" in lines["ties"]
-    assert "dense per module" in lines["pcb"] and "[Core Space, exact" in lines["pcb"]
+    assert "[full space: dense per module" in lines["pcb"] and "[Core Space, exact" in lines["wudi"]
     assert "[full space: per module from the factors" in lines["ties"]
 
 

@@ -80,7 +80,7 @@ def test_the_default_space_is_the_method_familys_for_adapters_and_full_for_full_
     spaces = {m: combine(inputs, tmp_path / m, m, progress=False)["params"]["space"]
               for m in ("task_arithmetic", "tsv", "ties", "magnitude_prune", "dare_ties", "pcb", "wudi")}
     assert spaces == {"task_arithmetic": "full", "tsv": "full", "ties": "full", "magnitude_prune": "full",
-                      "dare_ties": "full", "pcb": "core", "wudi": "core"}
+                      "dare_ties": "full", "pcb": "full", "wudi": "core"}
     assert combine(inputs, tmp_path / "g", "ties", granularity="global", progress=False)["params"]["space"] == "full"
     tiny_llama(0).save_pretrained(str(root / "base"))
     assert combine(inputs, tmp_path / "model", "ties", base=root / "base", progress=False)["params"]["space"] == "full"
