@@ -188,7 +188,7 @@ def plot(results: dict, path: Path, label: str = "minilm") -> None:
     ax.set_ylabel("normalized accuracy")
     ax.set_ylim(0.4, 1.0)
     ax.axhline(0.95, color="k", lw=0.6, ls="--")
-    ax.legend(ncols=4, fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     ax.set_title(f"merge methods by space ({label}, {len(results['settings']['tasks'])} tasks)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -250,7 +250,16 @@ def main() -> None:
         import shlex
         import sys
 
-        write_doc(results, a.work, "python examples/multitask/spaces.py " + shlex.join(sys.argv[1:]), a.label, a.note_file.read_text() if a.note_file else "", a.title)
+        shown, skip = [], False  # the command that measures the tables (the doc's own options left out)
+        for arg in sys.argv[1:]:
+            if skip or arg == "--doc":
+                skip = False
+                continue
+            if arg in ("--title", "--note-file"):
+                skip = True
+                continue
+            shown.append(arg)
+        write_doc(results, a.work, "python examples/multitask/spaces.py " + shlex.join(shown), a.label, a.note_file.read_text() if a.note_file else "", a.title)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ def error_hint(report: dict) -> str:
     text = f"relative error mean {mean:.2e}, max {report['relative_error_max']:.2e}"
     if mean > 0.05:
         rank = f"rank-{report['rank']}" if report.get("rank") else "default-rank (sum of the input ranks)"
-        text += (f": the {rank} output is {mean:.0%} off the exact merge on average (Frobenius norm; trimmed and "
-                 "sign-elected merges are not low rank); a larger --rank brings it closer, and --space core writes "
-                 "the Core Space merge exactly")
+        text += (f": the {rank} adapter is {mean:.0%} off the full-space merge on average (Frobenius norm; trimmed "
+                 "and sign-elected merges are not low rank), which kept the merge's accuracy in docs/spaces.md; "
+                 "--rank N keeps more of it, --base writes it exactly, --space core writes a Core Space merge exactly")
     return text
 
 

@@ -76,7 +76,7 @@ def test_combine_summary_explains_a_large_relative_error():
     small = error_hint({"relative_error_mean": 1e-7, "relative_error_max": 2e-7, "rank": None})
     assert small == "relative error mean 1.00e-07, max 2.00e-07"
     large = error_hint({"relative_error_mean": 0.355, "relative_error_max": 0.4, "rank": None})
-    assert "36% off the exact merge" in large and "a larger --rank" in large
+    assert "36% off the full-space merge" in large and "--rank N keeps more" in large and "--space core" in large
 
 
 def test_eval_without_model_fails_before_loading_anything():
