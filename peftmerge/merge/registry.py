@@ -40,7 +40,7 @@ SEED = Param("seed", 0, "random seed (random masks; the start block of the rando
 # Where every method runs on LoRA inputs (:mod:`peftmerge.merge.engine.spaces`); None: the method's default
 SPACE = Param("space", None, "where the method runs on LoRA inputs: full (the task vectors dW_i), core (Core Space: "
               "the cores U_B^T dW_i V_A) or knots (KnOTS: the rows S V_i^T of the SVD of [dW_1 .. dW_n]); default: "
-              "the method family's for adapter outputs (docs/spaces.md), full with --base",
+              "full (WUDI: core; docs/spaces.md)",
               choices=("full", "core", "knots"), grid=("full", "core", "knots"))
 # Not method hyperparameters, checked with the same rule (finite numbers):
 WEIGHT = Param("weight", 1.0, "per-input weight", per_model=True)
