@@ -9,7 +9,7 @@ adapters on) one adapter per variant, with the example adapters' recipe (r 16, a
 lr 1e-3, batch 32, max length 128, best checkpoint on 200 validation rows; ``--batch-size`` and ``--max-length``
 change the last two for all variants alike) and the same number of steps:
 
-- ``lora``: LoRA;
+- ``lora``: LoRA; ``lora_lr10``: LoRA at 10x the learning rate (1e-2, LoRI-S's best);
 - ``lori``: LoRI-S, ``peftmerge train --method lori`` (A frozen, B at ``--density``, mask calibrated by a
   dense phase of the same length);
 - ``lori_d`` (with ``--variants lora,lori,lori_d``): LoRI-D, density 1;
@@ -37,8 +37,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from spaces import DATA, ROOT, TASKS, minilm, write_section
 
-VARIANTS = {"lora": {"method": "lora"}, "lori": {"method": "lori"}, "lori_d": {"method": "lori", "density": 1.0},
-            "lori_lr10": {"method": "lori", "lr": 1e-2}}
+VARIANTS = {"lora": {"method": "lora"}, "lora_lr10": {"method": "lora", "lr": 1e-2}, "lori": {"method": "lori"},
+            "lori_d": {"method": "lori", "density": 1.0}, "lori_lr10": {"method": "lori", "lr": 1e-2}}
 MERGES = ("task_arithmetic", "ties")
 TRAIN_ROWS, SEED = 8000, 0
 MARK = "<!-- lori table (examples/multitask/lori.py) -->"

@@ -205,7 +205,19 @@ def save_trained(model, method: Method, out: Path, tokenizer=None) -> None:
         from safetensors.torch import save_file
 
         save_file(trainable_state(model), str(out / BITFIT_FILE), metadata={"format": "pt", "method": "bitfit"})
-    else:
+    elif method.name == "full":
         model.save_pretrained(str(out))
-        if method.name == "full" and tokenizer is not None:
+        if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
+    else:
+        # Saying whether the embedding matrices go in keeps PEFT from asking the Hub whether the vocabulary was
+        # resized (it never is here): only where an embedding layer is adapted, as PEFT's own rule.
+        model.save_pretrained(str(out), save_embedding_layers=embeddings_adapted(model))
+
+
+def embeddings_adapted(model) -> bool:
+    """Whether a PEFT model adapts one of its embedding layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) and isinstance(m.get_base_layer(), torch.nn.Embedding)
+               for m in model.modules())

@@ -193,3 +193,30 @@ def test_training_args_select_best_checkpoint_and_early_stopping(tmp_path):
                          shape="text2text")
     assert args.eval_strategy == "epoch" and args.metric_for_best_model == "loss" and not args.greater_is_better
     assert training_args(cfg, has_eval=False, shape="classify").eval_strategy == "no"
+
+
+@pytest.mark.parametrize("targets,embeddings", [(["q_proj", "v_proj"], False), (["q_proj", "embed_tokens"], True)])
+def test_saving_an_adapter_never_asks_the_hub(tmp_path, monkeypatch, targets, embeddings):
+    """A base recorded by its Hub id must not make PEFT's save look the id up online (to see whether the vocabulary
+    was resized): the embedding matrices are saved exactly where an embedding layer is adapted."""
+    import peft.utils.save_and_load as peft_save
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("PEFT asked the Hub while saving")
+
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_hub)
+    base = AutoModelForCausalLM.from_pretrained(make_llama(tmp_path / "llama"))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=targets))
+    model.peft_config["default"].base_model_name_or_path = "org/remote-only-base"
+    out = tmp_path / "out"
+    out.mkdir()
+    methods.save_trained(model, methods.get("lora"), out)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert any("embed_tokens" in k and "lora_" not in k for k in saved) == embeddings
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
+    reloaded = PeftModel.from_pretrained(fresh, str(out))
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-6)
