@@ -26,6 +26,7 @@ merge methods can combine; the others train, evaluate and save for comparison.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -95,9 +96,19 @@ def _peft(model, peft_config):
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, peft_config)
+        peft_model = get_peft_model(model, peft_config)
     except ValueError as e:  # e.g. target modules not found in the model
         raise PeftmergeError(f"cannot apply {peft_config.peft_type.value}: {str(e).splitlines()[0]}") from None
+    return offline_saves(peft_model)
+
+
+def offline_saves(model):
+    """``model`` whose ``save_pretrained`` (the final save and the Trainer's checkpoints) says whether the embedding
+    matrices go in, so PEFT never asks the Hub whether the vocabulary was resized (it never is here): only where an
+    embedding layer is adapted, as PEFT's own rule."""
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model,
+                                              save_embedding_layers=embeddings_adapted(model))
+    return model
 
 
 @register("lora", "https://arxiv.org/abs/2106.09685", mergeable=True)
@@ -210,9 +221,7 @@ def save_trained(model, method: Method, out: Path, tokenizer=None) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
     else:
-        # Saying whether the embedding matrices go in keeps PEFT from asking the Hub whether the vocabulary was
-        # resized (it never is here): only where an embedding layer is adapted, as PEFT's own rule.
-        model.save_pretrained(str(out), save_embedding_layers=embeddings_adapted(model))
+        model.save_pretrained(str(out), save_embedding_layers=embeddings_adapted(model))  # (see offline_saves)
 
 
 def embeddings_adapted(model) -> bool:

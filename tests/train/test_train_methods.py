@@ -200,7 +200,7 @@ def test_saving_an_adapter_never_asks_the_hub(tmp_path, monkeypatch, targets, em
     """A base recorded by its Hub id must not make PEFT's save look the id up online (to see whether the vocabulary
     was resized): the embedding matrices are saved exactly where an embedding layer is adapted."""
     import peft.utils.save_and_load as peft_save
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -209,13 +209,16 @@ def test_saving_an_adapter_never_asks_the_hub(tmp_path, monkeypatch, targets, em
 
     monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_hub)
     base = AutoModelForCausalLM.from_pretrained(make_llama(tmp_path / "llama"))
-    model = get_peft_model(base, LoraConfig(r=2, target_modules=targets))
+    config = TrainConfig(model="org/remote-only-base", data="x", out="y", r=2, target_modules=targets)
+    model = methods.get("lora").build(base, config, "CAUSAL_LM")
     model.peft_config["default"].base_model_name_or_path = "org/remote-only-base"
-    out = tmp_path / "out"
+    out, checkpoint = tmp_path / "out", tmp_path / "checkpoint"
     out.mkdir()
     methods.save_trained(model, methods.get("lora"), out)
-    saved = load_file(str(out / "adapter_model.safetensors"))
-    assert any("embed_tokens" in k and "lora_" not in k for k in saved) == embeddings
+    model.save_pretrained(str(checkpoint))  # as the Trainer saves its checkpoints
+    for folder in (out, checkpoint):
+        saved = load_file(str(folder / "adapter_model.safetensors"))
+        assert any("embed_tokens" in k and "lora_" not in k for k in saved) == embeddings
     fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
     reloaded = PeftModel.from_pretrained(fresh, str(out))
     ids = torch.tensor([[5, 6, 7]])
