@@ -272,10 +272,12 @@ def spaces_table(family: str, work: Path, quick: bool) -> None:
 
     spec = {**FAMILIES[family], **(QUICK if quick else {}), **ONLY}
     w = work / family
+    label = f"{family}-benchmark"
     results = spaces.run(w / "adapters", base_model(family, work), w / "spaces", list(spec.get("methods") or []) or None,
-                         limit=spec["eval_limit"], tasks=FAMILIES[family]["tasks"], label=family)
-    spaces.write_doc(results, w / "spaces", f"python examples/multitask/run.py --families {family} --spaces", family,
-                     f"The adapters of the `{family}` benchmark above, trained with: {' '.join(spec['train'])}.")
+                         limit=spec["eval_limit"], tasks=FAMILIES[family]["tasks"], label=label)
+    spaces.write_doc(results, w / "spaces", f"python examples/multitask/run.py --families {family} --spaces", label,
+                     f"The adapters of the `{family}` benchmark above, trained with: {' '.join(spec['train'])}.",
+                     f"{family}: merge methods by space, the benchmark's adapters")
 
 
 def write_doc(work: Path, families: list[str], seconds: float, quick: bool) -> None:
