@@ -6,10 +6,10 @@
 
 For each of sst2, agnews, mrpc, sms_spam (the seeded 8000-row train subsets that ``run.py`` trains the example
 adapters on) one adapter per variant, with the example adapters' recipe (r 16, alpha 32, query/key/value/dense,
-lr 1e-3, batch 32, max length 128, best checkpoint on 200 validation rows; ``--batch-size`` and ``--max-length``
-change the last two for all variants alike) and the same number of steps:
+lr 1e-3, batch 32, max length 128, ``peftmerge train``'s defaults otherwise, evaluated on 200 validation rows;
+``--batch-size`` and ``--max-length`` change batch and length for all variants alike) and the same number of steps:
 
-- ``lora``: LoRA; ``lora_lr10``: LoRA at 10x the learning rate (1e-2, LoRI-S's best);
+- ``lora``: LoRA; ``lora_lr10``: LoRA at 10x the learning rate (1e-2, as ``lori_lr10``);
 - ``lori``: LoRI-S, ``peftmerge train --method lori`` (A frozen, B at ``--density``, mask calibrated by a
   dense phase of the same length);
 - ``lori_d`` (with ``--variants lora,lori,lori_d``): LoRI-D, density 1;
@@ -134,10 +134,10 @@ def table(results: dict) -> str:
                                "accuracy, averaged over tasks.\n")
 
 
-def write_doc(results: dict, command: str, seconds: float) -> None:
+def write_doc(results: dict, command: str) -> None:
     doc = ROOT / "docs" / "results.md"
     body = (f"{MARK}\n## minilm: LoRI adapters against LoRA adapters\n\nWritten by `{command}` "
-            f"({seconds / 60:.0f} min on {os.cpu_count()} CPU cores, one thread). Training: "
+            f"(on {os.cpu_count()} CPU cores, one thread per process). Training: "
             "docs/training.md#lori.\n\n" + table(results) + MARK)
     write_section(doc, MARK, body)
 
@@ -153,14 +153,12 @@ def main() -> None:
     p.add_argument("--variants", default="lora,lori", help=f"Comma-separated, of {', '.join(VARIANTS)}.")
     p.add_argument("--doc", action="store_true", help="Write the table into docs/results.md.")
     a = p.parse_args()
-    start = time.perf_counter()
     results = run(a.work, a.steps, a.limit, a.density, a.variants.split(","), a.batch_size, a.max_length)
     print((a.work / "lori.md").read_text())
     if a.doc:
         import shlex
 
-        write_doc(results, "python examples/multitask/lori.py " + shlex.join(sys.argv[1:]),
-                  time.perf_counter() - start)
+        write_doc(results, "python examples/multitask/lori.py " + shlex.join(x for x in sys.argv[1:] if x != "--doc"))
 
 
 if __name__ == "__main__":
