@@ -48,6 +48,23 @@ def make_adapter(folder, *, seed=1, r=4, alpha=8, targets=("q_proj", "v_proj"), 
     return folder
 
 
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A saved tiny random Llama with biases (train_fixtures.make_llama), one per test module; a module may define its
+    own ``llama``."""
+    from train_fixtures import make_llama
+
+    return make_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """A saved tiny random BERT encoder (train_fixtures.make_bert), one per test module."""
+    from train_fixtures import make_bert
+
+    return make_bert(tmp_path_factory.mktemp("bert"))
+
+
 @pytest.fixture
 def adapters(tmp_path):
     """Three adapters of different ranks/alphas on the same tiny Llama."""

@@ -9,16 +9,11 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from train_fixtures import make_bert, make_llama, sentiment_rows, write_jsonl
+from train_fixtures import make_bert, sentiment_rows, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from peftmerge.cli.main import main  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return make_llama(tmp_path_factory.mktemp("llama"))
 
 
 def _run(*args):

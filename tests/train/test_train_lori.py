@@ -10,22 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train_fixtures import make_bert, make_llama, sentiment_rows, write_jsonl
+from train_fixtures import sentiment_rows, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from peftmerge.errors import PeftmergeError  # noqa: E402
 from peftmerge.train import TrainConfig, lori, train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return make_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return make_bert(tmp_path_factory.mktemp("bert"))
 
 
 def _config(model, data, out, **kw):

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from train_fixtures import make_bert, make_llama, sentiment_rows, write_jsonl
+from train_fixtures import make_llama, sentiment_rows, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -17,16 +17,6 @@ from peftmerge.train import TrainConfig, load_trained, methods, train  # noqa: E
 # Learning rates that move each method clearly within a few steps on the tiny random model.
 LR = {"lora": 2e-2, "qlora": 2e-2, "dora": 2e-2, "prompt_tuning": 0.3, "ia3": 0.3, "bitfit": 2e-2, "llama_adapter": 0.1,
       "full": 1e-2}
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return make_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return make_bert(tmp_path_factory.mktemp("bert"))
 
 
 def _config(model, data, out, method, **kw):
