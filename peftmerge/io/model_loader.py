@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -105,25 +105,17 @@ def _device_map() -> dict | None:
 
 
 @contextmanager
-def quiet_report(fresh_head: bool = True):
-    """transformers' load report at error level while loading a base into a fresh head: that the head is missing from
-    the checkpoint (and newly initialised) is what was asked for, not a warning; other loads report as usual."""
+def quiet_report():
+    """transformers' load report at error level inside the block (e.g. a base loaded into a fresh head: that the head
+    is missing from the checkpoint is what was asked for, not a warning); the caller's verbosity after it."""
     from transformers.utils import logging as hf_logging
 
-    if not fresh_head:
-        yield
-        return
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
-
-
-def gguf_as_folder(src: str, gguf: str) -> Path:
-    """A cached plain (safetensors) copy of a GGUF model, made once, so that it can be quantized."""
-    return plain_folder(src, gguf)
 
 
 def load_model(src: str, gguf: str | None, shape: str, labels: list[str] | None = None, quantize_4bit: bool = False,
@@ -135,7 +127,7 @@ def load_model(src: str, gguf: str | None, shape: str, labels: list[str] | None 
     kwargs: dict = {"dtype": torch.float32 if dtype == "auto" else getattr(torch, dtype)}
     if quantize_4bit:
         if gguf:
-            src, gguf = str(gguf_as_folder(src, gguf)), None
+            src, gguf = str(plain_folder(src, gguf)), None
         compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
         # A classification head stays in full precision: it is trained whole (modules_to_save).
         skip = {"llm_int8_skip_modules": ["classifier", "score"]} if shape == "classify" else {}
@@ -153,7 +145,8 @@ def load_model(src: str, gguf: str | None, shape: str, labels: list[str] | None 
     else:
         auto = AutoModelForCausalLM
     try:
-        with quiet_report(fresh_head=shape == "classify" and (bool(labels) or num_labels is not None)):
+        fresh_head = shape == "classify" and (bool(labels) or num_labels is not None)
+        with quiet_report() if fresh_head else nullcontext():
             model = auto.from_pretrained(src, gguf_file=gguf, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise _cannot_load(src, e) from None

@@ -221,7 +221,7 @@ def save_trained(model, method: Method, out: Path, tokenizer=None) -> None:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
     else:
-        model.save_pretrained(str(out), save_embedding_layers=embeddings_adapted(model))  # (see offline_saves)
+        model.save_pretrained(str(out))  # built by _peft: no Hub lookup (offline_saves)
 
 
 def embeddings_adapted(model) -> bool:
